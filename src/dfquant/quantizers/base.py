@@ -1,0 +1,412 @@
+"""The quantizer contract, written once: layout (tensor / channel / group), encode, decode, QTensor.
+
+A quantizer is a named, stateless rule. Its only job is :meth:`Quantizer.fit`: given ``m`` groups of equal length
+as a float32 ``(m, g)`` matrix, return per-group ``scale``, ``offset`` and the unit-scale levels (one grid shared
+by all groups, or one codebook per group). Everything else lives here:
+
+* layout: the tensor is viewed as rows (one row for per-tensor, one per channel along ``axis`` otherwise), each
+  row split into groups of ``group_size`` (the last group of a row may be shorter: it is fitted on its true
+  elements, as a second batch of equal-length groups);
+* encoding: ``z = (x - offset) / scale``, nearest level (saturating, ties to even); a group whose scale is 0
+  (constant or all-zero) decodes exactly to its offset;
+* decoding: ``x_hat = levels[code] * scale + offset``.
+
+The caller's tensor is never modified; all statistics are computed in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from ..errors import ConfigError, InputError, check_finite
+from ..grids import Grid
+
+GranularityKind = Literal["tensor", "channel", "group"]
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """Where scales are shared: the whole tensor, each channel along ``axis``, or groups of ``group_size``
+    consecutive elements within each channel's row.
+
+    Parse from text with :meth:`parse`: ``"tensor"``, ``"channel"`` (axis 0), ``"channel:1"``, ``"group:64"``
+    (groups of 64 along each output channel's flattened row), ``"group:64:1"`` (rows along axis 1).
+    """
+
+    kind: GranularityKind = "channel"
+    axis: int = 0
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("tensor", "channel", "group"):
+            raise ConfigError(f"granularity must be 'tensor', 'channel' or 'group:G', got '{self.kind}'")
+        if self.kind == "group" and (self.group_size is None or self.group_size < 1):
+            raise ConfigError(f"group granularity needs a group size >= 1, got {self.group_size}")
+        if self.kind != "group" and self.group_size is not None:
+            raise ConfigError(f"granularity '{self.kind}' takes no group size")
+
+    @classmethod
+    def parse(cls, spec: str | Granularity) -> Granularity:
+        """Parse ``tensor``, ``channel[:AXIS]`` or ``group:G[:AXIS]``."""
+        if isinstance(spec, Granularity):
+            return spec
+        parts = str(spec).strip().lower().split(":")
+        try:
+            if parts[0] in ("tensor", "per-tensor") and len(parts) == 1:
+                return cls("tensor")
+            if parts[0] in ("channel", "per-channel") and len(parts) <= 2:
+                return cls("channel", int(parts[1]) if len(parts) == 2 else 0)
+            if parts[0] == "group" and len(parts) in (2, 3):
+                return cls("group", int(parts[2]) if len(parts) == 3 else 0, int(parts[1]))
+        except ValueError:
+            pass
+        raise ConfigError(f"granularity '{spec}' not understood; allowed: tensor, channel[:AXIS], group:G[:AXIS]")
+
+    def __str__(self) -> str:
+        if self.kind == "tensor":
+            return "tensor"
+        suffix = f":{self.axis}" if self.axis else ""
+        return f"channel{suffix}" if self.kind == "channel" else f"group:{self.group_size}{suffix}"
+
+
+@dataclass
+class QParams:
+    """Fitted parameters of ``m`` equal-length groups.
+
+    Attributes:
+        scale: ``(m,)`` float32, >= 0 (0 marks a constant group).
+        offset: ``(m,)`` float32.
+        levels: unit-scale levels, ``(L,)`` shared by every group or ``(m, L)`` per group, increasing.
+        info: optional per-group float tensors ``(m,)`` for reports (e.g. ``dist``, ``ks_gaussian``).
+    """
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+    levels: torch.Tensor
+    info: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor: integer codes plus per-group scale/offset and levels.
+
+    Codes are stored unpacked (uint8, one per element) in row layout ``(rows, n)``; :mod:`dfquant.packing` packs
+    them to ``bits`` per code for files. ``levels`` is ``(L,)`` or ``(rows, groups_per_row, L)``; ``scale`` and
+    ``offset`` are ``(rows, groups_per_row)`` (``offset`` is None when all offsets are zero).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    levels: torch.Tensor
+    bits: int
+    shape: tuple[int, ...]
+    granularity: Granularity
+    dtype: torch.dtype
+    quantizer: str
+    grid: str
+    info: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def group_len(self) -> int:
+        """Length of a full group (a whole row for tensor/channel granularity)."""
+        return self.granularity.group_size or self.codes.shape[1]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Reconstruct ``levels[code] * scale + offset`` in the original shape (float32 math, cast to ``dtype``,
+        by default the original dtype)."""
+        rows, n = self.codes.shape
+        G = self.group_len
+        ngr = self.scale.shape[1]
+        codes = self.codes.long()
+        pad = ngr * G - n
+        if pad:
+            codes = torch.nn.functional.pad(codes, (0, pad))
+        codes = codes.view(rows, ngr, G)
+        if self.levels.dim() == 1:
+            vals = self.levels.to(torch.float32)[codes]
+        else:
+            vals = torch.gather(self.levels.to(torch.float32), 2, codes)
+        vals = vals * self.scale.to(torch.float32)[..., None]
+        if self.offset is not None:
+            vals = vals + self.offset.to(torch.float32)[..., None]
+        vals = vals.reshape(rows, ngr * G)[:, :n]
+        out = from_rows(vals, self.shape, self.granularity)
+        return out.to(dtype or self.dtype)
+
+    def storage_bits(self) -> dict[str, int]:
+        """Bits needed to store each part: codes at ``bits`` each, float32 scales/offsets, levels when they are
+        not a fixed format (codebooks fitted per group, or per tensor)."""
+        parts = {
+            "codes": self.numel * self.bits,
+            "scale": self.scale.numel() * _dtype_bits(self.scale.dtype),
+        }
+        if self.offset is not None:
+            parts["offset"] = self.offset.numel() * _dtype_bits(self.offset.dtype)
+        if self.levels.dim() > 1:
+            parts["levels"] = self.levels.numel() * _dtype_bits(self.levels.dtype)
+        return parts
+
+    def bits_per_weight(self) -> float:
+        """Total storage bits divided by the number of elements (codes + scales + offsets + codebooks)."""
+        return sum(self.storage_bits().values()) / max(self.numel, 1)
+
+    def rel_mse(self, reference: torch.Tensor) -> float:
+        """``||x_hat - x||^2 / ||x||^2`` (MSE over the mean square of ``reference``)."""
+        ref = reference.to(torch.float32)
+        den = float((ref * ref).sum())
+        num = float(((self.dequantize(torch.float32) - ref) ** 2).sum())
+        return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def _dtype_bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layout
+
+
+def to_rows(x: torch.Tensor, gran: Granularity) -> torch.Tensor:
+    """View ``x`` as ``(rows, n)``: one row for per-tensor, else one row per index along ``gran.axis``."""
+    if gran.kind == "tensor" or x.dim() == 0:
+        return x.reshape(1, -1)
+    axis = gran.axis if gran.axis >= 0 else x.dim() + gran.axis
+    if not 0 <= axis < x.dim():
+        raise ConfigError(f"granularity axis {gran.axis} is out of range for a tensor of shape {tuple(x.shape)}")
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def from_rows(rows: torch.Tensor, shape: tuple[int, ...], gran: Granularity) -> torch.Tensor:
+    """Inverse of :func:`to_rows`."""
+    if gran.kind == "tensor" or len(shape) == 0:
+        return rows.reshape(shape)
+    axis = gran.axis if gran.axis >= 0 else len(shape) + gran.axis
+    moved = (shape[axis], *shape[:axis], *shape[axis + 1 :])
+    return rows.reshape(moved).movedim(0, axis)
+
+
+def group_batches(rows: torch.Tensor, group_size: int | None) -> list[tuple[torch.Tensor, slice]]:
+    """Split ``(R, n)`` rows into batches of equal-length groups.
+
+    Returns a list of ``(batch, cols)``: full groups ``(R * n // G, G)`` covering columns ``[0, n//G * G)``, and,
+    when ``G`` does not divide ``n``, the tail groups ``(R, n % G)``. With ``group_size=None`` one group per row.
+    """
+    R, n = rows.shape
+    if group_size is None or group_size >= n:
+        return [(rows, slice(0, n))]
+    nf = n // group_size
+    out = []
+    if nf:
+        out.append((rows[:, : nf * group_size].reshape(R * nf, group_size), slice(0, nf * group_size)))
+    if n % group_size:
+        out.append((rows[:, nf * group_size :], slice(nf * group_size, n)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantizer
+
+
+class Quantizer(ABC):
+    """A named rule that fits per-group scale/offset/levels for a tensor.
+
+    Subclasses set :attr:`name`, may restrict :attr:`supported_bits`, and implement :meth:`fit`. Optionally they
+    implement :meth:`expected_mse` (the error model: expected MSE for a unit-variance Gaussian or Laplace source)
+    and :meth:`unit_levels` (the levels used for a unit-variance source, where they are fixed).
+
+    Args:
+        bits: code bits.
+        **options: rule-specific options (validated by the subclass; unknown ones raise ConfigError).
+    """
+
+    name: ClassVar[str] = ""
+    supported_bits: ClassVar[tuple[int, ...]] = tuple(range(1, 9))
+    options_allowed: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+
+    def __init__(self, bits: int, **options: Any) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in self.supported_bits:
+            allowed = ", ".join(str(b) for b in self.supported_bits)
+            raise ConfigError(f"quantizer '{self.name}' supports bits in {{{allowed}}}, got {bits!r}")
+        unknown = sorted(set(options) - set(self.options_allowed))
+        if unknown:
+            allowed_opts = ", ".join(self.options_allowed) or "none"
+            raise ConfigError(f"quantizer '{self.name}' got unknown option(s) {unknown}; allowed: {allowed_opts}")
+        self.bits = bits
+        self.options = dict(options)
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in sorted(self.options.items()))
+        return f"{type(self).__name__}(bits={self.bits}{opts})"
+
+    # -- to implement -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def fit(self, x: torch.Tensor) -> QParams:
+        """Fit ``m`` groups given as a finite float32 ``(m, g)`` matrix; return their :class:`QParams`."""
+
+    @property
+    def grid(self) -> Grid | None:
+        """The fixed grid this rule encodes on, or None when levels are fitted per group."""
+        return None
+
+    @property
+    def grid_name(self) -> str:
+        g = self.grid
+        return g.name if g is not None else f"{self.name}{self.bits}"
+
+    def expected_mse(self, dist: str, group_size: int | None = None) -> float:
+        """Expected squared error for a unit-variance ``dist`` source, in groups of ``group_size`` samples where
+        the rule's clip depends on the sample (None: the population limit). Raise NotImplementedError when the
+        rule has no error model."""
+        raise NotImplementedError(f"quantizer '{self.name}' has no error model")
+
+    def unit_levels(self, dist: str, group_size: int | None = None) -> torch.Tensor | None:
+        """The levels (at scale, i.e. in units of the source's standard deviation) this rule uses for a
+        unit-variance ``dist`` source, or None when they depend on the sample."""
+        return None
+
+    # -- written once -------------------------------------------------------------------------------------------
+    def quantize(
+        self, x: torch.Tensor, granularity: str | Granularity = "channel", name: str = "tensor"
+    ) -> QTensor:
+        """Quantize ``x`` at ``granularity``.
+
+        Args:
+            x: float tensor (float32, float16 or bfloat16), not modified.
+            granularity: see :class:`Granularity`.
+            name: the tensor's name, used in error messages.
+
+        Returns:
+            A :class:`QTensor`.
+
+        Raises:
+            InputError: empty, non-floating or non-finite input.
+            ConfigError: a granularity that does not fit the tensor.
+        """
+        gran = Granularity.parse(granularity)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise InputError(f"tensor '{name}' must be a floating-point torch.Tensor, got {_describe(x)}")
+        if x.numel() == 0:
+            raise InputError(f"tensor '{name}' is empty (shape {tuple(x.shape)}); nothing to quantize")
+        if gran.kind != "tensor" and x.dim() == 0:
+            gran = Granularity("tensor")
+        xf = x.detach().to(device="cpu", dtype=torch.float32)
+        check_finite(xf, name)
+        rows = to_rows(xf, gran)
+        R, n = rows.shape
+        G = gran.group_size if gran.kind == "group" else None
+        glen = G if G is not None and G < n else n
+        ngr = -(-n // glen)
+        scale = torch.empty(R, ngr)
+        offset = torch.empty(R, ngr)
+        levels: torch.Tensor | None = None
+        per_group_levels = False
+        info: dict[str, torch.Tensor] = {}
+        for batch, cols in group_batches(rows, G if G is not None and G < n else None):
+            p = self.fit(batch.contiguous())
+            g0, g1 = cols.start // glen, -(-cols.stop // glen)
+            scale[:, g0:g1] = p.scale.reshape(R, g1 - g0)
+            offset[:, g0:g1] = p.offset.reshape(R, g1 - g0)
+            if p.levels.dim() == 2:
+                if levels is None or not per_group_levels:
+                    levels = torch.empty(R, ngr, p.levels.shape[1])
+                    per_group_levels = True
+                levels[:, g0:g1] = p.levels.reshape(R, g1 - g0, -1)
+            else:
+                levels = p.levels
+            for k, v in p.info.items():
+                info.setdefault(k, torch.empty(R, ngr))[:, g0:g1] = v.reshape(R, g1 - g0).to(torch.float32)
+        if levels is None:  # unreachable: at least one batch
+            raise InputError(f"tensor '{name}' produced no groups")
+        codes = encode_rows(rows, scale, offset, levels, glen)
+        off = offset if bool((offset != 0).any()) else None
+        return QTensor(
+            codes=codes,
+            scale=scale,
+            offset=off,
+            levels=levels,
+            bits=self.bits,
+            shape=tuple(x.shape),
+            granularity=gran,
+            dtype=x.dtype,
+            quantizer=self.name,
+            grid=self.grid_name,
+            info=info,
+        )
+
+    def fake_quantize(self, x: torch.Tensor, granularity: str | Granularity = "channel", name: str = "tensor") -> torch.Tensor:
+        """``dequantize(quantize(x))`` in ``x``'s dtype."""
+        return self.quantize(x, granularity, name).dequantize()
+
+    def with_options(self, **options: Any) -> Quantizer:
+        """A copy of this rule with some options changed."""
+        return type(self)(self.bits, **{**self.options, **options})
+
+
+def encode_rows(
+    rows: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, levels: torch.Tensor, glen: int
+) -> torch.Tensor:
+    """Codes of ``(R, n)`` rows given per-group ``(R, ngr)`` scale/offset and shared or per-group levels."""
+    R, n = rows.shape
+    ngr = scale.shape[1]
+    pad = ngr * glen - n
+    xp = torch.nn.functional.pad(rows, (0, pad)) if pad else rows
+    xp = xp.reshape(R, ngr, glen)
+    inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+    z = (xp - offset[..., None]) * inv[..., None]
+    if levels.dim() == 1:
+        codes = _encode_nearest(z, levels)
+    else:
+        mids = (levels[..., :-1] + levels[..., 1:]) * 0.5
+        codes = torch.searchsorted(mids.reshape(R * ngr, -1).contiguous(), z.reshape(R * ngr, glen).contiguous())
+        codes = codes.reshape(R, ngr, glen).to(torch.uint8)
+    return codes.reshape(R, ngr * glen)[:, :n].contiguous()
+
+
+_GRID_CACHE: dict[tuple[float, ...], Grid] = {}
+
+
+def _encode_nearest(z: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Nearest-level codes on a shared level list, through a cached :class:`Grid` (saturating, ties to even)."""
+    key = tuple(float(v) for v in levels.tolist())
+    grid = _GRID_CACHE.get(key)
+    if grid is None:
+        bits = max(1, math.ceil(math.log2(max(len(key), 2))))
+        grid = Grid("levels", "codebook", "codebook", bits, key)
+        if len(_GRID_CACHE) > 256:
+            _GRID_CACHE.clear()
+        _GRID_CACHE[key] = grid
+    return grid.encode(z)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def constant_groups(x: torch.Tensor, params: QParams) -> QParams:
+    """Make groups with zero spread exact: scale 0 and offset = the constant value.
+
+    Their codes then point at the level nearest 0 (or any level: ``level * 0 + offset = offset``).
+    """
+    lo = x.amin(dim=1)
+    hi = x.amax(dim=1)
+    flat = hi == lo
+    if not bool(flat.any()):
+        return params
+    return replace(
+        params,
+        scale=torch.where(flat, torch.zeros_like(params.scale), params.scale),
+        offset=torch.where(flat, lo, params.offset),
+    )

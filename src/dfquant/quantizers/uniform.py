@@ -1,0 +1,157 @@
+"""Uniform quantizers whose clip comes from the sample: ``minmax`` and ``mse``.
+
+Both encode on a uniform grid (default ``int-mr``: ``2^b`` mid-rise levels ``k + 1/2``, no zero level, the
+uniform quantizer of Max 1960); ``grid='int'`` / ``'int-sym'`` select grids with a zero level, ``'uint'`` the
+asymmetric min/max variant with a zero point.
+
+* ``minmax`` (Krishnamoorthi 2018, "Quantizing deep convolutional networks for efficient inference"): the
+  extreme levels sit on the group's absolute maximum (or its min and max for ``uint``): no value is clipped.
+* ``mse``: the clip ``c * max|x|`` with ``c`` chosen per group by minimizing the measured squared error, first on
+  a coarse grid of ratios, then on a fine grid around the best coarse ratio.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..distributions import cell_mse, max_abs_quantiles
+from ..grids import INT_FAMILIES, Grid, make_grid
+from ..errors import ConfigError
+from .base import QParams, Quantizer, constant_groups
+from .registry import register
+
+
+class UniformRule(Quantizer):
+    """Shared base of uniform rules: a grid family from :data:`dfquant.grids.INT_FAMILIES`."""
+
+    options_allowed: ClassVar[tuple[str, ...]] = ("grid",)
+    default_family: ClassVar[str] = "int-mr"
+
+    def __init__(self, bits: int, **options: Any) -> None:
+        super().__init__(bits, **options)
+        family = self.options.get("grid", self.default_family)
+        if family not in INT_FAMILIES:
+            raise ConfigError(f"quantizer '{self.name}': grid must be one of {', '.join(INT_FAMILIES)}, got '{family}'")
+        self._grid = make_grid(family, bits)
+
+    @property
+    def grid(self) -> Grid:
+        return self._grid
+
+    @property
+    def asymmetric(self) -> bool:
+        return self._grid.family == "uint"
+
+    @property
+    def sym_top(self) -> float:
+        """Largest magnitude reachable on both sides (the level put at the clip)."""
+        lv = self._grid.levels
+        return min(abs(lv[0]), abs(lv[-1]))
+
+    def params_for_clip(self, x: torch.Tensor, clip: torch.Tensor) -> QParams:
+        """Symmetric scale putting level ``sym_top`` at ``clip`` (per group), offset 0."""
+        scale = clip / self.sym_top
+        return QParams(scale=scale, offset=torch.zeros_like(scale), levels=self._grid.table)
+
+    def clip_mse_unit(self, dist: str, clip: float) -> float:
+        """Expected MSE of a unit-variance source with the top level at ``clip`` (closed form, clipping included)."""
+        return cell_mse(dist, np.asarray(self._grid.levels) * (clip / self.sym_top))
+
+
+@register
+class MinMax(UniformRule):
+    """Round-to-nearest uniform quantization on the group's range (the naive baseline)."""
+
+    name = "minmax"
+    description = "uniform, extreme levels on the absolute max (or min/max with grid=uint)"
+
+    def fit(self, x: torch.Tensor) -> QParams:
+        if self.asymmetric:
+            lo, hi = x.amin(dim=1), x.amax(dim=1)
+            scale = (hi - lo) / (self._grid.num_levels - 1)
+            p = QParams(scale=scale, offset=lo, levels=self._grid.table)
+        else:
+            p = self.params_for_clip(x, x.abs().amax(dim=1))
+        return constant_groups(x, p)
+
+    def expected_mse(self, dist: str, group_size: int | None = None) -> float:
+        """Expected MSE with the clip at the maximum of ``n = group_size`` samples (default 1024).
+
+        Given the maximum ``m`` of ``|X|``, the other ``n - 1`` samples are distributed as ``X`` conditioned on
+        ``|X| <= m`` and the maximal one reconstructs exactly, so
+        ``E[D] = E_m[(n-1)/n * int_{-m}^{m} (x - Q_m(x))^2 p(x) dx / P(|X| <= m)]``, averaged over quantiles of
+        the maximum's distribution ``(2F(m) - 1)^n``. (For ``uint`` the same formula with the symmetric clip is
+        used as an approximation.)
+        """
+        n = group_size or 1024
+        total = 0.0
+        nodes = max_abs_quantiles(dist, n)
+        from ..distributions import cdf
+
+        for m in nodes:
+            levels = np.asarray(self._grid.levels) * (m / self.sym_top)
+            mass = float(cdf(dist, m) - cdf(dist, -m))
+            total += (n - 1) / n * cell_mse(dist, levels, lo=-m, hi=m) / max(mass, 1e-300)
+        return total / len(nodes)
+
+
+@register
+class MSEClip(UniformRule):
+    """Uniform quantization with the clip minimizing the measured squared error of each group."""
+
+    name = "mse"
+    description = "uniform, clip searched per group to minimize the measured MSE"
+    options_allowed: ClassVar[tuple[str, ...]] = ("grid", "coarse", "fine")
+
+    def fit(self, x: torch.Tensor) -> QParams:
+        if self.asymmetric:
+            raise ConfigError("quantizer 'mse' searches a symmetric clip; use grid int-mr, int or int-sym")
+        amax = x.abs().amax(dim=1)
+        coarse = int(self.options.get("coarse", 24))
+        fine = int(self.options.get("fine", 16))
+        ratios = torch.linspace(1.0 / coarse, 1.0, coarse)
+        best_r, best_err = self._search(x, amax, ratios[None, :].expand(x.shape[0], -1))
+        step = 1.0 / coarse
+        fine_r = best_r[:, None] + torch.linspace(-step, step, fine)[None, :]
+        fine_r = fine_r.clamp(min=1e-3, max=1.0)
+        r2, e2 = self._search(x, amax, fine_r)
+        r = torch.where(e2 < best_err, r2, best_r)
+        return constant_groups(x, self.params_for_clip(x, amax * r))
+
+    def _search(self, x: torch.Tensor, amax: torch.Tensor, ratios: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group, the ratio (column of ``ratios``) with the smallest squared error, and that error."""
+        best_err = torch.full((x.shape[0],), float("inf"))
+        best_r = torch.ones(x.shape[0])
+        top = self.sym_top
+        for j in range(ratios.shape[1]):
+            r = ratios[:, j]
+            scale = (amax * r / top).clamp_min(1e-30)
+            xq = self._grid.round(x / scale[:, None]) * scale[:, None]
+            err = ((xq - x) ** 2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_r = torch.where(better, r, best_r)
+        return best_r, best_err
+
+    def expected_mse(self, dist: str, group_size: int | None = None) -> float:
+        """The minimum over the clip of the closed-form MSE (the population optimum the search estimates)."""
+        from scipy.optimize import minimize_scalar
+
+        res = minimize_scalar(lambda c: self.clip_mse_unit(dist, c), bounds=(0.05, 40.0), method="bounded",
+                              options={"xatol": 1e-7})
+        return float(res.fun)
+
+    def optimal_clip(self, dist: str) -> float:
+        """The clip (in units of sigma) minimizing the closed-form MSE."""
+        from scipy.optimize import minimize_scalar
+
+        res = minimize_scalar(lambda c: self.clip_mse_unit(dist, c), bounds=(0.05, 40.0), method="bounded",
+                              options={"xatol": 1e-7})
+        return float(res.x)
+
+    def unit_levels(self, dist: str, group_size: int | None = None) -> torch.Tensor:
+        c = self.optimal_clip(dist)
+        return self._grid.table * (c / self.sym_top)
