@@ -20,7 +20,12 @@ def assets_dir() -> Path | None:
         p = Path(env).expanduser()
         return p if p.is_dir() else None
     here = Path(__file__).resolve()
-    for base in (Path.cwd(), *Path.cwd().parents[:2], here.parents[2], here.parents[3] if len(here.parents) > 3 else here):
+    for base in (
+        Path.cwd(),
+        *Path.cwd().parents[:2],
+        here.parents[2],
+        here.parents[3] if len(here.parents) > 3 else here,
+    ):
         p = base / ".." / "shared" / "assets"
         if p.is_dir():
             return p.resolve()

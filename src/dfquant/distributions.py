@@ -38,7 +38,7 @@ def check_dist(name: str) -> DistName:
     """Validate a distribution name."""
     if name not in DISTRIBUTIONS:
         raise ConfigError(f"unknown distribution '{name}'; allowed: {', '.join(DISTRIBUTIONS)}")
-    return name  # type: ignore[return-value]
+    return name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,7 +87,11 @@ def _antiderivatives(dist: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     pos = x >= 0
     a0 = np.where(pos, 1 - 0.5 * e, 0.5 * e)
     a1 = np.where(pos, -0.5 * e * (xf + b), 0.5 * e * (xf - b))
-    a2 = np.where(pos, 2 * b * b - 0.5 * e * (xf * xf + 2 * b * xf + 2 * b * b), 0.5 * e * (xf * xf - 2 * b * xf + 2 * b * b))
+    a2 = np.where(
+        pos,
+        2 * b * b - 0.5 * e * (xf * xf + 2 * b * xf + 2 * b * b),
+        0.5 * e * (xf * xf - 2 * b * xf + 2 * b * b),
+    )
     return a0, a1, a2
 
 
@@ -175,7 +179,7 @@ def fit_groups(x: torch.Tensor, sorted_x: torch.Tensor | None = None) -> GroupFi
         A :class:`GroupFit`. Groups with zero spread get ``std = 0`` and KS statistics of 0.
     """
     x = x.to(torch.float32)
-    m, n = x.shape
+    n = x.shape[1]
     xs = torch.sort(x, dim=1).values if sorted_x is None else sorted_x
     mean = x.mean(dim=1)
     std = x.std(dim=1, correction=0)

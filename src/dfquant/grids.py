@@ -24,6 +24,7 @@ minifloat grids.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from functools import cache, cached_property
@@ -92,7 +93,7 @@ class Grid:
         lv = self.levels
         if len(lv) < 1 or len(lv) > 2**self.bits:
             raise ConfigError(f"grid '{self.name}' has {len(lv)} levels; {self.bits} bits allow 1..{2**self.bits}")
-        if any(b <= a for a, b in zip(lv, lv[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(lv)):
             raise ConfigError(f"grid '{self.name}': levels must be strictly increasing")
 
     @cached_property

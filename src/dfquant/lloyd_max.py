@@ -73,7 +73,7 @@ def solve_lloyd_max(dist: str, num_levels: int, tol: float = 1e-12, max_iter: in
     # Panter-Dite start: quantiles of the p^(1/3)-density = same family, standard deviation * sqrt(3).
     y = math.sqrt(3.0) * ppf(dist, (np.arange(L) + 0.5) / L)
     it = 0
-    for it in range(1, max_iter + 1):  # noqa: B007
+    for it in range(1, max_iter + 1):
         y_new = _lloyd_step(dist, y)
         delta = float(np.max(np.abs(y_new - y)))
         y = y_new

@@ -276,9 +276,7 @@ class Quantizer(ABC):
         return None
 
     # -- written once -------------------------------------------------------------------------------------------
-    def quantize(
-        self, x: torch.Tensor, granularity: str | Granularity = "channel", name: str = "tensor"
-    ) -> QTensor:
+    def quantize(self, x: torch.Tensor, granularity: str | Granularity = "channel", name: str = "tensor") -> QTensor:
         """Quantize ``x`` at ``granularity``.
 
         Args:
@@ -305,14 +303,14 @@ class Quantizer(ABC):
         rows = to_rows(xf, gran)
         R, n = rows.shape
         G = gran.group_size if gran.kind == "group" else None
-        glen = G if G is not None and G < n else n
+        glen = G if G is not None and n > G else n
         ngr = -(-n // glen)
         scale = torch.empty(R, ngr)
         offset = torch.empty(R, ngr)
         levels: torch.Tensor | None = None
         per_group_levels = False
         info: dict[str, torch.Tensor] = {}
-        for batch, cols in group_batches(rows, G if G is not None and G < n else None):
+        for batch, cols in group_batches(rows, G if G is not None and n > G else None):
             p = self.fit(batch.contiguous())
             g0, g1 = cols.start // glen, -(-cols.stop // glen)
             scale[:, g0:g1] = p.scale.reshape(R, g1 - g0)
@@ -344,7 +342,9 @@ class Quantizer(ABC):
             info=info,
         )
 
-    def fake_quantize(self, x: torch.Tensor, granularity: str | Granularity = "channel", name: str = "tensor") -> torch.Tensor:
+    def fake_quantize(
+        self, x: torch.Tensor, granularity: str | Granularity = "channel", name: str = "tensor"
+    ) -> torch.Tensor:
         """``dequantize(quantize(x))`` in ``x``'s dtype."""
         return self.quantize(x, granularity, name).dequantize()
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ..distributions import cell_mse, max_abs_quantiles
-from ..grids import INT_FAMILIES, Grid, make_grid
 from ..errors import ConfigError
+from ..grids import INT_FAMILIES, Grid, make_grid
 from .base import QParams, Quantizer, constant_groups
 from .registry import register
 
@@ -140,16 +140,24 @@ class MSEClip(UniformRule):
         """The minimum over the clip of the closed-form MSE (the population optimum the search estimates)."""
         from scipy.optimize import minimize_scalar
 
-        res = minimize_scalar(lambda c: self.clip_mse_unit(dist, c), bounds=(0.05, 40.0), method="bounded",
-                              options={"xatol": 1e-7})
+        res = minimize_scalar(
+            lambda c: self.clip_mse_unit(dist, c),
+            bounds=(0.05, 40.0),
+            method="bounded",
+            options={"xatol": 1e-7},
+        )
         return float(res.fun)
 
     def optimal_clip(self, dist: str) -> float:
         """The clip (in units of sigma) minimizing the closed-form MSE."""
         from scipy.optimize import minimize_scalar
 
-        res = minimize_scalar(lambda c: self.clip_mse_unit(dist, c), bounds=(0.05, 40.0), method="bounded",
-                              options={"xatol": 1e-7})
+        res = minimize_scalar(
+            lambda c: self.clip_mse_unit(dist, c),
+            bounds=(0.05, 40.0),
+            method="bounded",
+            options={"xatol": 1e-7},
+        )
         return float(res.x)
 
     def unit_levels(self, dist: str, group_size: int | None = None) -> torch.Tensor:
