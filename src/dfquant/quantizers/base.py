@@ -81,7 +81,10 @@ class QParams:
     Attributes:
         scale: ``(m,)`` float32, >= 0 (0 marks a constant group).
         offset: ``(m,)`` float32.
-        levels: unit-scale levels, ``(L,)`` shared by every group or ``(m, L)`` per group, increasing.
+        levels: unit-scale levels, increasing along the last dim: ``(L,)`` shared by every group, or a stack of
+            ``T`` tables ``(T, L)`` with ``table_index`` naming each group's table (``T = m`` and no index: one
+            table per group).
+        table_index: ``(m,)`` integer index into the tables, or None.
         info: optional per-group float tensors ``(m,)`` for reports (e.g. ``dist``, ``ks_gaussian``).
     """
 
@@ -89,6 +92,18 @@ class QParams:
     offset: torch.Tensor
     levels: torch.Tensor
     info: dict[str, torch.Tensor] = field(default_factory=dict)
+    table_index: torch.Tensor | None = None
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tables (T, L), index (m,))`` whatever the form the levels were given in."""
+        m = self.scale.shape[0]
+        if self.levels.dim() == 1:
+            return self.levels[None, :], torch.zeros(m, dtype=torch.int64)
+        if self.table_index is None:
+            if self.levels.shape[0] != m:
+                raise InputError(f"{self.levels.shape[0]} level tables for {m} groups need a table_index")
+            return self.levels, torch.arange(m)
+        return self.levels, self.table_index.to(torch.int64)
 
 
 @dataclass
@@ -96,8 +111,10 @@ class QTensor:
     """A quantized tensor: integer codes plus per-group scale/offset and levels.
 
     Codes are stored unpacked (uint8, one per element) in row layout ``(rows, n)``; :mod:`dfquant.packing` packs
-    them to ``bits`` per code for files. ``levels`` is ``(L,)`` or ``(rows, groups_per_row, L)``; ``scale`` and
-    ``offset`` are ``(rows, groups_per_row)`` (``offset`` is None when all offsets are zero).
+    them to ``bits`` per code for files. ``levels`` is ``(L,)`` (one table for every group) or ``(T, L)`` (a few
+    tables, e.g. the Gaussian and Laplace Lloyd-Max levels plus one per fallback group) with ``table_index``
+    ``(rows, groups_per_row)`` naming each group's table; ``scale`` and ``offset`` are ``(rows, groups_per_row)``
+    (``offset`` is None when all offsets are zero).
     """
 
     codes: torch.Tensor
@@ -111,6 +128,7 @@ class QTensor:
     quantizer: str
     grid: str
     info: dict[str, torch.Tensor] = field(default_factory=dict)
+    table_index: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -132,10 +150,7 @@ class QTensor:
         if pad:
             codes = torch.nn.functional.pad(codes, (0, pad))
         codes = codes.view(rows, ngr, G)
-        if self.levels.dim() == 1:
-            vals = self.levels.to(torch.float32)[codes]
-        else:
-            vals = torch.gather(self.levels.to(torch.float32), 2, codes)
+        vals = gather_levels(self.levels, self.table_index, codes)
         vals = vals * self.scale.to(torch.float32)[..., None]
         if self.offset is not None:
             vals = vals + self.offset.to(torch.float32)[..., None]
@@ -154,6 +169,8 @@ class QTensor:
             parts["offset"] = self.offset.numel() * _dtype_bits(self.offset.dtype)
         if self.levels.dim() > 1:
             parts["levels"] = self.levels.numel() * _dtype_bits(self.levels.dtype)
+            if self.table_index is not None and self.levels.shape[0] > 1:
+                parts["table_index"] = self.table_index.numel() * max(1, math.ceil(math.log2(self.levels.shape[0])))
         return parts
 
     def bits_per_weight(self) -> float:
@@ -307,26 +324,19 @@ class Quantizer(ABC):
         ngr = -(-n // glen)
         scale = torch.empty(R, ngr)
         offset = torch.empty(R, ngr)
-        levels: torch.Tensor | None = None
-        per_group_levels = False
+        parts: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
         info: dict[str, torch.Tensor] = {}
         for batch, cols in group_batches(rows, G if G is not None and n > G else None):
             p = self.fit(batch.contiguous())
             g0, g1 = cols.start // glen, -(-cols.stop // glen)
             scale[:, g0:g1] = p.scale.reshape(R, g1 - g0)
             offset[:, g0:g1] = p.offset.reshape(R, g1 - g0)
-            if p.levels.dim() == 2:
-                if levels is None or not per_group_levels:
-                    levels = torch.empty(R, ngr, p.levels.shape[1])
-                    per_group_levels = True
-                levels[:, g0:g1] = p.levels.reshape(R, g1 - g0, -1)
-            else:
-                levels = p.levels
+            tab, idx = p.tables()
+            parts.append((tab.to(torch.float32), idx.reshape(R, g1 - g0), g0, g1))
             for k, v in p.info.items():
                 info.setdefault(k, torch.empty(R, ngr))[:, g0:g1] = v.reshape(R, g1 - g0).to(torch.float32)
-        if levels is None:  # unreachable: at least one batch
-            raise InputError(f"tensor '{name}' produced no groups")
-        codes = encode_rows(rows, scale, offset, levels, glen)
+        levels, table_index = merge_tables(parts, R, ngr)
+        codes = encode_rows(rows, scale, offset, levels, glen, table_index)
         off = offset if bool((offset != 0).any()) else None
         return QTensor(
             codes=codes,
@@ -340,6 +350,7 @@ class Quantizer(ABC):
             quantizer=self.name,
             grid=self.grid_name,
             info=info,
+            table_index=table_index,
         )
 
     def fake_quantize(
@@ -353,10 +364,46 @@ class Quantizer(ABC):
         return type(self)(self.bits, **{**self.options, **options})
 
 
+def merge_tables(
+    parts: list[tuple[torch.Tensor, torch.Tensor, int, int]], R: int, ngr: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Combine per-batch level tables into one deduplicated stack and an ``(R, ngr)`` index.
+
+    Returns shared ``(L,)`` levels and None when every group uses the same table.
+    """
+    tables = torch.cat([t for t, _, _, _ in parts])
+    index = torch.empty(R, ngr, dtype=torch.int64)
+    base = 0
+    for t, idx, g0, g1 in parts:
+        index[:, g0:g1] = idx + base
+        base += t.shape[0]
+    uniq, inverse = torch.unique(tables, dim=0, return_inverse=True)
+    used, index = torch.unique(inverse[index], return_inverse=True)  # drop tables no group uses
+    uniq = uniq[used]
+    if uniq.shape[0] == 1:
+        return uniq[0].contiguous(), None
+    return uniq.contiguous(), index
+
+
+def gather_levels(levels: torch.Tensor, table_index: torch.Tensor | None, codes: torch.Tensor) -> torch.Tensor:
+    """Unit levels of ``(R, ngr, G)`` codes: ``levels[code]`` or ``levels[table_index[r, g], code]`` (float32)."""
+    lv = levels.to(torch.float32)
+    if lv.dim() == 1:
+        return lv[codes]
+    if table_index is None:
+        raise InputError("stacked level tables need a table index")
+    return lv[table_index.to(torch.int64)[..., None], codes]
+
+
 def encode_rows(
-    rows: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, levels: torch.Tensor, glen: int
+    rows: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    levels: torch.Tensor,
+    glen: int,
+    table_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Codes of ``(R, n)`` rows given per-group ``(R, ngr)`` scale/offset and shared or per-group levels."""
+    """Codes of ``(R, n)`` rows given per-group ``(R, ngr)`` scale/offset and shared or stacked levels."""
     R, n = rows.shape
     ngr = scale.shape[1]
     pad = ngr * glen - n
@@ -367,7 +414,10 @@ def encode_rows(
     if levels.dim() == 1:
         codes = _encode_nearest(z, levels)
     else:
-        mids = (levels[..., :-1] + levels[..., 1:]) * 0.5
+        if table_index is None:
+            raise InputError("stacked level tables need a table index")
+        tab_mids = (levels[:, :-1] + levels[:, 1:]) * 0.5
+        mids = tab_mids[table_index.to(torch.int64)]  # (R, ngr, L-1)
         codes = torch.searchsorted(mids.reshape(R * ngr, -1).contiguous(), z.reshape(R * ngr, glen).contiguous())
         codes = codes.reshape(R, ngr, glen).to(torch.uint8)
     return codes.reshape(R, ngr * glen)[:, :n].contiguous()

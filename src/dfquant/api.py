@@ -1,0 +1,346 @@
+"""Whole-model quantization: plan, fold, fit, correct, swap, report.
+
+:func:`quantize_model` is the one orchestrator. It
+
+1. plans every layer (:func:`plan_quantization`): resolves its rule, builds its quantizer through the registry
+   and checks the granularity against the weight's shape and the weight's values, raising before any module
+   is changed;
+2. copies the model (unless ``inplace``), finds conv->BatchNorm pairs and BatchNorm->(ReLU)->layer chains
+   (:func:`dfquant.graph.analyze_graph`) and captures the BatchNorm statistics bias correction needs (before
+   folding erases those BatchNorms);
+3. folds each BatchNorm into the layer before it (:func:`dfquant.methods.bn.fold_batchnorm`);
+4. quantizes each layer into a quantized module holding one term, and corrects its bias for the expected
+   output shift (:func:`dfquant.methods.bn.correct_bias`);
+5. swaps all modules at the end (so a failure while fitting leaves even an ``inplace`` model untouched) and
+   returns the model with a :class:`~dfquant.graph.QuantizationReport`.
+
+Example:
+    >>> import torch
+    >>> from dfquant.config import LayerRule, QuantConfig
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> qnet, report = quantize_model(net, QuantConfig(LayerRule("minmax", 4)))
+    >>> [r.bits for r in report.layers]
+    [4, 4]
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .config import LayerRule, QuantConfig
+from .errors import ConfigError, DfquantError, InputError, ModelError, check_finite
+from .graph import (
+    BiasCorrectionRecord,
+    FoldedBatchNorm,
+    FoldedBN,
+    LayerReport,
+    QuantizationReport,
+    SkippedLayer,
+    analyze_graph,
+    dist_summary,
+    find_layers,
+    find_unsupported,
+    get_module,
+    module_names,
+    replace_module,
+    state_dict_bytes,
+)
+from .methods.bn import correct_bias, expected_input_mean, fold_batchnorm
+from .nn import QuantModule, QuantTerm, oriented_weight, term_layout, weight_of
+from .quantizers.base import Granularity, Quantizer
+from .quantizers.registry import get_quantizer
+
+__all__ = ["LayerPlan", "plan_quantization", "quantize_model"]
+
+#: ``progress(done, total, layer_name)``, called after each layer is quantized (done = 1..total).
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The validated plan of one layer.
+
+    Attributes:
+        name: qualified name. kind: ``linear``/``conv1d``/``conv2d``/``hf-conv1d``. type: the class name.
+        shape: the weight's stored shape. rule: the resolved rule.
+        quantizer, granularity: built from the rule (None for a skipped layer).
+    """
+
+    name: str
+    kind: str
+    type: str
+    shape: tuple[int, ...]
+    rule: LayerRule
+    quantizer: Quantizer | None
+    granularity: Granularity | None
+
+    @property
+    def skip(self) -> bool:
+        return self.quantizer is None
+
+
+def _batchnorm(model: nn.Module, name: str) -> _BatchNorm:
+    m = get_module(model, name)
+    if not isinstance(m, _BatchNorm):
+        raise ModelError(f"'{name}' is a {type(m).__name__}, not a BatchNorm")
+    return m
+
+
+def _bias_of(layer: nn.Module) -> torch.Tensor | None:
+    b = getattr(layer, "bias", None)
+    return b.detach() if isinstance(b, torch.Tensor) else None
+
+
+def _label(name: str, module: nn.Module, shape: tuple[int, ...]) -> str:
+    return f"layer '{name or '<root>'}' ({type(module).__name__} {'x'.join(map(str, shape))})"
+
+
+def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
+    """Resolve and validate the rule of every quantizable layer, without changing anything.
+
+    Args:
+        model: the float model.
+        config: the rules.
+
+    Returns:
+        One :class:`LayerPlan` per quantizable layer, in registration order.
+
+    Raises:
+        ConfigError: an unknown quantizer, unsupported bits, unknown options, or a granularity that does not
+            fit a layer's weight (the message names the layer and what is allowed).
+        InputError: a layer's weight is not floating point, or holds NaN or infinite values.
+        ModelError: the model has no quantizable layer.
+    """
+    layers = find_layers(model)
+    if not layers:
+        raise ModelError(
+            f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d or a "
+            "Hugging Face Conv1D)"
+        )
+    plans = []
+    for info in layers:
+        w = oriented_weight(info.module)
+        shape = tuple(weight_of(info.module).shape)
+        label = _label(info.name, info.module, shape)
+        rule = config.rule_for(info.name)
+        if rule.skip:
+            plans.append(LayerPlan(info.name, info.kind, type(info.module).__name__, shape, rule, None, None))
+            continue
+        try:
+            q = get_quantizer(rule.quantizer, rule.bits, **dict(rule.options))
+            gran = Granularity.parse(rule.granularity)
+            term_layout(tuple(w.shape), gran)
+        except ConfigError as e:
+            raise ConfigError(f"{label}: {e}") from None
+        if not w.is_floating_point():
+            raise InputError(f"{label}: weight must be floating point, got {w.dtype}")
+        check_finite(w.detach(), info.name or "<root>")
+        plans.append(LayerPlan(info.name, info.kind, type(info.module).__name__, shape, rule, q, gran))
+    return plans
+
+
+def _summary(skipped: list[SkippedLayer], unused: list[str]) -> str:
+    parts = []
+    if skipped:
+        items = "; ".join(f"{s.name or '<root>'} ({s.reason})" for s in skipped[:20])
+        more = f"; and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        parts.append(f"{len(skipped)} layer(s) left in float: {items}{more}")
+    if unused:
+        parts.append(f"rule pattern(s) matching no layer: {', '.join(repr(u) for u in unused)}")
+    return ". ".join(parts)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    *,
+    progress: Progress | None = None,
+    inplace: bool = False,
+) -> tuple[nn.Module, QuantizationReport]:
+    """Quantize every Linear/Conv1d/Conv2d/HF-Conv1D layer of ``model`` following ``config``.
+
+    Layers are replaced by :class:`~dfquant.nn.QuantModule` subclasses holding one quantized term (packed
+    codes, scales, levels) and the float bias. With ``config.fold_bn``, BatchNorms that directly follow a
+    conv/linear are folded into it first (exact for inference; they become
+    :class:`~dfquant.graph.FoldedBatchNorm`). With ``config.bias_correction``, a quantized layer whose input
+    is ``ReLU(BN(.))`` or ``BN(.)`` gets ``b -= (W_hat - W) E[x]`` with ``E[x]`` from that BatchNorm's
+    ``beta``/``gamma`` (Nagel et al. 2019). Layers skipped by a rule stay float; one summary warning lists
+    them (or ``config.strict`` raises).
+
+    Args:
+        model: the float model (left unchanged unless ``inplace``).
+        config: the rules; default: ``minmax`` 4 bits per channel, BatchNorm folding and bias correction on.
+        progress: called as ``progress(done, total, name)`` after each layer is quantized.
+        inplace: change ``model`` itself instead of a deep copy (all swaps happen after every layer has been
+            fitted, so an error while fitting leaves it unchanged).
+
+    Returns:
+        ``(quantized model, report)``; the model is ``model`` itself when ``inplace`` (or the new root module
+        when the model is a single layer).
+
+    Raises:
+        ConfigError: an invalid rule for some layer (before anything changes), or skipped layers with
+            ``config.strict``.
+        InputError: NaN/Inf weights or BatchNorm statistics, naming the layer.
+        ModelError: no quantizable layer.
+    """
+    config = config if config is not None else QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
+    plans = plan_quantization(model, config)
+    skipped = [
+        SkippedLayer(p.name, p.type, p.shape, p.rule.reason or "skipped by rule") for p in plans if p.skip
+    ]
+    unused = [r.pattern for r in config.unused_rules(p.name for p in plans)]
+    if config.strict and (skipped or unused):
+        raise ConfigError(f"strict mode: {_summary(skipped, unused)}")
+
+    report = QuantizationReport(
+        skipped=skipped,
+        total_params=sum(p.numel() for p in model.parameters()),
+        float_model_bytes=state_dict_bytes(model),
+    )
+    for name, m, params in find_unsupported(model):
+        first = m._parameters[params[0]]
+        shape = tuple(first.shape) if first is not None else ()
+        what = ", ".join(params)
+        report.unsupported.append(
+            SkippedLayer(name, type(m).__name__, shape, f"layer type not supported; {what} kept float")
+        )
+
+    if inplace:
+        target = model
+    else:
+        try:
+            target = copy.deepcopy(model)
+        except Exception as e:  # models may hold attributes that cannot be copied
+            raise ModelError(
+                f"cannot copy {type(model).__name__} ({type(e).__name__}: {e}); pass inplace=True to "
+                "quantize it in place"
+            ) from None
+    graph = analyze_graph(target) if (config.fold_bn or config.bias_correction) else None
+    if graph is not None:
+        report.graph_method, report.graph_note = graph.method, graph.note
+    active = {p.name: p for p in plans if not p.skip}
+
+    # Bias-correction statistics, captured before folding turns those BatchNorms into identities.
+    input_stats: dict[str, tuple[str, str, torch.Tensor]] = {}
+    if graph is not None and config.bias_correction:
+        for layer_name, (bn_name, act) in graph.input_bn.items():
+            if layer_name in active:
+                bn = _batchnorm(target, bn_name)
+                beta = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
+                gamma = bn.weight.detach() if bn.weight is not None else None
+                check_finite(beta, f"{bn_name}.bias")
+                if gamma is not None:
+                    check_finite(gamma, f"{bn_name}.weight")
+                input_stats[layer_name] = (bn_name, act, expected_input_mean(beta, gamma, act))
+
+    # BatchNorm folding, computed first and applied at the end.
+    folded: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}
+    if graph is not None and config.fold_bn:
+        for layer_name, bn_name in graph.bn_pairs:
+            layer, bn = get_module(target, layer_name), _batchnorm(target, bn_name)
+            if bn.running_mean is None or bn.running_var is None:  # analyze_graph only pairs BNs with stats
+                continue
+            try:
+                fold_w, fold_b = fold_batchnorm(
+                    oriented_weight(layer).detach(),
+                    _bias_of(layer),
+                    bn.running_mean.detach(),
+                    bn.running_var.detach(),
+                    None if bn.weight is None else bn.weight.detach(),
+                    None if bn.bias is None else bn.bias.detach(),
+                    float(bn.eps),
+                )
+            except InputError as e:
+                raise InputError(f"BatchNorm '{bn_name}' after layer '{layer_name}': {e}") from None
+            folded[layer_name] = (fold_w, fold_b, bn_name)
+
+    new_modules: dict[str, QuantModule] = {}
+    for i, p in enumerate(active.values()):
+        layer = get_module(target, p.name)
+        bias: torch.Tensor | None
+        if p.name in folded:
+            w_float, bias = folded[p.name][0], folded[p.name][1]
+        else:
+            w_float, bias = oriented_weight(layer).detach().contiguous(), _bias_of(layer)
+        assert p.quantizer is not None and p.granularity is not None  # active plans are never skipped
+        try:
+            qt = p.quantizer.quantize(w_float, p.granularity, name=p.name or "<root>")
+        except DfquantError as e:
+            raise type(e)(f"{_label(p.name, layer, p.shape)}: {e}") from None
+        qmod = QuantModule.from_float(layer, [QuantTerm.from_qtensor(qt, options=p.rule.options)])
+        qmod = qmod.to(w_float.device)
+        qmod.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
+        w_hat = qmod.dequantize_weight().to(torch.float32)
+        ref = w_float.to(torch.float32)
+        den = float((ref * ref).sum())
+        err = float(((w_hat - ref) ** 2).sum())
+        if p.name in input_stats:
+            bn_name, act, mean = input_stats[p.name]
+            groups = int(cast(nn.Conv2d, layer).groups) if p.kind in ("conv1d", "conv2d") else 1
+            new_bias, shift = correct_bias(ref, w_hat, qmod.bias, mean, groups)
+            bias_l2 = 0.0 if qmod.bias is None else float(qmod.bias.detach().float().norm())
+            qmod.bias = nn.Parameter(new_bias.to(qmod.dtype), requires_grad=False)
+            report.bias_corrected.append(
+                BiasCorrectionRecord(
+                    p.name, bn_name, act, float(shift.norm()), float(shift.abs().max()), bias_l2
+                )
+            )
+        report.layers.append(
+            LayerReport(
+                name=p.name,
+                type=p.type,
+                shape=p.shape,
+                quantizer=p.quantizer.name,
+                bits=p.quantizer.bits,
+                granularity=str(p.granularity),
+                terms=len(qmod.terms),
+                params=w_float.numel(),
+                rel_mse=err / den if den > 0 else (0.0 if err == 0 else float("inf")),
+                bits_per_weight=qmod.bits_per_weight(),
+                bytes=qmod.nbytes(),
+                float_bytes=w_float.numel() * w_float.element_size(),
+                dist=dist_summary(qt.info.get("dist")),
+                options=dict(p.rule.options),
+            )
+        )
+        new_modules[p.name] = qmod
+        if progress is not None:
+            progress(i + 1, len(active), p.name)
+
+    # Apply: folded float layers get their new weight and bias, BatchNorms become identities, layers are
+    # swapped.
+    for layer_name, (fold_w, fold_b, bn_name) in folded.items():
+        if layer_name not in new_modules:
+            float_layer = get_module(target, layer_name)
+            weight = weight_of(float_layer)
+            weight.data = fold_w
+            current = getattr(float_layer, "bias", None)
+            if isinstance(current, torch.Tensor):
+                current.data = fold_b
+            else:
+                float_layer.register_parameter(
+                    "bias", nn.Parameter(fold_b, requires_grad=weight.requires_grad)
+                )
+        target = replace_module(target, bn_name, FoldedBatchNorm(layer_name))
+        report.folded_bn.append(FoldedBN(layer_name, bn_name))
+    names = module_names(target)  # a layer registered under several names is replaced under all of them
+    for name, qmod in new_modules.items():
+        for alias in names[id(get_module(target, name))]:
+            target = replace_module(target, alias, qmod)
+    report.model_bytes = state_dict_bytes(target)
+
+    if skipped or unused:
+        warnings.warn(f"quantize_model: {_summary(skipped, unused)}", UserWarning, stacklevel=2)
+    return target, report

@@ -1,0 +1,348 @@
+"""What to quantize and how: a default :class:`LayerRule` plus ordered per-layer overrides.
+
+A :class:`QuantConfig` resolves one complete :class:`LayerRule` for every layer name: start from ``default``,
+then apply each :class:`PatternRule` whose pattern matches the layer's qualified name, in order, each setting
+only the fields it names (later rules win). A pattern is a shell-style glob matched against the whole name
+(``"layer1.*"``, ``"*.conv2"``; ``*`` also crosses dots) or, with the prefix ``re:``, a regular expression
+that must match the whole name (``"re:layer[12]\\.\\d+\\.conv1"``). Mixed precision is nothing more than such
+rules.
+
+Quantizer options belong to one quantizer: when a rule changes the quantizer without giving options, the
+options are reset to ``{}`` rather than carried over to a rule that may not accept them.
+
+The JSON form (``QuantConfig.from_dict`` / ``from_file`` / ``to_dict``)::
+
+    {
+      "default": {"quantizer": "lloyd-max", "bits": 4, "granularity": "channel", "options": {}},
+      "rules": [
+        {"pattern": "conv1", "bits": 8},
+        {"pattern": "re:.*downsample.*", "skip": true, "reason": "kept float on purpose"}
+      ],
+      "fold_bn": true,
+      "bias_correction": true,
+      "strict": false
+    }
+
+Unknown keys anywhere raise :class:`~dfquant.errors.ConfigError` naming them. Whether a quantizer name and
+its bits exist is checked against the registry when a model is planned
+(:func:`dfquant.api.plan_quantization`), because rules may be registered after a config is read.
+
+Example:
+    >>> cfg = QuantConfig(LayerRule("minmax", 4), rules=(PatternRule("linear", bits=8),))
+    >>> cfg.rule_for("linear").bits, cfg.rule_for("conv1").bits
+    (8, 4)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .errors import ConfigError
+from .quantizers.base import Granularity
+
+__all__ = ["LayerRule", "PatternRule", "QuantConfig"]
+
+_RULE_KEYS = ("quantizer", "bits", "granularity", "options", "skip", "reason")
+_PATTERN_KEYS = ("pattern", *_RULE_KEYS)
+_CONFIG_KEYS = ("default", "rules", "fold_bn", "bias_correction", "strict")
+
+
+def _check_bits(bits: object, where: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ConfigError(f"{where}: bits must be an integer in 1..8, got {bits!r}")
+    return bits
+
+
+def _check_str(value: object, key: str, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _freeze_options(options: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{where}: 'options' must be a mapping of option name to value, got {options!r}")
+    bad = [k for k in options if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{where}: option names must be strings, got {bad!r}")
+    return MappingProxyType(dict(options))
+
+
+def _check_granularity(spec: object, where: str) -> str:
+    if not isinstance(spec, str):
+        raise ConfigError(
+            f"{where}: 'granularity' must be a string such as 'channel' or 'group:64', got {spec!r}"
+        )
+    try:
+        Granularity.parse(spec)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return spec
+
+
+def _check_keys(data: object, allowed: tuple[str, ...], where: str) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in allowed)
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
+    return data
+
+
+def _check_flag(value: object, key: str, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """The complete rule for one layer.
+
+    Attributes:
+        quantizer: a registered quantizer name (see :func:`dfquant.available`).
+        bits: code bits, 1..8 (the quantizer may allow fewer).
+        granularity: ``"tensor"``, ``"channel[:AXIS]"`` or ``"group:G[:AXIS]"`` (see
+            :class:`~dfquant.quantizers.base.Granularity`); axes refer to the weight in ``(out, in, ...)``
+            layout, also for Hugging Face ``Conv1D`` layers whose stored weight is ``(in, out)``.
+        options: options passed to the quantizer (read-only mapping).
+        skip: keep the layer in float.
+        reason: why it is skipped (shown in the report and the warning).
+    """
+
+    quantizer: str = "minmax"
+    bits: int = 4
+    granularity: str = "channel"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    skip: bool = False
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        where = "layer rule"
+        _check_str(self.quantizer, "quantizer", where)
+        _check_bits(self.bits, where)
+        _check_granularity(self.granularity, where)
+        object.__setattr__(self, "options", _freeze_options(self.options, where))
+        _check_flag(self.skip, "skip", where)
+        if not isinstance(self.reason, str):
+            raise ConfigError(f"{where}: 'reason' must be a string, got {self.reason!r}")
+
+    def __hash__(self) -> int:
+        return hash(
+            (
+                self.quantizer,
+                self.bits,
+                self.granularity,
+                json.dumps(dict(self.options), sort_keys=True, default=repr),
+                self.skip,
+                self.reason,
+            )
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "'default'") -> LayerRule:
+        """Build from a JSON object with keys among ``quantizer, bits, granularity, options, skip, reason``.
+
+        Raises:
+            ConfigError: unknown keys or invalid values, naming them.
+        """
+        d = _check_keys(data, _RULE_KEYS, where)
+        try:
+            return cls(**dict(d))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (every field)."""
+        return {
+            "quantizer": self.quantizer,
+            "bits": self.bits,
+            "granularity": self.granularity,
+            "options": dict(self.options),
+            "skip": self.skip,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class PatternRule:
+    """An override for the layers whose qualified name matches ``pattern``; ``None`` fields are inherited.
+
+    Attributes:
+        pattern: a glob matched against the whole name, or ``re:REGEX`` (full match).
+        quantizer, bits, granularity, options, skip, reason: as in :class:`LayerRule`; ``None`` keeps the
+            value resolved so far.
+    """
+
+    pattern: str
+    quantizer: str | None = None
+    bits: int | None = None
+    granularity: str | None = None
+    options: Mapping[str, Any] | None = None
+    skip: bool | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"rule '{self.pattern}'"
+        _check_str(self.pattern, "pattern", "rule")
+        if self.pattern.startswith("re:"):
+            try:
+                re.compile(self.pattern[3:])
+            except re.error as e:
+                raise ConfigError(f"{where}: invalid regular expression: {e}") from None
+        if self.quantizer is not None:
+            _check_str(self.quantizer, "quantizer", where)
+        if self.bits is not None:
+            _check_bits(self.bits, where)
+        if self.granularity is not None:
+            _check_granularity(self.granularity, where)
+        if self.options is not None:
+            object.__setattr__(self, "options", _freeze_options(self.options, where))
+        if self.skip is not None:
+            _check_flag(self.skip, "skip", where)
+        if self.reason is not None and not isinstance(self.reason, str):
+            raise ConfigError(f"{where}: 'reason' must be a string, got {self.reason!r}")
+
+    def __hash__(self) -> int:
+        opts = None if self.options is None else json.dumps(dict(self.options), sort_keys=True, default=repr)
+        return hash((self.pattern, self.quantizer, self.bits, self.granularity, opts, self.skip, self.reason))
+
+    def matches(self, name: str) -> bool:
+        """Whether the qualified layer name matches this rule's pattern."""
+        if self.pattern.startswith("re:"):
+            return re.fullmatch(self.pattern[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+    def apply(self, rule: LayerRule) -> LayerRule:
+        """``rule`` with this override's fields set (options reset when the quantizer changes without any)."""
+        changes: dict[str, Any] = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "pattern" and getattr(self, f.name) is not None
+        }
+        if "quantizer" in changes and changes["quantizer"] != rule.quantizer and "options" not in changes:
+            changes["options"] = {}
+        if "skip" in changes and "reason" not in changes:
+            changes["reason"] = f"skipped by rule '{self.pattern}'" if changes["skip"] else ""
+        return replace(rule, **changes) if changes else rule
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "rule") -> PatternRule:
+        """Build from a JSON object with ``pattern`` and any of the :class:`LayerRule` keys.
+
+        Raises:
+            ConfigError: missing pattern, unknown keys or invalid values, naming them.
+        """
+        d = _check_keys(data, _PATTERN_KEYS, where)
+        if "pattern" not in d:
+            raise ConfigError(f"{where} has no 'pattern' (a glob, or 're:' followed by a regular expression)")
+        try:
+            return cls(**dict(d))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict holding the pattern and the fields this rule sets."""
+        out: dict[str, Any] = {"pattern": self.pattern}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "pattern" and value is not None:
+                out[f.name] = dict(value) if f.name == "options" else value
+        return out
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A whole-model quantization plan: a default rule, per-layer overrides and the methods to apply.
+
+    Attributes:
+        default: the rule of every layer no override touches.
+        rules: ordered overrides; for each layer every matching rule applies in order (later ones win).
+        fold_bn: fold each BatchNorm into the conv/linear right before it (exact in eval mode).
+        bias_correction: subtract the expected output shift of each quantized layer whose input comes from a
+            BatchNorm (optionally through a ReLU), as in Nagel et al. 2019 (DFQ).
+        strict: raise instead of warning when a layer is left in float.
+    """
+
+    default: LayerRule = field(default_factory=LayerRule)
+    rules: tuple[PatternRule, ...] = ()
+    fold_bn: bool = True
+    bias_correction: bool = True
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.default, LayerRule):
+            raise ConfigError(f"config: 'default' must be a LayerRule, got {type(self.default).__name__}")
+        rules = tuple(self.rules) if isinstance(self.rules, Iterable) else self.rules
+        if not isinstance(rules, tuple) or not all(isinstance(r, PatternRule) for r in rules):
+            raise ConfigError("config: 'rules' must be a sequence of PatternRule")
+        object.__setattr__(self, "rules", rules)
+        for key in ("fold_bn", "bias_correction", "strict"):
+            _check_flag(getattr(self, key), key, "config")
+
+    def rule_for(self, name: str) -> LayerRule:
+        """The resolved rule of the layer called ``name`` (qualified module name)."""
+        rule = self.default
+        for r in self.rules:
+            if r.matches(name):
+                rule = r.apply(rule)
+        return rule
+
+    def unused_rules(self, names: Iterable[str]) -> list[PatternRule]:
+        """The overrides that match none of ``names`` (usually a typo in a pattern)."""
+        names = list(names)
+        return [r for r in self.rules if not any(r.matches(n) for n in names)]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
+        """Build from the JSON form shown in the module docstring.
+
+        Raises:
+            ConfigError: unknown keys or invalid values, naming them.
+        """
+        d = _check_keys(data, _CONFIG_KEYS, "config")
+        default = LayerRule.from_dict(d.get("default", {}))
+        raw_rules = d.get("rules", [])
+        if not isinstance(raw_rules, list):
+            raise ConfigError(f"config: 'rules' must be a list of objects, got {type(raw_rules).__name__}")
+        rules = tuple(PatternRule.from_dict(r, f"rule #{i}") for i, r in enumerate(raw_rules))
+        flags = {k: d[k] for k in ("fold_bn", "bias_correction", "strict") if k in d}
+        return cls(default=default, rules=rules, **flags)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> QuantConfig:
+        """Read a JSON config file.
+
+        Raises:
+            ConfigError: unreadable file, invalid JSON, unknown keys or invalid values.
+        """
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read config file '{p}': {e.strerror or e}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file '{p}' is not valid JSON: {e.msg} at line {e.lineno}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"config file '{p}': {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form; ``QuantConfig.from_dict(cfg.to_dict()) == cfg``."""
+        return {
+            "default": self.default.to_dict(),
+            "rules": [r.to_dict() for r in self.rules],
+            "fold_bn": self.fold_bn,
+            "bias_correction": self.bias_correction,
+            "strict": self.strict,
+        }

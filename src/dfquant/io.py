@@ -1,0 +1,598 @@
+"""Saving and loading quantized models: one ``.safetensors`` file with a versioned JSON manifest.
+
+The file holds every tensor of the quantized model's state dict: for each quantized layer its terms' packed
+codes, scales, offsets, levels (and channel indices) plus its float bias, and every other tensor as it is
+(float layers, BatchNorms, embeddings, ...). The safetensors header metadata holds one entry, ``"dfquant"``, a
+JSON manifest (:data:`FORMAT_VERSION` 1)::
+
+    {
+      "format": "dfquant",                  # always this
+      "format_version": 1,
+      "library_version": "0.1.0",
+      "source": {"zoo": "cifar-resnet20"},  # how to build the float skeleton (the caller's dict)
+      "layers": {                           # every quantized layer, by qualified name
+        "conv1": {
+          "type": "conv2d",                 # linear | conv1d | conv2d | hf-conv1d
+          "module": {...},                  # the float layer's constructor arguments
+          "weight_shape": [16, 3, 3, 3],    # oriented (out, in, *kernel); (out, in) also for hf-conv1d
+          "dtype": "float32",               # dtype the weight is rebuilt in
+          "bias": true,
+          "terms": [{"quantizer": "minmax", "bits": 4, "grid": "int4-mr", "granularity": "channel",
+                     "shape": [16, 3, 3, 3], "offset": false, "levels": "shared", "num_levels": 16,
+                     "channels": null, "options": {}}]
+        }
+      },
+      "folded_bn": [{"layer": "conv1", "bn": "bn1"}],
+      "tensors": {"conv1.terms.0.packed": {"dtype": "U8", "shape": [216]}, ...},   # every tensor in the file
+      "aliases": {"lm_head.weight": "embed.weight"},   # state-dict keys that share another key's tensor
+      "report": {...}                       # optional: QuantizationReport.to_dict()
+    }
+
+Loading (:func:`load_quantized`) reads and checks the header and the manifest first: the file's size and
+tensor offsets, the format and its version (a newer version than this library reads is refused), every
+tensor's dtype, shape and byte count against the manifest and against what each layer's terms need, and every
+quantizer name against the registry (class paths are never read from a file, and nothing is unpickled). Only
+then does it build the float skeleton with ``build(manifest["source"])``, apply the recorded structural
+changes (folded BatchNorms become identities, the layers they were folded into get a bias), install the
+quantized layers and load all tensors strictly. Any mismatch raises :class:`~dfquant.errors.FileFormatError`.
+
+Files are written atomically: to a temporary file in the same folder, flushed to disk, then renamed over the
+destination, so a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import ConfigError, FileFormatError, InputError, ModelError
+from .graph import FoldedBatchNorm, QuantizationReport, get_module, module_names, replace_module
+from .nn import DTYPES, QUANT_MODULES, QuantModule, QuantTerm, oriented_weight
+from .quantizers.registry import quantizer_class
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "build_manifest",
+    "load_quantized",
+    "read_manifest",
+    "save_quantized",
+]
+
+FORMAT_NAME = "dfquant"
+FORMAT_VERSION = 1
+METADATA_KEY = "dfquant"
+_MAX_HEADER = 100_000_000  # the safetensors limit
+
+#: torch dtype <-> safetensors header dtype, with item sizes.
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+_MANIFEST_KEYS = {
+    "format",
+    "format_version",
+    "library_version",
+    "source",
+    "layers",
+    "folded_bn",
+    "tensors",
+    "aliases",
+    "report",
+}
+_LAYER_KEYS = {"type", "module", "weight_shape", "dtype", "bias", "terms"}
+_TERM_KEYS = {
+    "quantizer",
+    "bits",
+    "grid",
+    "granularity",
+    "shape",
+    "offset",
+    "levels",
+    "num_levels",
+    "channels",
+    "options",
+}
+
+Builder = Callable[[dict[str, Any]], nn.Module]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return str(__version__)
+
+
+def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict as contiguous CPU tensors; keys that hold the very same tensor view as an earlier key
+    (tied weights) are recorded as aliases instead of being stored twice."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple[Any, ...], str] = {}
+    for key, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            raise InputError(
+                f"state-dict entry '{key}' is a {type(t).__name__}, not a tensor; cannot be saved"
+            )
+        if t.dtype not in _ST_DTYPES:
+            raise InputError(f"tensor '{key}' has dtype {t.dtype}, which the file format does not store")
+        view = (
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            tuple(t.stride()),
+            t.dtype,
+        )
+        if t.numel() and view in views:
+            aliases[key] = views[view]
+            continue
+        views[view] = key
+        tensors[key] = t.detach().to("cpu").contiguous()
+    seen: set[int] = set()  # safetensors refuses tensors that share memory: copy any that still do
+    for key, t in tensors.items():
+        if t.numel() and t.untyped_storage().data_ptr() in seen:
+            t = tensors[key] = t.clone()
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+    return tensors, aliases
+
+
+def build_manifest(
+    model: nn.Module, source: Mapping[str, Any], report: QuantizationReport | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest and the tensors :func:`save_quantized` writes (see the module docstring for the schema).
+
+    Raises:
+        InputError: a ``source`` or quantizer option that is not JSON, or a tensor dtype the format cannot
+            hold.
+    """
+    if not isinstance(source, Mapping):
+        raise InputError(
+            f"source must be a dict describing how to build the model, got {type(source).__name__}"
+        )
+    layers: dict[str, Any] = {}
+    folded: list[dict[str, str]] = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantModule):
+            layers[name] = m.layer_meta()
+        elif isinstance(m, FoldedBatchNorm):
+            folded.append({"layer": m.layer, "bn": name})
+    tensors, aliases = _collect_tensors(model)
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "library_version": _library_version(),
+        "source": dict(source),
+        "layers": layers,
+        "folded_bn": folded,
+        "tensors": {k: {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()},
+        "aliases": aliases,
+    }
+    if report is not None:
+        manifest["report"] = report.to_dict()
+    return manifest, tensors
+
+
+def save_quantized(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    source: Mapping[str, Any],
+    report: QuantizationReport | None = None,
+) -> Path:
+    """Write a quantized model to one ``.safetensors`` file, atomically.
+
+    Args:
+        model: a model returned by :func:`dfquant.api.quantize_model` (or loaded by :func:`load_quantized`).
+        path: destination file; its folder must exist.
+        source: JSON-ready dict that the loader's ``build`` turns back into the float skeleton (the model zoo
+            fills it, e.g. ``{"zoo": "cifar-resnet20"}``).
+        report: the quantization report, stored in the manifest when given.
+
+    Returns:
+        The path written.
+
+    Raises:
+        InputError: a ``source``/option that is not JSON, or a tensor the format cannot hold.
+        FileFormatError: the file cannot be written.
+    """
+    dest = Path(path)
+    manifest, tensors = build_manifest(model, source, report)
+    try:
+        text = json.dumps(manifest, allow_nan=False, sort_keys=False)
+    except (TypeError, ValueError) as e:
+        raise InputError(
+            f"the manifest is not plain JSON (check source and quantizer options): {e}"
+        ) from None
+    if not dest.parent.is_dir():
+        raise FileFormatError(f"cannot write '{dest}': folder '{dest.parent}' does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: text})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise FileFormatError(f"cannot write '{dest}': {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    try:  # make the rename itself durable; not every platform can open a folder
+        dir_fd = os.open(dest.parent, os.O_RDONLY)
+    except OSError:
+        return dest
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading and checking
+
+
+def _fail(path: Path, msg: str) -> FileFormatError:
+    return FileFormatError(f"'{path.name}': {msg}")
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The parsed safetensors header and the file size, after checking the size against the header's
+    tensor offsets (contiguous, covering the data exactly)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            raw = f.read(n) if 0 <= n <= min(_MAX_HEADER, size - 8) else b""
+    except OSError as e:
+        raise FileFormatError(f"cannot read '{path}': {e.strerror or e}") from None
+    if n < 0:
+        raise _fail(path, f"{size} bytes is too short for a safetensors file")
+    if n > _MAX_HEADER or 8 + n > size:
+        raise _fail(
+            path, f"header length {n} does not fit a file of {size} bytes (truncated or not safetensors)"
+        )
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "the safetensors header is not a JSON object")
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dt, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = dt in _ST_SIZES and all(isinstance(s, int) and s >= 0 for s in shape) and 0 <= start <= end
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise _fail(path, f"tensor '{key}' has a malformed header entry {entry!r}")
+        if end - start != math.prod(shape) * _ST_SIZES[dt]:
+            raise _fail(
+                path,
+                f"tensor '{key}' spans {end - start} bytes but {dt} {shape} needs "
+                f"{math.prod(shape) * _ST_SIZES[dt]}",
+            )
+        spans.append((start, end, key))
+    spans.sort()
+    pos = 0
+    for start, end, key in spans:
+        if start != pos:
+            raise _fail(path, f"tensor '{key}' starts at byte {start} of the data, expected {pos}")
+        pos = end
+    have = size - 8 - n
+    if pos != have:
+        raise _fail(
+            path, f"the header describes {pos} bytes of tensor data but the file holds {have} (truncated?)"
+        )
+    return header, size
+
+
+def _check_manifest(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or METADATA_KEY not in meta:
+        raise _fail(path, "no dfquant manifest in the safetensors metadata: not a file written by dfquant")
+    try:
+        manifest = json.loads(meta[METADATA_KEY])
+    except (TypeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"the manifest is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise _fail(path, f"manifest format is {got!r}, expected '{FORMAT_NAME}'")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _fail(path, f"manifest format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise _fail(
+            path,
+            f"file format version {version} is newer than this dfquant ({_library_version()}) reads "
+            f"(version {FORMAT_VERSION}); upgrade dfquant",
+        )
+    unknown = sorted(set(manifest) - _MANIFEST_KEYS)
+    missing = sorted(_MANIFEST_KEYS - {"report"} - set(manifest))
+    if unknown or missing:
+        raise _fail(path, f"manifest keys: unknown {unknown}, missing {missing}")
+    types = {
+        "library_version": str,
+        "source": dict,
+        "layers": dict,
+        "folded_bn": list,
+        "tensors": dict,
+        "aliases": dict,
+    }
+    for key, typ in types.items():
+        if not isinstance(manifest[key], typ):
+            raise _fail(
+                path, f"manifest '{key}' must be a {typ.__name__}, got {type(manifest[key]).__name__}"
+            )
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a dfquant file, after checking the file's structure, format and version.
+
+    Raises:
+        FileFormatError: unreadable, truncated or foreign file, or a newer format version.
+    """
+    p = Path(path)
+    header, _ = _read_header(p)
+    return _check_manifest(p, header)
+
+
+def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
+    """Every tensor in the file is in the manifest with the same dtype and shape, and vice versa; every
+    quantized layer's term buffers and bias have the dtypes and shapes its metadata imply."""
+    table = manifest["tensors"]
+    in_file = {k for k in header if k != "__metadata__"}
+    if set(table) != in_file:
+        extra, lost = sorted(in_file - set(table))[:5], sorted(set(table) - in_file)[:5]
+        raise _fail(path, f"the file's tensors differ from the manifest: not listed {extra}, missing {lost}")
+    for key in in_file:
+        want = table[key]
+        got = header[key]
+        if (
+            not isinstance(want, dict)
+            or want.get("dtype") != got["dtype"]
+            or want.get("shape") != got["shape"]
+        ):
+            raise _fail(
+                path, f"tensor '{key}' is {got['dtype']} {got['shape']} but the manifest says {want!r}"
+            )
+    for alias, target in manifest["aliases"].items():
+        if not isinstance(target, str) or target not in table or alias in table:
+            raise _fail(path, f"alias '{alias}' -> {target!r} does not name a tensor of the file")
+    for fb in manifest["folded_bn"]:
+        if (
+            not isinstance(fb, dict)
+            or set(fb) != {"layer", "bn"}
+            or not all(isinstance(v, str) for v in fb.values())
+        ):
+            raise _fail(path, f"folded_bn entries must be {{'layer': name, 'bn': name}}, got {fb!r}")
+    for name, layer in manifest["layers"].items():
+        where = f"layer '{name or '<root>'}'"
+        if not isinstance(layer, dict) or set(layer) != _LAYER_KEYS:
+            keys = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
+            raise _fail(path, f"{where}: metadata keys must be {sorted(_LAYER_KEYS)}, got {keys}")
+        if layer["type"] not in QUANT_MODULES:
+            raise _fail(
+                path, f"{where}: unknown layer type {layer['type']!r}; known: {', '.join(QUANT_MODULES)}"
+            )
+        if not isinstance(layer["dtype"], str) or layer["dtype"] not in DTYPES:
+            raise _fail(path, f"{where}: unknown dtype {layer['dtype']!r}; allowed: {', '.join(DTYPES)}")
+        terms = layer["terms"]
+        if not isinstance(terms, list) or not terms:
+            raise _fail(path, f"{where}: 'terms' must be a non-empty list")
+        p = _prefix(name)
+        for i, term in enumerate(terms):
+            if not isinstance(term, dict) or set(term) != _TERM_KEYS:
+                raise _fail(path, f"{where} term {i}: metadata keys must be {sorted(_TERM_KEYS)}")
+            try:
+                qcls = quantizer_class(term["quantizer"]) if isinstance(term["quantizer"], str) else None
+                if qcls is None:
+                    raise ConfigError(f"quantizer must be a name, got {term['quantizer']!r}")
+                if term["bits"] not in qcls.supported_bits:
+                    raise ConfigError(f"quantizer '{qcls.name}' does not support {term['bits']!r} bits")
+                specs = QuantTerm.buffer_specs(term)
+            except ConfigError as e:
+                raise _fail(path, f"{where} term {i}: {e}") from None
+            except (KeyError, TypeError, ValueError) as e:
+                raise _fail(path, f"{where} term {i}: malformed metadata ({e})") from None
+            for buf, (dtype, shape) in specs.items():
+                key = f"{p}terms.{i}.{buf}"
+                got = header.get(key)
+                if got is None or got["dtype"] != _ST_DTYPES[dtype] or tuple(got["shape"]) != shape:
+                    desc = "missing" if got is None else f"{got['dtype']} {got['shape']}"
+                    raise _fail(
+                        path,
+                        f"tensor '{key}' is {desc}; the term's metadata need {_ST_DTYPES[dtype]} "
+                        f"{list(shape)}",
+                    )
+        if layer["bias"] is True:
+            got = header.get(f"{p}bias")
+            ws = layer["weight_shape"]
+            want_dt = _ST_DTYPES[DTYPES[layer["dtype"]]]
+            if (
+                got is None
+                or not isinstance(ws, list)
+                or not ws
+                or got["shape"] != [ws[0]]
+                or got["dtype"] != want_dt
+            ):
+                raise _fail(
+                    path, f"{where}: bias tensor missing, or not {want_dt} of shape [{ws[0] if ws else '?'}]"
+                )
+
+
+def _build_quant_layers(
+    path: Path, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], cache_weight: bool
+) -> dict[str, QuantModule]:
+    out = {}
+    for name, layer in manifest["layers"].items():
+        where = f"layer '{name or '<root>'}'"
+        try:
+            mod = QuantModule.from_meta(layer, cache_weight=cache_weight)
+        except (ConfigError, InputError) as e:
+            raise _fail(path, f"{where}: {e}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise _fail(path, f"{where}: malformed metadata ({e})") from None
+        p = _prefix(name)
+        own = {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p) and _is_own_key(k[len(p) :])}
+        try:
+            mod.load_state_dict(own, strict=True, assign=True)
+            for term in mod.quant_terms:
+                term.validate(mod.weight_shape)
+        except (RuntimeError, InputError) as e:
+            raise _fail(path, f"{where}: {str(e).splitlines()[0]}") from None
+        out[name] = mod
+    return out
+
+
+def _is_own_key(rest: str) -> bool:
+    return rest == "bias" or (rest.startswith("terms.") and rest.count(".") == 2)
+
+
+def load_quantized(
+    path: str | os.PathLike[str], build: Builder | None = None, *, cache_weight: bool = True
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a file written by :func:`save_quantized`.
+
+    Args:
+        path: the ``.safetensors`` file.
+        build: makes the float skeleton from ``manifest["source"]``; default
+            :func:`dfquant.zoo.build_architecture` (the model zoo).
+        cache_weight: passed to the quantized layers (see :mod:`dfquant.nn`).
+
+    Returns:
+        ``(model, manifest)``; the model is in eval mode and computes exactly what the saved one did.
+
+    Raises:
+        FileFormatError: unreadable, truncated or foreign file, newer format, unknown quantizer or layer type,
+            tensors that do not match the manifest, or a skeleton that does not match the file.
+        ModelError: ``build`` cannot build the model named in the source.
+    """
+    p = Path(path)
+    header, size = _read_header(p)
+    manifest = _check_manifest(p, header)
+    _check_tensors(p, header, manifest)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise FileFormatError(f"cannot read '{p}': {e.strerror or e}") from None
+    if len(data) != size:
+        raise _fail(p, f"the file changed while it was read ({size} then {len(data)} bytes)")
+    try:
+        tensors = st_load(data)
+    except SafetensorError as e:
+        raise _fail(p, f"safetensors could not read the tensors ({e})") from None
+    del data
+    for alias, target in manifest["aliases"].items():
+        tensors[alias] = tensors[target]
+    qlayers = _build_quant_layers(p, manifest, tensors, cache_weight)
+
+    if build is None:
+        from .zoo import build_architecture
+
+        build = build_architecture
+    model = build(dict(manifest["source"]))
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"build(source) returned a {type(model).__name__}, not an nn.Module")
+
+    def module_at(name: str, what: str) -> nn.Module:
+        try:
+            return get_module(model, name)
+        except ModelError:
+            raise _fail(
+                p, f"the model built from source {manifest['source']} has no {what} '{name}'"
+            ) from None
+
+    for fb in manifest["folded_bn"]:
+        bn = module_at(fb["bn"], "BatchNorm")
+        if not isinstance(bn, (nn.modules.batchnorm._BatchNorm, FoldedBatchNorm)):
+            raise _fail(p, f"'{fb['bn']}' is a {type(bn).__name__} in the built model, not a BatchNorm")
+        model = replace_module(model, fb["bn"], FoldedBatchNorm(fb["layer"]))
+        layer = module_at(fb["layer"], "layer")
+        if fb["layer"] not in qlayers and getattr(layer, "bias", 0) is None:
+            w = oriented_weight(layer)
+            bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype), requires_grad=w.requires_grad)
+            layer.register_parameter("bias", bias)
+    names = module_names(model)
+    for name, qmod in qlayers.items():
+        float_layer = module_at(name, "layer")
+        if not qmod.matches_float(float_layer):
+            raise _fail(
+                p,
+                f"layer '{name or '<root>'}' is a {type(float_layer).__name__} in the model built from "
+                f"source {manifest['source']}, but the file holds a {qmod.layer_type} with "
+                f"{qmod.module_args()}",
+            )
+        for alias in names.get(id(float_layer), [name]):
+            model = replace_module(model, alias, qmod)
+
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(
+        k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape)
+    )
+    if missing or unexpected or wrong:
+        raise _fail(
+            p,
+            f"the file's tensors do not match the model built from source {manifest['source']}: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}, shape differs {wrong[:5]}"
+            + (" (more not shown)" if max(len(missing), len(unexpected), len(wrong)) > 5 else ""),
+        )
+    # Float tensors are copied into the skeleton's own tensors (keeping ties between modules); where the
+    # skeleton was built in another dtype it takes the file's, so that the values are the saved ones exactly.
+    for key, t in expected.items():
+        if t.dtype != tensors[key].dtype:
+            t.data = t.data.to(tensors[key].dtype)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise _fail(p, f"loading the tensors failed: {str(e).splitlines()[0]}") from None
+    return model.eval(), manifest
