@@ -215,25 +215,23 @@ def minifloat_levels(exp_bits: int, man_bits: int, special: str) -> list[float]:
 def apot_levels(bits: int) -> list[float]:
     """Additive powers-of-two levels (Li, Dong, Wang, ICLR 2020), signed, normalized to max 1.
 
-    Magnitudes are sums of ``k = 2`` terms, each term being 0 or a power of two from its own interleaved set
-    (term 0: ``2^0, 2^-2, 2^-4, ...``; term 1: ``2^-1, 2^-3, ...``), as in the paper's construction
-    ``Q_a = gamma * {sum_i p_i}`` with ``p_i in {0, 2^-i, 2^-(i+n), ...}``. With ``b`` bits there are
-    ``2^(b-1)`` magnitudes (including 0), mirrored to ``2^b - 1`` signed levels. When the term sets give more
-    distinct sums than needed, the smallest nonzero sums are dropped (they are the densest, least useful ones).
+    With ``m = b - 1`` magnitude bits split into ``n = ceil(m / 2)`` additive terms of ``k_i = 2`` bits (the last
+    one of 1 bit when ``m`` is odd), term ``i`` takes a value in ``{0} U {2^-(i + j n) : j < 2^k_i - 1}`` (the
+    paper's ``p_i in {0, 2^-i, 2^-(i+n), ..., 2^-(i+(2^k-2)n)}``) and a magnitude is the sum of the terms:
+    ``2^m`` magnitudes including 0, mirrored to ``2^b - 1`` signed levels and normalized to a largest level of 1.
     """
     if not 2 <= bits <= 8:
         raise ConfigError(f"APoT grids exist for 2..8 bits, got {bits}")
-    need = 2 ** (bits - 1)  # magnitudes including zero
-    per_term = 1
-    while (per_term + 1) ** 2 < need:
-        per_term += 1
-    t0 = [0.0] + [2.0 ** (-2 * j) for j in range(per_term)]
-    t1 = [0.0] + [2.0 ** (-2 * j - 1) for j in range(per_term)]
-    sums = sorted({a + b for a in t0 for b in t1})
-    nonzero = [s for s in sums if s > 0]
-    mags = [0.0, *nonzero[len(nonzero) - (need - 1) :]]
+    m = bits - 1
+    n_terms = math.ceil(m / 2)
+    term_bits = [2] * (m // 2) + [1] * (m % 2)
+    sums = {0.0}
+    for i, k in enumerate(term_bits):
+        term = [0.0] + [2.0 ** -(i + j * n_terms) for j in range(2**k - 1)]
+        sums = {a + t for a in sums for t in term}
+    mags = sorted(sums)
     top = mags[-1]
-    mags = [m / top for m in mags]
+    mags = [v / top for v in mags]
     return [-m for m in reversed(mags[1:])] + mags
 
 

@@ -18,7 +18,7 @@ JSON manifest (:data:`FORMAT_VERSION` 1)::
           "dtype": "float32",               # dtype the weight is rebuilt in
           "bias": true,
           "terms": [{"quantizer": "minmax", "bits": 4, "grid": "int4-mr", "granularity": "channel",
-                     "shape": [16, 3, 3, 3], "offset": false, "levels": "shared", "num_levels": 16,
+                     "shape": [16, 3, 3, 3], "offset": false, "num_levels": 16, "num_tables": null,
                      "channels": null, "options": {}}]
         }
       },
@@ -27,6 +27,20 @@ JSON manifest (:data:`FORMAT_VERSION` 1)::
       "aliases": {"lm_head.weight": "embed.weight"},   # state-dict keys that share another key's tensor
       "report": {...}                       # optional: QuantizationReport.to_dict()
     }
+
+Term ``i`` of layer ``NAME`` is stored as (``rows, groups`` from the shape and granularity, see
+:func:`dfquant.nn.term_layout`):
+
+* ``NAME.terms.i.packed``: U8 ``[ceil(numel * bits / 8)]``, the codes in row layout, little-endian bit stream
+  (:func:`dfquant.packing.pack`);
+* ``NAME.terms.i.scale``: F32 ``[rows, groups]``; ``NAME.terms.i.offset``: the same, when ``offset`` is true;
+* ``NAME.terms.i.levels``: F32 ``[num_levels]`` shared, or ``[num_tables, num_levels]`` stacked tables with
+  ``NAME.terms.i.table_index`` naming each group's table: U8, ``rows * groups`` indices packed at
+  ``max(1, ceil(log2 num_tables))`` bits, or I32 ``[rows, groups]`` when that exceeds 8 bits;
+* ``NAME.terms.i.channels``: I64 ``[channels]``, the output channels a channel-subset term covers;
+
+and the layer's float bias as ``NAME.bias`` (``[out]``, the layer's dtype). A value decodes as
+``levels[table][code] * scale + offset``; a layer's weight is the float32 sum of its terms, cast to ``dtype``.
 
 Loading (:func:`load_quantized`) reads and checks the header and the manifest first: the file's size and
 tensor offsets, the format and its version (a newer version than this library reads is refused), every
@@ -119,8 +133,8 @@ _TERM_KEYS = {
     "granularity",
     "shape",
     "offset",
-    "levels",
     "num_levels",
+    "num_tables",
     "channels",
     "options",
 }
@@ -238,7 +252,7 @@ def save_quantized(
     dest = Path(path)
     manifest, tensors = build_manifest(model, source, report)
     try:
-        text = json.dumps(manifest, allow_nan=False, sort_keys=False)
+        text = json.dumps(manifest, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
         raise InputError(
             f"the manifest is not plain JSON (check source and quantizer options): {e}"

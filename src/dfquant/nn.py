@@ -51,11 +51,11 @@ __all__ = [
     "QuantLinear",
     "QuantModule",
     "QuantTerm",
+    "index_bits",
     "is_hf_conv1d",
     "layer_kind",
     "oriented_weight",
     "register_quant_module",
-    "index_bits",
     "term_layout",
     "weight_of",
 ]
@@ -177,9 +177,9 @@ class QuantTerm(nn.Module):
         scale: float32 ``(rows, groups)``.
         offset: float32 ``(rows, groups)`` or None (all zero).
         levels: float32 ``(L,)`` shared by every group, or a stack of ``T`` tables ``(T, L)``.
-        table_index: for stacked levels, each group's table: a uint8 stream of ``rows * groups`` indices packed
-            at :func:`index_bits` each, or int32 ``(rows, groups)`` when that exceeds 8 bits; None for shared
-            levels.
+        table_index: for stacked levels, each group's table: a uint8 stream of ``rows * groups`` indices
+            packed at :func:`index_bits` each, or int32 ``(rows, groups)`` when that exceeds 8 bits; None for
+            shared levels.
         channels: int64 ``(k,)`` output-channel indices this term covers, or None (all).
         options: the quantizer options used (recorded in files).
     """
@@ -288,7 +288,8 @@ class QuantTerm(nn.Module):
         return self.table_index.to(torch.int64).reshape(rows, groups)
 
     def to_qtensor(self, dtype: torch.dtype = torch.float32) -> QTensor:
-        """Unpack into a :class:`QTensor` (codes ``(rows, cols)`` uint8) whose ``dequantize`` gives ``dtype``."""
+        """Unpack into a :class:`QTensor` (codes ``(rows, cols)`` uint8) whose ``dequantize`` gives
+        ``dtype``."""
         rows, cols, _ = term_layout(self.shape, self.granularity)
         codes = unpack(self.packed.cpu(), self.bits, self.numel).view(rows, cols).to(self.scale.device)
         return QTensor(
@@ -317,9 +318,9 @@ class QuantTerm(nn.Module):
         return weight.index_add(0, self.channels.to(weight.device), values)
 
     def storage_bits(self) -> int:
-        """Bits of this term as :meth:`QTensor.storage_bits` counts them: codes at ``bits``, float32 scales and
-        offsets, stacked level tables at 32 bits per level plus ``index_bits`` per group (shared levels of a
-        fixed format are not counted); channel indices of a subset term at 32 bits each."""
+        """Bits of this term as :meth:`QTensor.storage_bits` counts them: codes at ``bits``, float32 scales
+        and offsets, stacked level tables at 32 bits per level plus ``index_bits`` per group (shared levels of
+        a fixed format are not counted); channel indices of a subset term at 32 bits each."""
         bits = self.numel * self.bits + 32 * self.scale.numel()
         if self.offset is not None:
             bits += 32 * self.offset.numel()

