@@ -174,7 +174,8 @@ def quantize_model(
     :class:`~dfquant.graph.FoldedBatchNorm`). With ``config.bias_correction``, a quantized layer whose input
     is ``ReLU(BN(.))`` or ``BN(.)`` gets ``b -= (W_hat - W) E[x]`` with ``E[x]`` from that BatchNorm's
     ``beta``/``gamma`` (Nagel et al. 2019). Layers skipped by a rule stay float; one summary warning lists
-    them (or ``config.strict`` raises).
+    them (or ``config.strict`` raises). Folding uses the BatchNorms' running statistics: the result is meant
+    for inference (eval mode).
 
     Args:
         model: the float model (left unchanged unless ``inplace``).

@@ -3,9 +3,10 @@
 A quantized layer holds a *list* of terms and computes with their sum, ``W_hat = sum_k dequantize(term_k)``
 (plain post-training quantization is one term; residual expansion adds more). A :class:`QuantTerm` is the
 storage form of a :class:`~dfquant.quantizers.base.QTensor`: the codes packed to ``bits`` each
-(:func:`dfquant.packing.pack`), the ``(rows, groups)`` scale and offset, the levels (shared ``(L,)`` or per
-group ``(rows, groups, L)``), and metadata (bits, shape, granularity, quantizer, grid). A term may cover only
-some output channels (``channels``: their indices along axis 0), for group-sparse expansions.
+(:func:`dfquant.packing.pack`), the ``(rows, groups)`` scale and offset, the levels (shared ``(L,)``, or
+``T`` stacked tables ``(T, L)`` with a packed per-group table index), and metadata (bits, shape,
+granularity, quantizer, grid). A term may cover only some output channels (``channels``: their indices along
+axis 0), for group-sparse expansions.
 
 Weights are always handled in ``(out, in, *kernel)`` layout ("oriented"): for the Hugging Face ``Conv1D``,
 whose parameter is stored transposed as ``(in, out)``, the terms hold the transpose, so granularities and
