@@ -145,13 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_analyze)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    from .cli_models import add_commands
+
+    add_commands(sub)
     return parser
-
-
-#: Hooks adding more subcommands (each takes the subparsers object).
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

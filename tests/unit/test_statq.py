@@ -62,16 +62,18 @@ def test_expected_mse_within_2_percent_of_measured(
 
 
 @pytest.mark.parametrize(("bits", "fmt"), [(2, "int2-mr"), (8, "int8-mr"), (4, "fp4_e2m1"), (8, "fp8_e4m3")])
-def test_expected_mse_on_iid_draws_and_for_the_iterative_rule(
-    sources: dict[str, dict[str, torch.Tensor]], bits: int, fmt: str
-) -> None:
-    """The analytic rule on i.i.d. draws, and the iterative rule (it converges to the same optimum on 10^6
-    values) on both samples."""
+def test_expected_mse_on_iid_draws(sources: dict[str, dict[str, torch.Tensor]], bits: int, fmt: str) -> None:
+    q = get_quantizer("statq", bits, format=fmt, rule="analytic")
     for dist in DISTS:
-        _check(get_quantizer("statq", bits, format=fmt, rule="analytic"), dist, sources[dist]["iid"], "iid")
-        q = get_quantizer("statq", bits, format=fmt, rule="iterative", init="analytic")
-        for kind, x in sources[dist].items():
-            _check(q, dist, x, kind)
+        _check(q, dist, sources[dist]["iid"], "iid")
+
+
+@pytest.mark.parametrize(("bits", "fmt"), [(4, "int4-mr"), (4, "fp4_e2m1")])
+def test_expected_mse_of_the_iterative_rule(sources: dict[str, dict[str, torch.Tensor]], bits: int, fmt: str) -> None:
+    """On 10^6 values the iterative rule converges to the model's optimum: the same prediction holds."""
+    q = get_quantizer("statq", bits, format=fmt, rule="iterative", init="analytic")
+    for dist in DISTS:
+        _check(q, dist, sources[dist]["stratified"], "stratified")
 
 
 @pytest.mark.parametrize("fmt", ["int4-mr", "fp4_e2m1"])
@@ -126,18 +128,19 @@ def test_iterative_rule_never_ends_worse_than_its_start(fmt: str) -> None:
 def test_iterative_rule_lands_near_the_analytic_optimum_on_gaussian_data(
     sources: dict[str, dict[str, torch.Tensor]], fmt: str
 ) -> None:
-    bits = make_grid(fmt).bits
-    x = sources["gaussian"]["iid"]
-    qi = get_quantizer("statq", bits, format=fmt, rule="iterative", init="minmax")
-    qa = get_quantizer("statq", bits, format=fmt, rule="analytic")
-    ti, ta = qi.quantize(x, "tensor"), qa.quantize(x, "tensor")
-    ei, ea = float(_err(qi, x).mean()), float(_err(qa, x).mean())
-    assert ei == pytest.approx(ea, rel=0.005)
-    # Integer grids have a single minimum, flatter as bits grow: the same scale. Minifloats repeat their error
-    # every octave of the scale, so the iteration may stop at another, equally good, minimum.
+    """From the min-max start (no clipping), the iteration reaches the error model's optimum on 10^6 Gaussian
+    values: the same MSE within 0.5 %; for integer grids (a single minimum) the same scale too. Minifloats
+    repeat their error every octave of the scale, so the iteration may stop at another, equally good, one."""
+    grid = make_grid(fmt)
+    x = sources["gaussian"]["stratified"]
+    q = get_quantizer("statq", grid.bits, format=fmt, rule="iterative", init="minmax")
+    qt = q.quantize(x, "tensor")
+    assert float(qt.info["iterations"][0, 0]) > 3
+    opt = optimal_clip(grid, "gaussian")
+    assert float(_err(q, x).mean()) == pytest.approx(opt.mse, rel=0.005)
     tol = {"int4-mr": 0.01, "int8-mr": 0.03}.get(fmt)
     if tol is not None:
-        assert float(ti.scale[0, 0]) == pytest.approx(float(ta.scale[0, 0]), rel=tol)
+        assert float(qt.scale[0, 0]) == pytest.approx(opt.scale, rel=tol)
 
 
 @pytest.mark.parametrize("family", ["int", "int-sym"])

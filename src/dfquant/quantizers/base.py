@@ -200,7 +200,7 @@ def to_rows(x: torch.Tensor, gran: Granularity) -> torch.Tensor:
     axis = gran.axis if gran.axis >= 0 else x.dim() + gran.axis
     if not 0 <= axis < x.dim():
         raise ConfigError(f"granularity axis {gran.axis} is out of range for a tensor of shape {tuple(x.shape)}")
-    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1).contiguous()
 
 
 def from_rows(rows: torch.Tensor, shape: tuple[int, ...], gran: Granularity) -> torch.Tensor:

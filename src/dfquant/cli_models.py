@@ -1,0 +1,295 @@
+"""Whole-model commands of the ``dfquant`` command line: ``quantize``, ``eval`` and ``inspect``.
+
+``quantize`` with no model runs the embedded default: the MiniLM sentence encoder at 4 bits with ``lloyd-max``
+in groups of 64, evaluated with the data-free fidelity check and on the sentence pairs the project ships.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "minilm"
+DEFAULT_METHOD = "lloyd-max"
+DEFAULT_BITS = 4
+DEFAULT_GRANULARITY = "group:64"
+DEFAULT_EVALS = "fidelity,pairs"
+
+
+class _Progress:
+    """A one-line progress display on stderr (silent with --quiet or --json)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._last = ""
+
+    def layers(self, done: int, total: int, name: str) -> None:
+        self._show(f"quantizing [{_bar(done, total)}] {done}/{total} {name}")
+
+    def eval(self, what: str, done: int, total: int) -> None:
+        self._show(f"{what} [{_bar(done, total)}] {done}/{total}")
+
+    def _show(self, text: str) -> None:
+        if not self.enabled:
+            return
+        text = text[:110]
+        sys.stderr.write("\r" + text + " " * max(0, len(self._last) - len(text)))
+        sys.stderr.flush()
+        self._last = text
+
+    def done(self) -> None:
+        if self.enabled and self._last:
+            sys.stderr.write("\r" + " " * len(self._last) + "\r")
+            sys.stderr.flush()
+            self._last = ""
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(width * done / max(total, 1))
+    return "#" * filled + "." * (width - filled)
+
+
+def _parse_tasks(text: str | None) -> list[str]:
+    if not text:
+        return []
+    from .eval import available_tasks
+
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    known = available_tasks()
+    for t in tasks:
+        if t not in known:
+            raise ConfigError(f"unknown evaluation task '{t}'; available: {', '.join(known)}")
+    return tasks
+
+
+def _build_config(args: argparse.Namespace) -> Any:
+    from .config import LayerRule, QuantConfig
+    from .quantizers import quantizer_class
+
+    if args.config:
+        cfg = QuantConfig.from_file(args.config)
+        overrides: dict[str, Any] = {}
+        if args.method is not None:
+            overrides["quantizer"] = args.method
+        if args.bits is not None:
+            overrides["bits"] = args.bits
+        if args.granularity is not None:
+            overrides["granularity"] = args.granularity
+        if overrides:
+            d = cfg.to_dict()
+            d["default"] = {**d["default"], **overrides}
+            cfg = QuantConfig.from_dict(d)
+    else:
+        method = args.method or DEFAULT_METHOD
+        quantizer_class(method)  # unknown names fail here, with the list of known ones
+        cfg = QuantConfig(
+            default=LayerRule(
+                quantizer=method,
+                bits=args.bits if args.bits is not None else DEFAULT_BITS,
+                granularity=args.granularity or "channel",
+            )
+        )
+    if args.no_fold_bn or args.no_bias_correction or args.strict:
+        d = cfg.to_dict()
+        if args.no_fold_bn:
+            d["fold_bn"] = False
+        if args.no_bias_correction:
+            d["bias_correction"] = False
+        if args.strict:
+            d["strict"] = True
+        cfg = QuantConfig.from_dict(d)
+    return cfg
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .zoo import load_model
+
+    kwargs: dict[str, Any] = {}
+    if getattr(args, "checkpoint", None):
+        kwargs["checkpoint"] = args.checkpoint
+    if getattr(args, "builder", None):
+        kwargs["builder"] = args.builder
+    return load_model(args.model, **kwargs)
+
+
+def _evaluate(
+    tasks: list[str], loaded: Any, float_model: Any, quant_model: Any, progress: _Progress, limit: int | None
+) -> dict[str, Any]:
+    from .eval import evaluate
+
+    out: dict[str, Any] = {}
+    for task in tasks:
+        out[task] = evaluate(task, loaded, float_model, quant_model, progress=progress.eval, limit=limit)
+        progress.done()
+    return out
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from .api import quantize_model
+    from .graph import state_dict_bytes
+
+    default_run = args.model is None
+    if default_run:
+        args.model = DEFAULT_MODEL
+        args.granularity = args.granularity or DEFAULT_GRANULARITY
+        args.eval = args.eval if args.eval is not None else DEFAULT_EVALS
+    config = _build_config(args)
+    tasks = _parse_tasks(args.eval)
+    if args.out:
+        out = Path(args.out)
+        if not out.parent.exists():
+            raise ConfigError(f"output folder '{out.parent}' does not exist")
+    progress = _Progress(not (args.quiet or args.json))
+    loaded = _load(args)
+    qmodel, report = quantize_model(loaded.model, config, progress=progress.layers)
+    progress.done()
+    size_bytes = None
+    if args.out:
+        from .io import save_quantized
+
+        path = save_quantized(qmodel, args.out, source=loaded.source, report=report)
+        size_bytes = path.stat().st_size
+    float_bytes = state_dict_bytes(loaded.model)
+    evals = _evaluate(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
+    result = {
+        "model": loaded.name,
+        "method": config.default.quantizer,
+        "bits": config.default.bits,
+        "granularity": config.default.granularity,
+        "bits_per_weight": report.bits_per_weight,
+        "size_bytes": size_bytes if size_bytes is not None else report.model_bytes,
+        "size_is_file": size_bytes is not None,
+        "float_size_bytes": float_bytes,
+        "out": str(args.out) if args.out else None,
+        "eval": evals,
+        "layers": report.to_dict()["layers"],
+        "report": report.to_dict(),
+        "notes": list(getattr(loaded, "notes", []) or []),
+    }
+    if not args.json:
+        print(report.to_text())
+        _print_summary(result)
+    return result
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from .graph import state_dict_bytes
+    from .io import load_quantized
+    from .zoo import load_from_source
+
+    tasks = _parse_tasks(args.eval or "fidelity")
+    qmodel, manifest = load_quantized(args.file)
+    source = manifest.get("source", {})
+    loaded = load_from_source(source)
+    progress = _Progress(not (args.quiet or args.json))
+    evals = _evaluate(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
+    layers = _layers(manifest)
+    result = {
+        "model": loaded.name,
+        "method": _manifest_method(manifest),
+        "bits": _manifest_bits(manifest),
+        "bits_per_weight": manifest.get("report", {}).get("totals", {}).get("bits_per_weight"),
+        "size_bytes": Path(args.file).stat().st_size,
+        "size_is_file": True,
+        "float_size_bytes": state_dict_bytes(loaded.model),
+        "eval": evals,
+        "layers": layers,
+    }
+    if not args.json:
+        _print_summary(result)
+    return result
+
+
+def _layers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    layers = manifest.get("layers", {})
+    return [dict(v, name=k) for k, v in layers.items()] if isinstance(layers, dict) else list(layers)
+
+
+def _manifest_method(manifest: dict[str, Any]) -> str | None:
+    names = {t.get("quantizer") for lay in _layers(manifest) for t in lay.get("terms", [])}
+    names.discard(None)
+    return ",".join(sorted(str(n) for n in names)) or None
+
+
+def _manifest_bits(manifest: dict[str, Any]) -> int | list[int] | None:
+    bits = sorted({int(t["bits"]) for lay in _layers(manifest) for t in lay.get("terms", []) if "bits" in t})
+    if not bits:
+        return None
+    return bits[0] if len(bits) == 1 else bits
+
+
+def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    import json
+
+    from .io import read_manifest
+
+    manifest = read_manifest(args.file)
+    if not args.json:
+        print(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    print()
+    print(f"model {result['model']}  method {result['method']}  bits {result['bits']}")
+    bpw = result.get("bits_per_weight")
+    if bpw is not None:
+        print(f"bits per quantized weight (codes + scales + offsets + codebooks): {bpw:.3f}")
+    size, fsize = result.get("size_bytes"), result.get("float_size_bytes")
+    if size and fsize:
+        what = "file" if result.get("size_is_file") else "in memory"
+        print(f"size ({what}): {size / 1e6:.2f} MB vs float32 {fsize / 1e6:.2f} MB ({fsize / size:.2f}x smaller)")
+    for task, figs in result.get("eval", {}).items():
+        f, q = figs.get("float", {}), figs.get("quantized", {})
+        keys = [k for k in q if isinstance(q.get(k), int | float) and not isinstance(q.get(k), bool)]
+        cells = ", ".join(f"{k} {_fmt(f.get(k))} -> {_fmt(q.get(k))}" for k in keys)
+        print(f"{task}: {cells}")
+        setup = figs.get("setup")
+        if isinstance(setup, dict):
+            print("  " + ", ".join(f"{k}={v}" for k, v in setup.items() if not isinstance(v, dict | list)))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``quantize``, ``eval`` and ``inspect`` on the ``dfquant`` subparsers."""
+    from .cli import _common
+
+    p = sub.add_parser("quantize", help="quantize a model, report per layer, evaluate, write the file")
+    p.add_argument("model", nargs="?", help="zoo name (cifar-resnet20, minilm, smollm2-135m, ...) or a local path")
+    p.add_argument("--method", help=f"quantizer name (default {DEFAULT_METHOD})")
+    p.add_argument("--bits", type=int, help=f"code bits (default {DEFAULT_BITS})")
+    p.add_argument("--granularity", help="tensor | channel | group:G (default channel; the default run: group:64)")
+    p.add_argument("--config", help="JSON file with per-layer rules (see dfquant.config.QuantConfig)")
+    p.add_argument("--eval", help="comma-separated tasks: cifar10, stsb, wikitext2, fidelity, pairs")
+    p.add_argument("--eval-limit", type=int, help="evaluate on fewer items (windows, pairs, images) for a quick look")
+    p.add_argument("--out", help="write the quantized model to this .safetensors file")
+    p.add_argument("--checkpoint", help="weights file for zoo models that take one (cifar-resnet*)")
+    p.add_argument("--builder", help="module:callable building the architecture of a .safetensors state dict")
+    p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers separate")
+    p.add_argument("--no-bias-correction", action="store_true", help="skip data-free bias correction")
+    p.add_argument("--strict", action="store_true", help="fail instead of warning when a layer stays float")
+    _common(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="evaluate a saved quantized model against its float model")
+    p.add_argument("file")
+    p.add_argument("--eval", help="comma-separated tasks (default fidelity)")
+    p.add_argument("--eval-limit", type=int)
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="print the manifest of a saved quantized model")
+    p.add_argument("file")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
