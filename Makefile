@@ -26,7 +26,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not assets"
 
 demo: $(STAMP)
-	$(VENV)/bin/dfquant quantize
+	mkdir -p out
+	$(VENV)/bin/dfquant quantize --out out/minilm-w4.safetensors
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

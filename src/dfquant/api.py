@@ -10,7 +10,9 @@
    folding erases those BatchNorms);
 3. folds each BatchNorm into the layer before it (:func:`dfquant.methods.bn.fold_batchnorm`);
 4. quantizes each layer into a quantized module holding one term, and corrects its bias for the expected
-   output shift (:func:`dfquant.methods.bn.correct_bias`);
+   output shift (:func:`dfquant.methods.bn.correct_bias`); layers that share one weight tensor (tied weights,
+   such as an output head tied to the token embedding) and resolve to the same rule are quantized once and
+   share the very same terms, so the tie survives (and a file stores the codes once);
 5. swaps all modules at the end (so a failure while fitting leaves even an ``inplace`` model untouched) and
    returns the model with a :class:`~dfquant.graph.QuantizationReport`.
 
@@ -122,8 +124,8 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
     layers = find_layers(model)
     if not layers:
         raise ModelError(
-            f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d or a "
-            "Hugging Face Conv1D)"
+            f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding "
+            "or a Hugging Face Conv1D)"
         )
     plans = []
     for info in layers:
@@ -147,7 +149,31 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
     return plans
 
 
-def _summary(skipped: list[SkippedLayer], unused: list[str]) -> str:
+def _tie_key(w: torch.Tensor) -> tuple[object, ...]:
+    """What makes two oriented weights the very same values: storage, offset, shape, strides, dtype."""
+    return (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()), w.dtype)
+
+
+def _same_rule(a: LayerRule, b: LayerRule) -> bool:
+    keys = ("quantizer", "bits", "granularity", "scale_dtype")
+    return all(getattr(a, k) == getattr(b, k) for k in keys) and dict(a.options) == dict(b.options)
+
+
+def _untied(plans: list[LayerPlan], model: nn.Module, shared: dict[str, str]) -> list[str]:
+    """Groups of layers whose weights share storage in ``model`` but will not share quantized terms."""
+    groups: dict[int, list[str]] = {}
+    for p in plans:
+        w = oriented_weight(get_module(model, p.name))
+        groups.setdefault(w.untyped_storage().data_ptr(), []).append(p.name)
+    out = []
+    for names in groups.values():
+        roots = {shared.get(n, n) for n in names}
+        if len(names) > 1 and len(roots) > 1:
+            out.append(" / ".join(n or "<root>" for n in names))
+    return out
+
+
+def _summary(skipped: list[SkippedLayer], unused: list[str], untied: list[str] | None = None) -> str:
     parts = []
     if skipped:
         items = "; ".join(f"{s.name or '<root>'} ({s.reason})" for s in skipped[:20])
@@ -155,6 +181,11 @@ def _summary(skipped: list[SkippedLayer], unused: list[str]) -> str:
         parts.append(f"{len(skipped)} layer(s) left in float: {items}{more}")
     if unused:
         parts.append(f"rule pattern(s) matching no layer: {', '.join(repr(u) for u in unused)}")
+    if untied:
+        parts.append(
+            "tied weights no longer shared (their rules, layouts or BatchNorm folding differ, or one is "
+            f"skipped): {'; '.join(untied)}"
+        )
     return ". ".join(parts)
 
 
@@ -268,6 +299,10 @@ def quantize_model(
             folded[layer_name] = (fold_w, fold_b, bn_name)
 
     new_modules: dict[str, QuantModule] = {}
+    # Tied weights: the first layer holding a weight quantizes it; later ones with the same rule share its terms.
+    first_of: dict[tuple[object, ...], str] = {}
+    shared: dict[str, str] = {}
+    dists: dict[str, dict[str, float] | None] = {}
     for i, p in enumerate(active.values()):
         layer = get_module(target, p.name)
         bias: torch.Tensor | None
@@ -276,11 +311,23 @@ def quantize_model(
         else:
             w_float, bias = oriented_weight(layer).detach().contiguous(), _bias_of(layer)
         assert p.quantizer is not None and p.granularity is not None  # active plans are never skipped
-        try:
-            qt = p.quantizer.quantize(w_float, p.granularity, name=p.name or "<root>")
-        except DfquantError as e:
-            raise type(e)(f"{_label(p.name, layer, p.shape)}: {e}") from None
-        qmod = QuantModule.from_float(layer, [QuantTerm.from_qtensor(qt, options=p.rule.options)])
+        tie = None if p.name in folded else _tie_key(oriented_weight(layer))
+        owner = first_of.get(tie) if tie is not None else None
+        if owner is not None and _same_rule(active[owner].rule, p.rule):
+            shared[p.name] = owner
+            qmod = QuantModule.from_float(layer, new_modules[owner].quant_terms)
+            dists[p.name] = dists[owner]
+        else:
+            if tie is not None and owner is None:
+                first_of[tie] = p.name
+            try:
+                qt = p.quantizer.quantize(
+                    w_float, p.granularity, name=p.name or "<root>", scale_dtype=p.rule.scale_dtype
+                )
+            except DfquantError as e:
+                raise type(e)(f"{_label(p.name, layer, p.shape)}: {e}") from None
+            qmod = QuantModule.from_float(layer, [QuantTerm.from_qtensor(qt, options=p.rule.options)])
+            dists[p.name] = dist_summary(qt.info.get("dist"))
         qmod = qmod.to(w_float.device)
         qmod.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
         w_hat = qmod.dequantize_weight().to(torch.float32)
@@ -312,13 +359,16 @@ def quantize_model(
                 bits_per_weight=qmod.bits_per_weight(),
                 bytes=qmod.nbytes(),
                 float_bytes=w_float.numel() * w_float.element_size(),
-                dist=dist_summary(qt.info.get("dist")),
+                dist=dists[p.name],
                 options=dict(p.rule.options),
+                tied_to=shared.get(p.name, ""),
             )
         )
         new_modules[p.name] = qmod
         if progress is not None:
             progress(i + 1, len(active), p.name)
+
+    untied = _untied(plans, target, shared)  # before the swaps, while the float weights are in place
 
     # Apply: folded float layers get their new weight and bias, BatchNorms become identities, layers are
     # swapped.
@@ -342,6 +392,6 @@ def quantize_model(
             target = replace_module(target, alias, qmod)
     report.model_bytes = state_dict_bytes(target)
 
-    if skipped or unused:
-        warnings.warn(f"quantize_model: {_summary(skipped, unused)}", UserWarning, stacklevel=2)
+    if skipped or unused or untied:
+        warnings.warn(f"quantize_model: {_summary(skipped, unused, untied)}", UserWarning, stacklevel=2)
     return target, report

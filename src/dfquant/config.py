@@ -13,15 +13,22 @@ options are reset to ``{}`` rather than carried over to a rule that may not acce
 The JSON form (``QuantConfig.from_dict`` / ``from_file`` / ``to_dict``)::
 
     {
-      "default": {"quantizer": "lloyd-max", "bits": 4, "granularity": "channel", "options": {}},
+      "default": {"quantizer": "lloyd-max", "bits": 4, "granularity": "channel", "options": {},
+                  "scale_dtype": "float16"},
       "rules": [
         {"pattern": "conv1", "bits": 8},
+        {"pattern": "*embeddings*", "skip": true, "reason": "embeddings kept float"},
         {"pattern": "re:.*downsample.*", "skip": true, "reason": "kept float on purpose"}
       ],
       "fold_bn": true,
       "bias_correction": true,
       "strict": false
     }
+
+``scale_dtype`` (``"float32"``, the default, ``"float16"`` or ``"bfloat16"``) is the dtype per-group scales
+and offsets are stored in: it is part of the rule because it changes both the codes (scales are rounded before
+encoding) and the bits per weight (``bits + 16 / G`` instead of ``bits + 32 / G`` for one scale per group of
+``G``, plus as much again for offsets).
 
 Unknown keys anywhere raise :class:`~dfquant.errors.ConfigError` naming them. Whether a quantizer name and
 its bits exist is checked against the registry when a model is planned
@@ -45,11 +52,11 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError
-from .quantizers.base import Granularity
+from .quantizers.base import SCALE_DTYPES, Granularity
 
 __all__ = ["LayerRule", "PatternRule", "QuantConfig"]
 
-_RULE_KEYS = ("quantizer", "bits", "granularity", "options", "skip", "reason")
+_RULE_KEYS = ("quantizer", "bits", "granularity", "options", "skip", "reason", "scale_dtype")
 _PATTERN_KEYS = ("pattern", *_RULE_KEYS)
 _CONFIG_KEYS = ("default", "rules", "fold_bn", "bias_correction", "strict")
 
@@ -87,6 +94,12 @@ def _check_granularity(spec: object, where: str) -> str:
     return spec
 
 
+def _check_scale_dtype(value: object, where: str) -> str:
+    if not isinstance(value, str) or value not in SCALE_DTYPES:
+        raise ConfigError(f"{where}: 'scale_dtype' must be one of {', '.join(SCALE_DTYPES)}, got {value!r}")
+    return value
+
+
 def _check_keys(data: object, allowed: tuple[str, ...], where: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
@@ -115,6 +128,8 @@ class LayerRule:
         options: options passed to the quantizer (read-only mapping).
         skip: keep the layer in float.
         reason: why it is skipped (shown in the report and the warning).
+        scale_dtype: the dtype per-group scales and offsets are stored in: ``"float32"``, ``"float16"`` or
+            ``"bfloat16"`` (rounded before encoding, so a saved file decodes to exactly the in-memory model).
     """
 
     quantizer: str = "minmax"
@@ -123,6 +138,7 @@ class LayerRule:
     options: Mapping[str, Any] = field(default_factory=dict)
     skip: bool = False
     reason: str = ""
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         where = "layer rule"
@@ -133,6 +149,7 @@ class LayerRule:
         _check_flag(self.skip, "skip", where)
         if not isinstance(self.reason, str):
             raise ConfigError(f"{where}: 'reason' must be a string, got {self.reason!r}")
+        _check_scale_dtype(self.scale_dtype, where)
 
     def __hash__(self) -> int:
         return hash(
@@ -143,12 +160,14 @@ class LayerRule:
                 json.dumps(dict(self.options), sort_keys=True, default=repr),
                 self.skip,
                 self.reason,
+                self.scale_dtype,
             )
         )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "'default'") -> LayerRule:
-        """Build from a JSON object with keys among ``quantizer, bits, granularity, options, skip, reason``.
+        """Build from a JSON object with keys among ``quantizer, bits, granularity, options, skip, reason,
+        scale_dtype``.
 
         Raises:
             ConfigError: unknown keys or invalid values, naming them.
@@ -168,6 +187,7 @@ class LayerRule:
             "options": dict(self.options),
             "skip": self.skip,
             "reason": self.reason,
+            "scale_dtype": self.scale_dtype,
         }
 
 
@@ -177,8 +197,8 @@ class PatternRule:
 
     Attributes:
         pattern: a glob matched against the whole name, or ``re:REGEX`` (full match).
-        quantizer, bits, granularity, options, skip, reason: as in :class:`LayerRule`; ``None`` keeps the
-            value resolved so far.
+        quantizer, bits, granularity, options, skip, reason, scale_dtype: as in :class:`LayerRule`; ``None``
+            keeps the value resolved so far.
     """
 
     pattern: str
@@ -188,6 +208,7 @@ class PatternRule:
     options: Mapping[str, Any] | None = None
     skip: bool | None = None
     reason: str | None = None
+    scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
         where = f"rule '{self.pattern}'"
@@ -209,10 +230,23 @@ class PatternRule:
             _check_flag(self.skip, "skip", where)
         if self.reason is not None and not isinstance(self.reason, str):
             raise ConfigError(f"{where}: 'reason' must be a string, got {self.reason!r}")
+        if self.scale_dtype is not None:
+            _check_scale_dtype(self.scale_dtype, where)
 
     def __hash__(self) -> int:
         opts = None if self.options is None else json.dumps(dict(self.options), sort_keys=True, default=repr)
-        return hash((self.pattern, self.quantizer, self.bits, self.granularity, opts, self.skip, self.reason))
+        return hash(
+            (
+                self.pattern,
+                self.quantizer,
+                self.bits,
+                self.granularity,
+                opts,
+                self.skip,
+                self.reason,
+                self.scale_dtype,
+            )
+        )
 
     def matches(self, name: str) -> bool:
         """Whether the qualified layer name matches this rule's pattern."""

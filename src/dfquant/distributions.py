@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -134,6 +135,49 @@ def max_abs_quantiles(dist: str, n: int, points: int = 256) -> np.ndarray:
     u = (np.arange(points) + 0.5) / points
     tail = -np.expm1(np.log(u) / max(n, 1))
     return -ppf(dist, tail / 2)
+
+
+def absmax_expected_mse(dist: str, levels: np.ndarray | tuple[float, ...], n: int) -> float:
+    """Expected MSE of a grid scaled so that its largest magnitude sits on the group's absolute maximum.
+
+    With ``m = max |X|`` over ``n`` samples, the other ``n - 1`` samples are distributed as ``X`` given
+    ``|X| <= m`` and the maximal one decodes exactly (the grid reaches ``+-1`` on both sides), so
+    ``E[D] = E_m[(n - 1) / n * int_{-m}^{m} (x - Q_m(x))^2 p(x) dx / P(|X| <= m)]``, averaged over the quantiles
+    of the maximum's distribution ``(2 F(m) - 1)^n`` (:func:`max_abs_quantiles`).
+
+    Args:
+        dist: unit-variance source, ``"gaussian"`` or ``"laplace"``.
+        levels: grid levels with ``max |level| = 1`` at both ends.
+        n: samples per group.
+    """
+    lv = np.asarray(levels, dtype=np.float64)
+    total = 0.0
+    nodes = max_abs_quantiles(dist, n)
+    for m in nodes:
+        mass = float(cdf(dist, m) - cdf(dist, -m))
+        total += (n - 1) / n * cell_mse(dist, lv * m, lo=-m, hi=m) / max(mass, 1e-300)
+    return total / len(nodes)
+
+
+@cache
+def optimal_scale(dist: str, levels: tuple[float, ...]) -> tuple[float, float]:
+    """Scale ``c`` minimizing the closed-form ``cell_mse(dist, c * levels)`` and that MSE.
+
+    The MSE is not unimodal in ``c`` for coarse grids (e.g. 3 levels ``{-1, 0, 1}`` tend to MSE 1 as ``c`` grows),
+    so a log-spaced scan brackets the global minimum before Brent's method refines it.
+    """
+    from scipy.optimize import minimize_scalar
+
+    lv = np.asarray(levels, dtype=np.float64)
+    top = float(np.abs(lv).max()) or 1.0
+    cs = np.geomspace(0.1, 64.0, 400) / top
+    errs = [cell_mse(dist, lv * c) for c in cs]
+    i = int(np.argmin(errs))
+    lo, hi = cs[max(i - 1, 0)], cs[min(i + 1, len(cs) - 1)]
+    res = minimize_scalar(lambda c: cell_mse(dist, lv * c), bounds=(lo, hi), method="bounded", options={"xatol": 1e-10})
+    if float(res.fun) <= errs[i]:
+        return float(res.x), float(res.fun)
+    return float(cs[i]), float(errs[i])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,14 +3,17 @@
 A quantized layer holds a *list* of terms and computes with their sum, ``W_hat = sum_k dequantize(term_k)``
 (plain post-training quantization is one term; residual expansion adds more). A :class:`QuantTerm` is the
 storage form of a :class:`~dfquant.quantizers.base.QTensor`: the codes packed to ``bits`` each
-(:func:`dfquant.packing.pack`), the ``(rows, groups)`` scale and offset, the levels (shared ``(L,)``, or
+(:func:`dfquant.packing.pack`), the ``(rows, groups)`` scale and offset (float32, or float16/bfloat16 when the
+rule asked for it: ``LayerRule.scale_dtype``), the levels (shared ``(L,)``, or
 ``T`` stacked tables ``(T, L)`` with a packed per-group table index), and metadata (bits, shape,
 granularity, quantizer, grid). A term may cover only some output channels (``channels``: their indices along
 axis 0), for group-sparse expansions.
 
 Weights are always handled in ``(out, in, *kernel)`` layout ("oriented"): for the Hugging Face ``Conv1D``,
 whose parameter is stored transposed as ``(in, out)``, the terms hold the transpose, so granularities and
-channel indices mean the same thing for every layer type.
+channel indices mean the same thing for every layer type. An ``nn.Embedding`` table ``(num_embeddings,
+embedding_dim)`` is oriented as stored: channel axis 0 is the token (one row of scales per token) and groups
+run along the embedding dimension, the same layout as a ``Linear`` output head tied to it.
 
 Memory: by default a layer keeps its dequantized weight after the first forward (``cache_weight=True``), which
 makes later forwards as fast as the float layer but costs the float weight's memory again (32 bits per weight
@@ -41,13 +44,14 @@ from torch import nn
 
 from .errors import ConfigError, InputError
 from .packing import pack, packed_nbytes, unpack
-from .quantizers.base import Granularity, QTensor
+from .quantizers.base import SCALE_DTYPES, Granularity, QTensor
 
 __all__ = [
     "DTYPES",
     "QUANT_MODULES",
     "QuantConv1d",
     "QuantConv2d",
+    "QuantEmbedding",
     "QuantHFConv1D",
     "QuantLinear",
     "QuantModule",
@@ -97,11 +101,18 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """The quantizable kind of a float layer: ``linear``, ``conv1d``, ``conv2d``, ``hf-conv1d``, or None."""
+    """The quantizable kind of a float layer: ``linear``, ``conv1d``, ``conv2d``, ``hf-conv1d``,
+    ``embedding``, or None.
+
+    An ``nn.Embedding`` with ``max_norm`` (which renormalizes looked-up rows of its weight in place) is not
+    quantizable.
+    """
     if isinstance(module, QuantModule):
         return None
     if isinstance(module, nn.Linear):
         return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding" if module.max_norm is None else None
     if isinstance(module, nn.Conv2d):
         return "conv2d"
     if isinstance(module, nn.Conv1d):
@@ -175,8 +186,9 @@ class QuantTerm(nn.Module):
         quantizer: the registered quantizer name that made it.
         grid: the grid's name (informational; the levels are stored).
         packed: uint8 ``(ceil(numel * bits / 8),)`` packed codes in row layout.
-        scale: float32 ``(rows, groups)``.
-        offset: float32 ``(rows, groups)`` or None (all zero).
+        scale: ``(rows, groups)``, float32, float16 or bfloat16 (the storage dtype, see
+            :data:`~dfquant.quantizers.base.SCALE_DTYPES`).
+        offset: ``(rows, groups)`` in the scale's dtype, or None (all zero).
         levels: float32 ``(L,)`` shared by every group, or a stack of ``T`` tables ``(T, L)``.
         table_index: for stacked levels, each group's table: a uint8 stream of ``rows * groups`` indices
             packed at :func:`index_bits` each, or int32 ``(rows, groups)`` when that exceeds 8 bits; None for
@@ -227,6 +239,11 @@ class QuantTerm(nn.Module):
         return math.prod(self.shape)
 
     @property
+    def scale_dtype(self) -> torch.dtype:
+        """The dtype scales and offsets are stored in."""
+        return self.scale.dtype
+
+    @property
     def num_tables(self) -> int:
         """Number of level tables (1 for shared levels)."""
         return 1 if self.levels.dim() == 1 else int(self.levels.shape[0])
@@ -235,7 +252,8 @@ class QuantTerm(nn.Module):
     def from_qtensor(
         cls, qt: QTensor, *, options: Mapping[str, Any] | None = None, channels: torch.Tensor | None = None
     ) -> QuantTerm:
-        """Pack a :class:`QTensor` (codes packed at ``qt.bits``; scales, offsets and levels as float32).
+        """Pack a :class:`QTensor` (codes packed at ``qt.bits``; scales and offsets in their dtype when it is a
+        scale storage dtype and both share it, else float32; levels as float32).
 
         Args:
             qt: the quantized tensor, in oriented layout.
@@ -251,6 +269,9 @@ class QuantTerm(nn.Module):
             if ch.numel() != qt.shape[0]:
                 raise InputError(f"a term of shape {qt.shape} cannot cover {ch.numel()} channels")
         levels = qt.levels.detach().to(torch.float32).contiguous().clone()
+        sdt = qt.scale.dtype
+        if sdt not in SCALE_DTYPES.values() or (qt.offset is not None and qt.offset.dtype != sdt):
+            sdt = torch.float32  # exact: every storage dtype converts to float32 without loss
         index = None
         if levels.dim() == 2:
             rows, groups = qt.scale.shape
@@ -270,8 +291,8 @@ class QuantTerm(nn.Module):
             quantizer=qt.quantizer,
             grid=qt.grid,
             packed=pack(qt.codes, qt.bits),
-            scale=qt.scale.detach().to(torch.float32).contiguous().clone(),
-            offset=None if qt.offset is None else qt.offset.detach().to(torch.float32).contiguous().clone(),
+            scale=qt.scale.detach().to(sdt).contiguous().clone(),
+            offset=None if qt.offset is None else qt.offset.detach().to(sdt).contiguous().clone(),
             levels=levels,
             table_index=index,
             channels=ch,
@@ -319,12 +340,14 @@ class QuantTerm(nn.Module):
         return weight.index_add(0, self.channels.to(weight.device), values)
 
     def storage_bits(self) -> int:
-        """Bits of this term as :meth:`QTensor.storage_bits` counts them: codes at ``bits``, float32 scales
-        and offsets, stacked level tables at 32 bits per level plus ``index_bits`` per group (shared levels of
-        a fixed format are not counted); channel indices of a subset term at 32 bits each."""
-        bits = self.numel * self.bits + 32 * self.scale.numel()
+        """Bits of this term as :meth:`QTensor.storage_bits` counts them: codes at ``bits``, scales and
+        offsets at the bits of their storage dtype (32 or 16), stacked level tables at 32 bits per level plus
+        ``index_bits`` per group (shared levels of a fixed format are not counted); channel indices of a subset
+        term at 32 bits each."""
+        sbits = torch.finfo(self.scale.dtype).bits
+        bits = self.numel * self.bits + sbits * self.scale.numel()
         if self.offset is not None:
-            bits += 32 * self.offset.numel()
+            bits += sbits * self.offset.numel()
         if self.levels.dim() > 1:
             bits += 32 * self.levels.numel() + index_bits(self.num_tables) * self.scale.numel()
         if self.channels is not None:
@@ -344,6 +367,7 @@ class QuantTerm(nn.Module):
             "granularity": self.granularity,
             "shape": list(self.shape),
             "offset": self.offset is not None,
+            "scale_dtype": dtype_name(self.scale.dtype),
             "num_levels": int(self.levels.shape[-1]),
             "num_tables": None if self.levels.dim() == 1 else self.num_tables,
             "channels": None if self.channels is None else int(self.channels.numel()),
@@ -353,6 +377,8 @@ class QuantTerm(nn.Module):
     @staticmethod
     def buffer_specs(meta: Mapping[str, Any]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """The ``{buffer name: (dtype, shape)}`` a term with metadata ``meta`` holds (absent buffers omitted).
+
+        Metadata without ``scale_dtype`` (files of format version 1) mean float32 scales and offsets.
 
         Raises:
             ConfigError: metadata that do not describe a valid term.
@@ -367,12 +393,16 @@ class QuantTerm(nn.Module):
         L = meta["num_levels"]
         if not _is_int(L) or not 1 <= L <= 2**bits:
             raise ConfigError(f"num_levels must be an integer in 1..{2**bits} for {bits} bits, got {L!r}")
+        sd_name = meta.get("scale_dtype", "float32")
+        sdt = SCALE_DTYPES.get(sd_name) if isinstance(sd_name, str) else None
+        if sdt is None:
+            raise ConfigError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {sd_name!r}")
         specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
             "packed": (torch.uint8, (packed_nbytes(math.prod(shape), bits),)),
-            "scale": (torch.float32, (rows, groups)),
+            "scale": (sdt, (rows, groups)),
         }
         if meta["offset"] is True:
-            specs["offset"] = (torch.float32, (rows, groups))
+            specs["offset"] = (sdt, (rows, groups))
         elif meta["offset"] is not False:
             raise ConfigError(f"offset must be true or false, got {meta['offset']!r}")
         T = meta["num_tables"]
@@ -497,6 +527,8 @@ class QuantModule(nn.Module):
     """
 
     layer_type: ClassVar[str] = ""
+    #: Whether the layer type can have a bias (an embedding cannot).
+    has_bias: ClassVar[bool] = True
     bias: nn.Parameter | None
 
     def __init__(
@@ -573,18 +605,21 @@ class QuantModule(nn.Module):
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> QuantModule:
         """Moves and casts (``.to()``, ``.half()``, ...) apply to the bias and set the dtype the weight is
-        rebuilt in; the terms' scales, offsets and levels stay float32 (the stored format), only their device
-        follows."""
+        rebuilt in; the terms keep their stored dtypes (scales and offsets in their storage dtype, levels in
+        float32), only their device follows, so a cast never changes the decoded values."""
         self.clear_cache()
         probe = fn(torch.zeros((), dtype=self.dtype))
-        out = super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse=False)
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
             self.dtype = probe.dtype
-        for term in self.quant_terms:
-            for key in ("scale", "offset", "levels"):
-                buf = getattr(term, key)
-                if buf is not None and buf.dtype != torch.float32:
-                    setattr(term, key, buf.to(torch.float32))
+        if recurse:
+            if isinstance(probe, torch.Tensor):
+                device = probe.device
+                for child in self.children():
+                    child._apply(lambda t: t.to(device), recurse=True)
+            else:
+                for child in self.children():
+                    child._apply(fn, recurse=True)
         return out
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -648,6 +683,8 @@ class QuantModule(nn.Module):
             )
         for tm in meta["terms"]:
             mod.add_term(QuantTerm.from_meta(tm))
+        if meta["bias"] and not sub.has_bias:
+            raise ConfigError(f"a {kind} layer has no bias, but the metadata say it has one")
         if meta["bias"]:
             mod.bias = nn.Parameter(torch.zeros(mod.weight_shape[0], dtype=dtype), requires_grad=False)
         return mod
@@ -768,6 +805,69 @@ class QuantHFConv1D(QuantModule):
 
     def _forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w, self.bias)
+
+
+@register_quant_module
+class QuantEmbedding(QuantModule):
+    """Quantized ``nn.Embedding``: ``y = W_hat[ids]`` (``F.embedding`` on the dequantized table).
+
+    The table ``(num_embeddings, embedding_dim)`` is quantized as stored: ``channel`` gives one scale per token
+    row, ``group:G`` groups of ``G`` along the embedding dimension of each row. With the default
+    ``cache_weight=True`` the whole table is dequantized once and kept (``num_embeddings * embedding_dim``
+    floats); with ``cache_weight=False`` every forward decodes the whole table again. ``padding_idx`` is kept
+    (it only matters for gradients, which quantized layers do not take); ``max_norm`` layers are not quantized
+    (see :func:`layer_kind`). :attr:`weight` is the dequantized table, so an output head tied to it reads the
+    same values.
+    """
+
+    layer_type = "embedding"
+    has_bias = False
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__([], None, weight_shape=(num_embeddings, embedding_dim), **kwargs)
+        if padding_idx is not None and not 0 <= padding_idx < num_embeddings:
+            raise ConfigError(
+                f"embedding: padding_idx must be in 0..{num_embeddings - 1} or None, got {padding_idx!r}"
+            )
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+
+    def module_args(self) -> dict[str, Any]:
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "padding_idx": self.padding_idx,
+        }
+
+    @classmethod
+    def args_of(cls, layer: nn.Module) -> dict[str, Any]:
+        emb = cast(nn.Embedding, layer)
+        pad = emb.padding_idx
+        return {
+            "num_embeddings": int(emb.num_embeddings),
+            "embedding_dim": int(emb.embedding_dim),
+            "padding_idx": None if pad is None else int(pad),
+        }
+
+    @classmethod
+    def _from_args(cls, args: dict[str, Any], dtype: torch.dtype, cache_weight: bool) -> QuantModule:
+        _check_args(args, ("num_embeddings", "embedding_dim", "padding_idx"), cls.layer_type)
+        pad = args["padding_idx"]
+        if pad is not None and not _is_int(pad):
+            raise ConfigError(f"embedding: padding_idx must be an integer or null, got {pad!r}")
+        return cls(
+            _pos_int(args, "num_embeddings"),
+            _pos_int(args, "embedding_dim"),
+            pad,
+            dtype=dtype,
+            cache_weight=cache_weight,
+        )
+
+    def _forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, w, self.padding_idx)
 
 
 _CONV_KEYS = (

@@ -71,7 +71,7 @@ def test_aciq_clips_match_the_paper(dist: str) -> None:
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_aciq_levels_are_2M_bins_over_the_clip(bits: int) -> None:
+def test_aciq_levels_are_2_to_the_m_bins_over_the_clip(bits: int) -> None:
     q = get_quantizer("aciq", bits)
     for dist in ("gaussian", "laplace"):
         alpha = q.clip(dist)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -107,16 +108,21 @@ def test_approx_of_int_mr_is_banner_at_the_range_edge(bits: int) -> None:
     for dist in DISTS:
         for c in (0.8, 2.0, 5.0):
             alpha = c * 2 ** (bits - 1) / (2 ** (bits - 1) - 0.5)
-            assert approx_mse(f"int{bits}-mr", dist, c) == pytest.approx(float(banner_mse(dist, alpha, bits)), rel=1e-12)
+            assert approx_mse(f"int{bits}-mr", dist, c) == pytest.approx(
+                float(banner_mse(dist, alpha, bits)), rel=1e-12
+            )
 
 
 def test_minifloat_granular_term_is_the_binade_sum() -> None:
     # FP4 E2M1 at unit scale (C = 6): subnormal+first binade [0, 2) step 0.5, [2, 4) step 1, [4, 6] step 2.
     from dfquant.distributions import cdf
 
+    s = 0.5  # C = 3 sigma
     for dist in DISTS:
-        s = 0.5  # C = 3 sigma
-        p = lambda a, b: 2 * float(cdf(dist, b * s) - cdf(dist, a * s))  # noqa: E731
+
+        def p(a: float, b: float, dist: str = dist) -> float:
+            return 2 * float(cdf(dist, b * s) - cdf(dist, a * s))
+
         ref = p(0, 2) * (0.5 * s) ** 2 / 12 + p(2, 4) * (1 * s) ** 2 / 12 + p(4, 6) * (2 * s) ** 2 / 12
         gran, clip = approx_terms("fp4_e2m1", dist, 3.0)
         assert gran == pytest.approx(ref, rel=1e-12)
@@ -140,10 +146,9 @@ def test_optimal_clip_is_a_global_minimum(name: str) -> None:
     for dist in DISTS:
         for model in ("exact", "approx"):
             opt = optimal_clip(name, dist, model)
-            f = lambda c, model=model: model_mse(name, dist, c, model)  # noqa: E731
-            assert f(opt.clip) == pytest.approx(opt.mse, rel=1e-12)
-            assert f(opt.clip * 0.999) >= opt.mse * (1 - 1e-9)
-            assert f(opt.clip * 1.001) >= opt.mse * (1 - 1e-9)
+            assert model_mse(name, dist, opt.clip, model) == pytest.approx(opt.mse, rel=1e-12)
+            assert model_mse(name, dist, opt.clip * 0.999, model) >= opt.mse * (1 - 1e-9)
+            assert model_mse(name, dist, opt.clip * 1.001, model) >= opt.mse * (1 - 1e-9)
             grid = np.geomspace(0.05, 60, 3000)
             assert np.min(model_mse(name, dist, grid, model)) >= opt.mse * (1 - 1e-5)
 
@@ -171,7 +176,7 @@ def test_optimal_error_never_grows_with_bits(family: str) -> None:
     for dist in DISTS:
         start = 2 if family == "int-sym" else 1
         mses = [optimal_clip(make_grid(family, b), dist).mse for b in range(start, 9)]
-        assert all(b < a for a, b in zip(mses, mses[1:], strict=False)), mses
+        assert all(b < a for a, b in itertools.pairwise(mses)), mses
 
 
 def test_aciq_constant_is_scale_free() -> None:
@@ -179,8 +184,12 @@ def test_aciq_constant_is_scale_free() -> None:
     from scipy.optimize import minimize_scalar
 
     b, M = 3.0, 3
-    res = minimize_scalar(lambda a: 2 * b * b * math.exp(-a / b) + a * a / (3 * 4**M), bounds=(0.1, 100), method="bounded",
-                          options={"xatol": 1e-10})
+    res = minimize_scalar(
+        lambda a: 2 * b * b * math.exp(-a / b) + a * a / (3 * 4**M),
+        bounds=(0.1, 100),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
     assert res.x / b == pytest.approx(aciq_alpha("laplace", M), rel=1e-7)
 
 

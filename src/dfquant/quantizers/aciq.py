@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from functools import cache
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,4 +120,3 @@ class ACIQ(UniformRule):
     def unit_levels(self, dist: str, group_size: int | None = None) -> torch.Tensor:
         """``levels * alpha / (top + 1/2)`` for a unit-variance ``dist`` source (``int-mr``: ``alpha / 2^(M-1)``)."""
         return torch.tensor(np.asarray(self.grid.levels) * (self.clip(dist) / self._edge), dtype=torch.float32)
-

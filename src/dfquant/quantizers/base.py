@@ -293,22 +293,35 @@ class Quantizer(ABC):
         return None
 
     # -- written once -------------------------------------------------------------------------------------------
-    def quantize(self, x: torch.Tensor, granularity: str | Granularity = "channel", name: str = "tensor") -> QTensor:
+    def quantize(
+        self,
+        x: torch.Tensor,
+        granularity: str | Granularity = "channel",
+        name: str = "tensor",
+        *,
+        scale_dtype: str | torch.dtype = torch.float32,
+    ) -> QTensor:
         """Quantize ``x`` at ``granularity``.
 
         Args:
             x: float tensor (float32, float16 or bfloat16), not modified.
             granularity: see :class:`Granularity`.
             name: the tensor's name, used in error messages.
+            scale_dtype: the dtype per-group scales and offsets are stored in (see :data:`SCALE_DTYPES`). The
+                fitted scales and offsets are rounded to it *before* encoding, so the codes are chosen for the
+                values that are stored and ``dequantize`` gives exactly what a saved file decodes to; the
+                returned ``QTensor`` holds them in that dtype (and counts their bits accordingly).
 
         Returns:
             A :class:`QTensor`.
 
         Raises:
             InputError: empty, non-floating or non-finite input.
-            ConfigError: a granularity that does not fit the tensor.
+            ConfigError: a granularity that does not fit the tensor, an unknown ``scale_dtype``, or a scale or
+                offset too large for it.
         """
         gran = Granularity.parse(granularity)
+        sdtype = parse_scale_dtype(scale_dtype)
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise InputError(f"tensor '{name}' must be a floating-point torch.Tensor, got {_describe(x)}")
         if x.numel() == 0:
@@ -335,8 +348,9 @@ class Quantizer(ABC):
             parts.append((tab.to(torch.float32), idx.reshape(R, g1 - g0), g0, g1))
             for k, v in p.info.items():
                 info.setdefault(k, torch.empty(R, ngr))[:, g0:g1] = v.reshape(R, g1 - g0).to(torch.float32)
+        scale, offset = round_params(scale, offset, sdtype, name)
         levels, table_index = merge_tables(parts, R, ngr)
-        codes = encode_rows(rows, scale, offset, levels, glen, table_index)
+        codes = encode_rows(rows, scale.to(torch.float32), offset.to(torch.float32), levels, glen, table_index)
         off = offset if bool((offset != 0).any()) else None
         return QTensor(
             codes=codes,
@@ -362,6 +376,51 @@ class Quantizer(ABC):
     def with_options(self, **options: Any) -> Quantizer:
         """A copy of this rule with some options changed."""
         return type(self)(self.bits, **{**self.options, **options})
+
+
+#: Dtypes per-group scales and offsets may be stored in, by name.
+SCALE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_scale_dtype(spec: str | torch.dtype) -> torch.dtype:
+    """The scale storage dtype named by ``spec`` (a name of :data:`SCALE_DTYPES` or one of its dtypes).
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if isinstance(spec, torch.dtype) and spec in SCALE_DTYPES.values():
+        return spec
+    if isinstance(spec, str) and spec in SCALE_DTYPES:
+        return SCALE_DTYPES[spec]
+    raise ConfigError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {spec!r}")
+
+
+def round_params(
+    scale: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype, name: str = "tensor"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and offsets rounded to their storage ``dtype`` (round to nearest even), returned in that dtype.
+
+    float16 keeps 11 significant bits over about 6e-5..65504 (smaller scales lose precision and may round to
+    0, which decodes the group to its offset); bfloat16 keeps 8 bits over the float32 range.
+
+    Raises:
+        ConfigError: a finite value that overflows ``dtype``.
+    """
+    out = []
+    for what, t in (("scale", scale), ("offset", offset)):
+        r = t.to(dtype)
+        if dtype != torch.float32 and not bool(torch.isfinite(r).all()):
+            big = float(t.abs().max())
+            raise ConfigError(
+                f"tensor '{name}': a group {what} of {big:.6g} overflows {str(dtype).removeprefix('torch.')} "
+                f"(largest {torch.finfo(dtype).max:.6g}); store scales as bfloat16 or float32"
+            )
+        out.append(r)
+    return out[0], out[1]
 
 
 def merge_tables(

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..distributions import DIST_CODES, cdf, cell_mse, check_dist, max_abs_quantiles
+from ..distributions import DIST_CODES, absmax_expected_mse, cell_mse, check_dist, optimal_scale
 from ..errors import ConfigError
 from ..grids import Grid, make_grid
 from .base import QParams, Quantizer, constant_groups
@@ -35,50 +35,11 @@ from .registry import register
 _DIST_OPTIONS = ("auto", "gaussian", "laplace")
 
 
-def absmax_expected_mse(dist: str, levels: np.ndarray, n: int) -> float:
-    """Expected MSE of a grid scaled so that its largest magnitude sits on the group's absolute maximum.
-
-    With ``m = max |X|`` over ``n`` samples, the other ``n - 1`` samples are distributed as ``X`` given
-    ``|X| <= m`` and the maximal one decodes exactly (the grid reaches ``+-1`` on both sides), so
-    ``E[D] = E_m[(n - 1) / n * int_{-m}^{m} (x - Q_m(x))^2 p(x) dx / P(|X| <= m)]``, averaged over the quantiles
-    of the maximum's distribution ``(2 F(m) - 1)^n`` (:func:`dfquant.distributions.max_abs_quantiles`).
-
-    Args:
-        dist: unit-variance source, ``"gaussian"`` or ``"laplace"``.
-        levels: grid levels with ``max |level| = 1`` at both ends.
-        n: samples per group.
-
-    Returns:
-        The expected squared error per value.
-    """
-    lv = np.asarray(levels, dtype=np.float64)
-    total = 0.0
-    nodes = max_abs_quantiles(dist, n)
-    for m in nodes:
-        mass = float(cdf(dist, m) - cdf(dist, -m))
-        total += (n - 1) / n * cell_mse(dist, lv * m, lo=-m, hi=m) / max(mass, 1e-300)
-    return total / len(nodes)
-
-
 @cache
 def optimal_clip(dist: str, family: str, bits: int) -> tuple[float, float]:
-    """Clip ``c`` (in units of sigma) minimizing the closed-form MSE ``cell_mse(dist, c * levels)`` of a grid
-    whose largest level is 1, and that MSE.
-
-    The MSE is not unimodal in ``c`` for coarse grids (e.g. 3 levels ``{-1, 0, 1}`` tend to MSE 1 as ``c`` grows),
-    so a log-spaced scan over ``[0.1, 64]`` brackets the global minimum before Brent's method refines it.
-    """
-    from scipy.optimize import minimize_scalar
-
-    lv = np.asarray(make_grid(family, bits).levels, dtype=np.float64)
-    cs = np.geomspace(0.1, 64.0, 400)
-    errs = [cell_mse(dist, lv * c) for c in cs]
-    i = int(np.argmin(errs))
-    lo, hi = cs[max(i - 1, 0)], cs[min(i + 1, len(cs) - 1)]
-    res = minimize_scalar(lambda c: cell_mse(dist, lv * c), bounds=(lo, hi), method="bounded", options={"xatol": 1e-9})
-    if float(res.fun) <= errs[i]:
-        return float(res.x), float(res.fun)
-    return float(cs[i]), float(errs[i])
+    """Clip ``c`` (in units of sigma) minimizing ``cell_mse(dist, c * levels)`` for the grid ``family`` at
+    ``bits`` (largest level 1), and that MSE (see :func:`dfquant.distributions.optimal_scale`)."""
+    return optimal_scale(dist, tuple(make_grid(family, bits).levels))
 
 
 @register

@@ -8,19 +8,30 @@ Two ways to choose each group's scale ``s`` (levels decode to ``s * y_k``):
   ``s = sigma_hat * C*(grid, dist) / max|y|`` with ``C*`` from the exact error model
   (:func:`dfquant.error_model.optimal_clip`). One pass, no search; the expected error is the model's.
 * ``iterative``: alternate ``q = round_grid(x / s)`` and the least-squares scale ``s = <x, q> / <q, q>`` (a
-  coordinate descent on ``||x - s q||^2``: each half-step cannot increase the error, so the error never ends above
-  its start), warm-started from the analytic scale (or the min-max scale with ``init='minmax'``), until the
-  error of a group improves by less than a relative ``1e-6`` or ``max_iter`` iterations (default 30).
+  coordinate descent on ``||x - s q||^2``: neither half-step can increase the error), over-relaxed to converge in
+  tens of steps rather than hundreds, and keeping only steps that lower the error, so it never ends above its
+  start. Started from the analytic scale and from the min-max scale (``init='both'``, the default; or one of
+  ``'analytic'``, ``'minmax'``), keeping per group the better end.
 * ``auto``: ``analytic`` for groups whose better KS statistic is at most ``fallback_ks`` (default
   :func:`dfquant.quantizers.lloyd.default_fallback_ks`, the threshold ``lloyd-max`` uses), ``iterative`` for the
   others.
 
 Grids without an offset (every format but ``uint``) are centred on zero, so the fitted spread is taken about
-zero: ``sigma_hat = sqrt(sigma^2 + location^2)`` of the chosen fit. ``uint`` grids get an offset: the analytic
-rule centres the grid's mid-range on the fitted location; the iterative rule solves the least-squares scale and
-offset together (``x ~ s q + o``).
+zero: ``sigma_hat = sqrt(sigma^2 + location^2)`` of the chosen fit (the fit's own sigma for centred groups).
+``uint`` grids get an offset: the analytic rule centres the grid's mid-range on the fitted location; the
+iterative rule solves the least-squares scale and offset together (``x ~ s q + o``).
 
-Default rule: ``auto``. DEFAULT_RULE_NOTE
+Default rule: ``iterative``. The error it minimizes is the one users measure, and on real weights it is clearly
+lower. CIFAR-10 ResNet-20, all 19 weight tensors per output channel, total relative MSE (iterative / auto /
+analytic): INT2 0.1399 / 0.1431 / 0.1431, INT3 0.0458 / 0.0500 / 0.0501, INT4 0.0141 / 0.0173 / 0.0174,
+FP4 E2M1 0.0119 / 0.0146 / 0.0147, INT8 6.3e-5 / 2.2e-4 / 2.2e-4; in groups of 64 the gap is larger (INT4
+0.0104 / 0.0154 / 0.0154). Two reasons: real rows have heavier tails than either fit, which KS hardly sees (it
+sends 8-14 of the 698 channels to the iterative rule, so ``auto`` stays next to ``analytic``), and a group of a
+few hundred values never reaches the population clip (its maximum is below ``C*`` at 6-8 bits), which only the
+min-max start exploits. ``analytic`` stays the rule for quantization-aware training (one scale per step, no
+search; :func:`analytic_scale`) and the rule whose expected error the model gives exactly; the iterative rule
+costs a few passes over the tensor per start, 2-5 times the time of ``analytic`` (a 4096 x 4096 matrix in groups
+of 64 takes 3.5 iterations per start on average).
 """
 
 from __future__ import annotations
@@ -123,9 +134,10 @@ class StatQ(Quantizer):
         format: the grid (default ``int{bits}-mr``): ``intB``, ``intB-mr``, ``intB-sym``, ``uintB``, ``fp8_e4m3``,
             ``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``, ``nf4``, ``apotB``, ``lloyd-gaussianB``, ...;
             its width must equal ``bits``.
-        rule: ``"auto"`` (default), ``"analytic"`` or ``"iterative"``.
-        init: start of the iterative rule, ``"analytic"`` (default) or ``"minmax"``.
-        max_iter: iteration cap of the iterative rule (default 30).
+        rule: ``"iterative"`` (default), ``"analytic"`` or ``"auto"``.
+        init: start of the iterative rule, ``"both"`` (default: from each start, keep the better end per group),
+            ``"analytic"`` or ``"minmax"``.
+        max_iter: iteration cap of the iterative rule, per start (default 30).
         fallback_ks: for ``rule='auto'``, ``"auto"`` (default threshold) or a number in ``(0, 1]``.
 
     ``QParams.info`` holds per group ``dist`` (0 Gaussian, 1 Laplace: analytic scale of that fit; 2: iterated

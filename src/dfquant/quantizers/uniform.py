@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..distributions import cell_mse, max_abs_quantiles
+from ..distributions import absmax_expected_mse, cell_mse, optimal_scale
 from ..errors import ConfigError
 from ..grids import INT_FAMILIES, Grid, make_grid
 from .base import QParams, Quantizer, constant_groups
@@ -86,16 +86,7 @@ class MinMax(UniformRule):
         the maximum's distribution ``(2F(m) - 1)^n``. (For ``uint`` the same formula with the symmetric clip is
         used as an approximation.)
         """
-        n = group_size or 1024
-        total = 0.0
-        nodes = max_abs_quantiles(dist, n)
-        from ..distributions import cdf
-
-        for m in nodes:
-            levels = np.asarray(self._grid.levels) * (m / self.sym_top)
-            mass = float(cdf(dist, m) - cdf(dist, -m))
-            total += (n - 1) / n * cell_mse(dist, levels, lo=-m, hi=m) / max(mass, 1e-300)
-        return total / len(nodes)
+        return absmax_expected_mse(dist, np.asarray(self._grid.levels) / self.sym_top, group_size or 1024)
 
 
 @register
@@ -138,27 +129,11 @@ class MSEClip(UniformRule):
 
     def expected_mse(self, dist: str, group_size: int | None = None) -> float:
         """The minimum over the clip of the closed-form MSE (the population optimum the search estimates)."""
-        from scipy.optimize import minimize_scalar
-
-        res = minimize_scalar(
-            lambda c: self.clip_mse_unit(dist, c),
-            bounds=(0.05, 40.0),
-            method="bounded",
-            options={"xatol": 1e-7},
-        )
-        return float(res.fun)
+        return optimal_scale(dist, tuple(self._grid.levels))[1]
 
     def optimal_clip(self, dist: str) -> float:
-        """The clip (in units of sigma) minimizing the closed-form MSE."""
-        from scipy.optimize import minimize_scalar
-
-        res = minimize_scalar(
-            lambda c: self.clip_mse_unit(dist, c),
-            bounds=(0.05, 40.0),
-            method="bounded",
-            options={"xatol": 1e-7},
-        )
-        return float(res.x)
+        """The clip (in units of sigma, where the level ``sym_top`` sits) minimizing the closed-form MSE."""
+        return optimal_scale(dist, tuple(self._grid.levels))[0] * self.sym_top
 
     def unit_levels(self, dist: str, group_size: int | None = None) -> torch.Tensor:
         c = self.optimal_clip(dist)
