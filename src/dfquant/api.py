@@ -161,15 +161,15 @@ def _same_rule(a: LayerRule, b: LayerRule) -> bool:
 
 def _untied(plans: list[LayerPlan], model: nn.Module, shared: dict[str, str]) -> list[str]:
     """Groups of layers whose weights share storage in ``model`` but will not share quantized terms."""
-    groups: dict[int, list[str]] = {}
+    groups: dict[int, list[tuple[str, str | None]]] = {}
     for p in plans:
         w = oriented_weight(get_module(model, p.name))
-        groups.setdefault(w.untyped_storage().data_ptr(), []).append(p.name)
+        root = None if p.skip else shared.get(p.name, p.name)  # None: stays float, keeps the tie
+        groups.setdefault(w.untyped_storage().data_ptr(), []).append((p.name, root))
     out = []
-    for names in groups.values():
-        roots = {shared.get(n, n) for n in names}
-        if len(names) > 1 and len(roots) > 1:
-            out.append(" / ".join(n or "<root>" for n in names))
+    for members in groups.values():
+        if len({root for _, root in members}) > 1:
+            out.append(" / ".join(n or "<root>" for n, _ in members))
     return out
 
 
@@ -299,7 +299,7 @@ def quantize_model(
             folded[layer_name] = (fold_w, fold_b, bn_name)
 
     new_modules: dict[str, QuantModule] = {}
-    # Tied weights: the first layer holding a weight quantizes it; later ones with the same rule share its terms.
+    # Tied weights: the first layer holding a weight quantizes it; later ones with its rule share its terms.
     first_of: dict[tuple[object, ...], str] = {}
     shared: dict[str, str] = {}
     dists: dict[str, dict[str, float] | None] = {}

@@ -1,7 +1,11 @@
 """The ``dfquant`` command line: thin wrappers over the library.
 
-Every command takes ``--json`` (print one JSON document on stdout instead of text) and ``--quiet`` (no progress).
-Every failure ends with one line on stderr, ``dfquant: error: ...``, and exit status 2.
+Every command takes ``--json`` (print one JSON document on stdout instead of text) and ``--quiet`` (no
+progress). Every failure ends with one line on stderr, ``dfquant: error: ...``, and exit status 2 (130 when
+interrupted): dfquant's own errors, usage errors, operating-system errors and, as a last resort, any other
+exception (named as unexpected; set the environment variable ``DFQUANT_DEBUG=1`` to get its traceback
+instead). Python warnings raised while a command runs are held back and printed after it succeeds, one line
+each (``dfquant: warning: ...``); a failing command prints only its error line.
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,7 +40,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # theory
 
 
@@ -45,7 +51,8 @@ def cmd_theory(args: argparse.Namespace) -> dict[str, Any]:
     result = theory(args.dist, args.bits, group_size=args.group_size, names=names)
     if not args.json:
         print(
-            f"unit-variance {args.dist} source, {args.bits} bits (sample-dependent clips: groups of {args.group_size})"
+            f"unit-variance {args.dist} source, {args.bits} bits "
+            f"(sample-dependent clips: groups of {args.group_size})"
         )
         print(f"{'quantizer':<18} {'grid':<18} {'MSE':>11} {'SQNR dB':>8}  clip / levels")
         for name, row in result.items():
@@ -59,7 +66,7 @@ def cmd_theory(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # analyze
 
 
@@ -72,7 +79,9 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     state = load_state_dict(args.file)
     weights = weight_tensors(state)
     if not weights:
-        raise DfquantError(f"'{args.file}' holds no weight tensors (floating tensors with 2 or more dimensions)")
+        raise DfquantError(
+            f"'{args.file}' holds no weight tensors (floating tensors with 2 or more dimensions)"
+        )
     names = args.quantizers.split(",") if args.quantizers else None
     rules = quantizer_variants(args.bits, names)
     layers = []
@@ -96,7 +105,9 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _print_analysis(layers: list[Any], summary: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+def _print_analysis(
+    layers: list[Any], summary: dict[str, dict[str, float]], args: argparse.Namespace
+) -> None:
     names = list(summary)
     print(f"{args.file}: {len(layers)} weight tensors, {args.bits} bits, granularity {args.granularity}")
     print("relative MSE measured (predicted); * marks the best rule of each layer")
@@ -111,7 +122,10 @@ def _print_analysis(layers: list[Any], summary: dict[str, dict[str, float]], arg
             mark = "*" if n == best else " "
             cells += f" {m['rel_mse']:>9.2e}{pred:>11}{mark}"
         shape = "x".join(str(s) for s in lay.shape)
-        print(f"{lay.name[-28:]:<28} {shape:<16} {lay.dist:<8} {lay.ks_gaussian:.3f}/{lay.ks_laplace:.3f}{cells}")
+        print(
+            f"{lay.name[-28:]:<28} {shape:<16} {lay.dist:<8} "
+            f"{lay.ks_gaussian:.3f}/{lay.ks_laplace:.3f}{cells}"
+        )
     row = f"{'TOTAL':<28} {'':<16} {'':<8} {'':<11}"
     for n in names:
         s = summary[n]
@@ -121,7 +135,7 @@ def _print_analysis(layers: list[Any], summary: dict[str, dict[str, float]], arg
     print("best on layers: " + ", ".join(f"{n} {int(summary[n]['best_on_layers'])}" for n in names))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("theory", help="levels and expected MSE of every quantizer for a unit-variance source")
     p.add_argument("--dist", choices=["gaussian", "laplace"], default="gaussian")
     p.add_argument("--bits", type=int, required=True)
-    p.add_argument("--group-size", type=int, default=1024, help="samples per group for sample-dependent clips")
+    p.add_argument(
+        "--group-size", type=int, default=1024, help="samples per group for sample-dependent clips"
+    )
     p.add_argument("--quantizers", help="comma-separated subset of quantizers")
     _common(p)
     p.set_defaults(func=cmd_theory)
@@ -158,8 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    debug = os.environ.get("DFQUANT_DEBUG", "") not in ("", "0")
     try:
-        result = args.func(args)
+        with warnings.catch_warnings(record=True) as caught:
+            result = args.func(args)
     except DfquantError as e:
         sys.stderr.write(f"dfquant: error: {_one_line(str(e))}\n")
         return EXIT_USAGE
@@ -169,6 +187,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, MemoryError) as e:
         sys.stderr.write(f"dfquant: error: {_one_line(str(e) or type(e).__name__)}\n")
         return EXIT_USAGE
+    except Exception as e:
+        if debug:
+            raise
+        detail = _one_line(str(e))[:300] or "no message"
+        sys.stderr.write(
+            f"dfquant: error: unexpected {type(e).__name__}: {detail} "
+            "(set DFQUANT_DEBUG=1 for the traceback)\n"
+        )
+        return EXIT_USAGE
+    for w in caught:
+        sys.stderr.write(f"dfquant: warning: {_one_line(str(w.message))}\n")
     if args.json:
         sys.stdout.write(json.dumps(result, default=_json_default, allow_nan=True) + "\n")
     return 0

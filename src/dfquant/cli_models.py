@@ -2,11 +2,17 @@
 
 ``quantize`` with no model runs the embedded default: the MiniLM sentence encoder at 4 bits with ``lloyd-max``
 in groups of 64, evaluated with the data-free fidelity check and on the sentence pairs the project ships.
+
+``quantize`` checks everything it can before the long work (the rules, the task names, the output folder,
+then, once the model is loaded, that each task fits it), quantizes, evaluates, and writes ``--out`` last,
+atomically: a command that fails leaves no output file (and no temporary file) behind. Progress is shown on
+stderr only when stderr is a terminal (and neither ``--quiet`` nor ``--json`` is given).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,7 @@ class _Progress:
     """A one-line progress display on stderr (silent with --quiet or --json)."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+        self.enabled = enabled and sys.stderr.isatty()
         self._last = ""
 
     def layers(self, done: int, total: int, name: str) -> None:
@@ -79,6 +85,8 @@ def _build_config(args: argparse.Namespace) -> Any:
             overrides["bits"] = args.bits
         if args.granularity is not None:
             overrides["granularity"] = args.granularity
+        if args.scale_dtype is not None:
+            overrides["scale_dtype"] = args.scale_dtype
         if overrides:
             d = cfg.to_dict()
             d["default"] = {**d["default"], **overrides}
@@ -91,6 +99,7 @@ def _build_config(args: argparse.Namespace) -> Any:
                 quantizer=method,
                 bits=args.bits if args.bits is not None else DEFAULT_BITS,
                 granularity=args.granularity or "channel",
+                scale_dtype=args.scale_dtype or "float32",
             )
         )
     if args.no_fold_bn or args.no_bias_correction or args.strict:
@@ -103,6 +112,24 @@ def _build_config(args: argparse.Namespace) -> Any:
             d["strict"] = True
         cfg = QuantConfig.from_dict(d)
     return cfg
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    folder = out.parent
+    if not folder.is_dir():
+        raise ConfigError(f"output folder '{folder}' does not exist")
+    if out.is_dir():
+        raise ConfigError(
+            f"output '{out}' is a folder; give a file name such as '{out / 'model.safetensors'}'"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"output folder '{folder}' is not writable")
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--eval-limit must be a positive integer, got {limit}")
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -139,22 +166,22 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         args.eval = args.eval if args.eval is not None else DEFAULT_EVALS
     config = _build_config(args)
     tasks = _parse_tasks(args.eval)
+    _check_limit(args.eval_limit)
     if args.out:
-        out = Path(args.out)
-        if not out.parent.exists():
-            raise ConfigError(f"output folder '{out.parent}' does not exist")
+        _check_out(Path(args.out))
     progress = _Progress(not (args.quiet or args.json))
     loaded = _load(args)
+    _check_tasks(tasks, loaded)
     qmodel, report = quantize_model(loaded.model, config, progress=progress.layers)
     progress.done()
+    float_bytes = state_dict_bytes(loaded.model)
+    evals = _evaluate(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
     size_bytes = None
-    if args.out:
+    if args.out:  # written last: a command that fails leaves no file
         from .io import save_quantized
 
         path = save_quantized(qmodel, args.out, source=loaded.source, report=report)
         size_bytes = path.stat().st_size
-    float_bytes = state_dict_bytes(loaded.model)
-    evals = _evaluate(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
     result = {
         "model": loaded.name,
         "method": config.default.quantizer,
@@ -176,15 +203,25 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _check_tasks(tasks: list[str], loaded: Any) -> None:
+    from .eval import check_task
+
+    for task in tasks:
+        check_task(task, loaded)
+
+
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .graph import state_dict_bytes
     from .io import load_quantized
-    from .zoo import load_from_source
+    from .zoo import build_architecture, load_from_source
 
     tasks = _parse_tasks(args.eval or "fidelity")
-    qmodel, manifest = load_quantized(args.file)
+    _check_limit(args.eval_limit)
+    extra: dict[str, Any] = {"builder": args.builder} if args.builder else {}
+    qmodel, manifest = load_quantized(args.file, build=lambda src: build_architecture(src, **extra))
     source = manifest.get("source", {})
-    loaded = load_from_source(source)
+    loaded = load_from_source(source, **extra)
+    _check_tasks(tasks, loaded)
     progress = _Progress(not (args.quiet or args.json))
     evals = _evaluate(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
     layers = _layers(manifest)
@@ -242,7 +279,10 @@ def _print_summary(result: dict[str, Any]) -> None:
     size, fsize = result.get("size_bytes"), result.get("float_size_bytes")
     if size and fsize:
         what = "file" if result.get("size_is_file") else "in memory"
-        print(f"size ({what}): {size / 1e6:.2f} MB vs float32 {fsize / 1e6:.2f} MB ({fsize / size:.2f}x smaller)")
+        print(
+            f"size ({what}): {size / 1e6:.2f} MB vs float32 {fsize / 1e6:.2f} MB "
+            f"({fsize / size:.2f}x smaller)"
+        )
     for task, figs in result.get("eval", {}).items():
         f, q = figs.get("float", {}), figs.get("quantized", {})
         keys = [k for k in q if isinstance(q.get(k), int | float) and not isinstance(q.get(k), bool)]
@@ -266,13 +306,24 @@ def add_commands(sub: Any) -> None:
     from .cli import _common
 
     p = sub.add_parser("quantize", help="quantize a model, report per layer, evaluate, write the file")
-    p.add_argument("model", nargs="?", help="zoo name (cifar-resnet20, minilm, smollm2-135m, ...) or a local path")
+    p.add_argument(
+        "model", nargs="?", help="zoo name (cifar-resnet20, minilm, smollm2-135m, ...) or a local path"
+    )
     p.add_argument("--method", help=f"quantizer name (default {DEFAULT_METHOD})")
     p.add_argument("--bits", type=int, help=f"code bits (default {DEFAULT_BITS})")
-    p.add_argument("--granularity", help="tensor | channel | group:G (default channel; the default run: group:64)")
+    p.add_argument(
+        "--granularity", help="tensor | channel | group:G (default channel; the default run: group:64)"
+    )
+    p.add_argument(
+        "--scale-dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="dtype of the per-group scales and offsets (default float32; float16 saves 16 bits per group)",
+    )
     p.add_argument("--config", help="JSON file with per-layer rules (see dfquant.config.QuantConfig)")
     p.add_argument("--eval", help="comma-separated tasks: cifar10, stsb, wikitext2, fidelity, pairs")
-    p.add_argument("--eval-limit", type=int, help="evaluate on fewer items (windows, pairs, images) for a quick look")
+    p.add_argument(
+        "--eval-limit", type=int, help="evaluate on fewer items (windows, pairs, images) for a quick look"
+    )
     p.add_argument("--out", help="write the quantized model to this .safetensors file")
     p.add_argument("--checkpoint", help="weights file for zoo models that take one (cifar-resnet*)")
     p.add_argument("--builder", help="module:callable building the architecture of a .safetensors state dict")
@@ -286,6 +337,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("file")
     p.add_argument("--eval", help="comma-separated tasks (default fidelity)")
     p.add_argument("--eval-limit", type=int)
+    p.add_argument(
+        "--builder",
+        help="module:callable building the architecture, for a file made from a .safetensors state dict "
+        "(dfquant never imports code named in a file)",
+    )
     _common(p)
     p.set_defaults(func=cmd_eval)
 

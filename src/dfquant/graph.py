@@ -71,8 +71,9 @@ class LayerInfo:
 
 
 def find_layers(model: nn.Module) -> list[LayerInfo]:
-    """Every Linear, Conv1d, Conv2d (grouped and depthwise included) and Hugging Face ``Conv1D`` in
-    registration order. A module registered under several names is listed once (its first name)."""
+    """Every Linear, Conv1d, Conv2d (grouped and depthwise included), Hugging Face ``Conv1D`` and Embedding
+    (without ``max_norm``) in registration order. A module registered under several names is listed once (its
+    first name); distinct modules that share one weight tensor (tied weights) are each listed."""
     out = []
     for name, m in model.named_modules():
         kind = layer_kind(m)
@@ -91,8 +92,9 @@ def module_names(model: nn.Module) -> dict[int, list[str]]:
 
 def find_unsupported(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
     """Modules that directly own floating parameters of two or more dimensions but are not quantizable here
-    (embeddings, transposed or 3-D convolutions, the packed input projection of ``nn.MultiheadAttention``,
-    ...), with those parameters' names: they stay float, and the report lists them."""
+    (embedding bags, embeddings with ``max_norm``, transposed or 3-D convolutions, the packed input projection
+    of ``nn.MultiheadAttention``, ...), with those parameters' names: they stay float, and the report lists
+    them."""
     out = []
     for name, m in model.named_modules():
         if layer_kind(m) is not None or isinstance(m, QuantModule):
@@ -327,6 +329,8 @@ class LayerReport:
         bytes: bytes the terms occupy in a file. float_bytes: bytes of the float weight.
         dist: fraction of groups fitted with each distribution (``gaussian``/``laplace``/``empirical``) when
             the quantizer reports it, else None.
+        tied_to: the layer whose quantized terms this one shares (their float weights were tied), else
+            ``""``; such a layer is not counted again in the report's totals.
     """
 
     name: str
@@ -343,6 +347,7 @@ class LayerReport:
     float_bytes: int
     dist: dict[str, float] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    tied_to: str = ""
 
 
 @dataclass
@@ -414,23 +419,27 @@ class QuantizationReport:
     float_model_bytes: int = 0
     model_bytes: int = 0
 
+    def _own(self) -> list[LayerReport]:
+        """The layers that hold their own terms (tied layers share another's and are counted once)."""
+        return [r for r in self.layers if not r.tied_to]
+
     @property
     def quantized_params(self) -> int:
-        return sum(r.params for r in self.layers)
+        return sum(r.params for r in self._own())
 
     @property
     def bits_per_weight(self) -> float:
         """Storage bits of all quantized layers over their weights (scales and fitted levels included)."""
         n = self.quantized_params
-        return sum(r.bits_per_weight * r.params for r in self.layers) / n if n else math.nan
+        return sum(r.bits_per_weight * r.params for r in self._own()) / n if n else math.nan
 
     @property
     def quantized_bytes(self) -> int:
-        return sum(r.bytes for r in self.layers)
+        return sum(r.bytes for r in self._own())
 
     @property
     def quantized_float_bytes(self) -> int:
-        return sum(r.float_bytes for r in self.layers)
+        return sum(r.float_bytes for r in self._own())
 
     def totals(self) -> dict[str, Any]:
         """Whole-model figures."""
@@ -477,6 +486,7 @@ class QuantizationReport:
         for r in self.layers:
             dist = "-" if not r.dist else " ".join(f"{k[0]}{v:.0%}" for k, v in r.dist.items())
             q = r.quantizer + (f" x{r.terms}" if r.terms > 1 else "")
+            q += f" (tied to {r.tied_to})" if r.tied_to else ""
             shape = "x".join(str(s) for s in r.shape)
             rows.append(
                 (

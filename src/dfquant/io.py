@@ -2,29 +2,29 @@
 
 The file holds every tensor of the quantized model's state dict: for each quantized layer its terms' packed
 codes, scales, offsets, levels (and channel indices) plus its float bias, and every other tensor as it is
-(float layers, BatchNorms, embeddings, ...). The safetensors header metadata holds one entry, ``"dfquant"``, a
-JSON manifest (:data:`FORMAT_VERSION` 1)::
+(float layers, BatchNorms, embeddings left float, ...). The safetensors header metadata holds one entry,
+``"dfquant"``, a JSON manifest (:data:`FORMAT_VERSION` 2)::
 
     {
       "format": "dfquant",                  # always this
-      "format_version": 1,
+      "format_version": 2,
       "library_version": "0.1.0",
       "source": {"zoo": "cifar-resnet20"},  # how to build the float skeleton (the caller's dict)
       "layers": {                           # every quantized layer, by qualified name
         "conv1": {
-          "type": "conv2d",                 # linear | conv1d | conv2d | hf-conv1d
+          "type": "conv2d",                 # linear | conv1d | conv2d | hf-conv1d | embedding
           "module": {...},                  # the float layer's constructor arguments
           "weight_shape": [16, 3, 3, 3],    # oriented (out, in, *kernel); (out, in) also for hf-conv1d
           "dtype": "float32",               # dtype the weight is rebuilt in
           "bias": true,
           "terms": [{"quantizer": "minmax", "bits": 4, "grid": "int4-mr", "granularity": "channel",
-                     "shape": [16, 3, 3, 3], "offset": false, "num_levels": 16, "num_tables": null,
-                     "channels": null, "options": {}}]
+                     "shape": [16, 3, 3, 3], "offset": false, "scale_dtype": "float32", "num_levels": 16,
+                     "num_tables": null, "channels": null, "options": {}}]
         }
       },
       "folded_bn": [{"layer": "conv1", "bn": "bn1"}],
       "tensors": {"conv1.terms.0.packed": {"dtype": "U8", "shape": [216]}, ...},   # every tensor in the file
-      "aliases": {"lm_head.weight": "embed.weight"},   # state-dict keys that share another key's tensor
+      "aliases": {"lm_head.terms.0.packed": "embed.terms.0.packed"},  # keys sharing another key's tensor
       "report": {...}                       # optional: QuantizationReport.to_dict()
     }
 
@@ -33,14 +33,26 @@ Term ``i`` of layer ``NAME`` is stored as (``rows, groups`` from the shape and g
 
 * ``NAME.terms.i.packed``: U8 ``[ceil(numel * bits / 8)]``, the codes in row layout, little-endian bit stream
   (:func:`dfquant.packing.pack`);
-* ``NAME.terms.i.scale``: F32 ``[rows, groups]``; ``NAME.terms.i.offset``: the same, when ``offset`` is true;
+* ``NAME.terms.i.scale``: ``[rows, groups]`` in the term's ``scale_dtype`` (F32, F16 or BF16);
+  ``NAME.terms.i.offset``: the same, when ``offset`` is true;
 * ``NAME.terms.i.levels``: F32 ``[num_levels]`` shared, or ``[num_tables, num_levels]`` stacked tables with
   ``NAME.terms.i.table_index`` naming each group's table: U8, ``rows * groups`` indices packed at
   ``max(1, ceil(log2 num_tables))`` bits, or I32 ``[rows, groups]`` when that exceeds 8 bits;
 * ``NAME.terms.i.channels``: I64 ``[channels]``, the output channels a channel-subset term covers;
 
-and the layer's float bias as ``NAME.bias`` (``[out]``, the layer's dtype). A value decodes as
-``levels[table][code] * scale + offset``; a layer's weight is the float32 sum of its terms, cast to ``dtype``.
+and the layer's float bias as ``NAME.bias`` (``[out]``, the layer's dtype; an ``embedding`` has none). A value
+decodes as ``levels[table][code] * scale + offset`` computed in float32 (the stored scale and offset converted
+exactly); a layer's weight is the float32 sum of its terms, cast to ``dtype``. An ``embedding`` layer's weight
+is its ``(num_embeddings, embedding_dim)`` table, rows = tokens.
+
+Tied weights: layers that share quantized terms (an output head tied to the token embedding) list their terms
+in full, and their term tensors are stored once, under the first layer's keys; ``aliases`` maps the other
+layer's keys to them. Loading gives the layers the very same term modules again.
+
+Versions: 1 (dfquant 0.1.0) had float32 scales and offsets only, no ``scale_dtype`` term key and no
+``embedding`` layers. 2 adds the three (term metadata must then carry ``scale_dtype``). Files of version 1 are
+still read (their scales and offsets are float32); a version newer than :data:`FORMAT_VERSION` is refused with
+an error naming both versions.
 
 Loading (:func:`load_quantized`) reads and checks the header and the manifest first: the file's size and
 tensor offsets, the format and its version (a newer version than this library reads is refused), every
@@ -85,7 +97,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "dfquant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this library reads.
+READ_VERSIONS = (1, 2)
 METADATA_KEY = "dfquant"
 _MAX_HEADER = 100_000_000  # the safetensors limit
 
@@ -126,7 +140,7 @@ _MANIFEST_KEYS = {
     "report",
 }
 _LAYER_KEYS = {"type", "module", "weight_shape", "dtype", "bias", "terms"}
-_TERM_KEYS = {
+_TERM_KEYS_V1 = {
     "quantizer",
     "bits",
     "grid",
@@ -138,6 +152,8 @@ _TERM_KEYS = {
     "channels",
     "options",
 }
+#: Term metadata keys by format version.
+_TERM_KEYS = {1: _TERM_KEYS_V1, 2: _TERM_KEYS_V1 | {"scale_dtype"}}
 
 Builder = Callable[[dict[str, Any]], nn.Module]
 
@@ -265,6 +281,7 @@ def save_quantized(
         save_file(tensors, tmp, metadata={METADATA_KEY: text})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # the permissions a plain open() would give, not mkstemp's 0600
         os.replace(tmp, dest)
     except OSError as e:
         raise FileFormatError(f"cannot write '{dest}': {e.strerror or e}") from None
@@ -282,6 +299,12 @@ def save_quantized(
     finally:
         os.close(dir_fd)
     return dest
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -361,7 +384,7 @@ def _check_manifest(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
     version = manifest.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise _fail(path, f"manifest format_version must be a positive integer, got {version!r}")
-    if version > FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise _fail(
             path,
             f"file format version {version} is newer than this dfquant ({_library_version()}) reads "
@@ -417,9 +440,15 @@ def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str,
             raise _fail(
                 path, f"tensor '{key}' is {got['dtype']} {got['shape']} but the manifest says {want!r}"
             )
-    for alias, target in manifest["aliases"].items():
+    aliases = manifest["aliases"]
+    for alias, target in aliases.items():
         if not isinstance(target, str) or target not in table or alias in table:
             raise _fail(path, f"alias '{alias}' -> {target!r} does not name a tensor of the file")
+
+    def entry(key: str) -> Any:  # the header entry of a key, through an alias
+        return header.get(aliases.get(key, key))
+
+    term_keys = _TERM_KEYS[manifest["format_version"]]
     for fb in manifest["folded_bn"]:
         if (
             not isinstance(fb, dict)
@@ -443,8 +472,12 @@ def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str,
             raise _fail(path, f"{where}: 'terms' must be a non-empty list")
         p = _prefix(name)
         for i, term in enumerate(terms):
-            if not isinstance(term, dict) or set(term) != _TERM_KEYS:
-                raise _fail(path, f"{where} term {i}: metadata keys must be {sorted(_TERM_KEYS)}")
+            if not isinstance(term, dict) or set(term) != term_keys:
+                raise _fail(
+                    path,
+                    f"{where} term {i}: metadata keys must be {sorted(term_keys)} (format version "
+                    f"{manifest['format_version']})",
+                )
             try:
                 qcls = quantizer_class(term["quantizer"]) if isinstance(term["quantizer"], str) else None
                 if qcls is None:
@@ -458,7 +491,7 @@ def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str,
                 raise _fail(path, f"{where} term {i}: malformed metadata ({e})") from None
             for buf, (dtype, shape) in specs.items():
                 key = f"{p}terms.{i}.{buf}"
-                got = header.get(key)
+                got = entry(key)
                 if got is None or got["dtype"] != _ST_DTYPES[dtype] or tuple(got["shape"]) != shape:
                     desc = "missing" if got is None else f"{got['dtype']} {got['shape']}"
                     raise _fail(
@@ -467,7 +500,7 @@ def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str,
                         f"{list(shape)}",
                     )
         if layer["bias"] is True:
-            got = header.get(f"{p}bias")
+            got = entry(f"{p}bias")
             ws = layer["weight_shape"]
             want_dt = _ST_DTYPES[DTYPES[layer["dtype"]]]
             if (
@@ -486,6 +519,7 @@ def _build_quant_layers(
     path: Path, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], cache_weight: bool
 ) -> dict[str, QuantModule]:
     out = {}
+    terms_by_buffers: dict[tuple[tuple[str, int], ...], QuantTerm] = {}
     for name, layer in manifest["layers"].items():
         where = f"layer '{name or '<root>'}'"
         try:
@@ -502,6 +536,11 @@ def _build_quant_layers(
                 term.validate(mod.weight_shape)
         except (RuntimeError, InputError) as e:
             raise _fail(path, f"{where}: {str(e).splitlines()[0]}") from None
+        for i, term in enumerate(mod.quant_terms):  # tied layers: share the very same term modules again
+            ident = tuple(sorted((k, id(b)) for k, b in term.named_buffers(recurse=False)))
+            first = terms_by_buffers.setdefault(ident, term)
+            if first is not term and first.meta() == term.meta():
+                mod.terms[i] = first
         out[name] = mod
     return out
 

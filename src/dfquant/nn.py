@@ -250,10 +250,14 @@ class QuantTerm(nn.Module):
 
     @classmethod
     def from_qtensor(
-        cls, qt: QTensor, *, options: Mapping[str, Any] | None = None, channels: torch.Tensor | None = None
+        cls,
+        qt: QTensor,
+        *,
+        options: Mapping[str, Any] | None = None,
+        channels: torch.Tensor | None = None,
     ) -> QuantTerm:
-        """Pack a :class:`QTensor` (codes packed at ``qt.bits``; scales and offsets in their dtype when it is a
-        scale storage dtype and both share it, else float32; levels as float32).
+        """Pack a :class:`QTensor` (codes packed at ``qt.bits``; scales and offsets in their dtype when it is
+        a scale storage dtype and both share it, else float32; levels as float32).
 
         Args:
             qt: the quantized tensor, in oriented layout.
@@ -342,8 +346,8 @@ class QuantTerm(nn.Module):
     def storage_bits(self) -> int:
         """Bits of this term as :meth:`QTensor.storage_bits` counts them: codes at ``bits``, scales and
         offsets at the bits of their storage dtype (32 or 16), stacked level tables at 32 bits per level plus
-        ``index_bits`` per group (shared levels of a fixed format are not counted); channel indices of a subset
-        term at 32 bits each."""
+        ``index_bits`` per group (shared levels of a fixed format are not counted); channel indices of a
+        subset term at 32 bits each."""
         sbits = torch.finfo(self.scale.dtype).bits
         bits = self.numel * self.bits + sbits * self.scale.numel()
         if self.offset is not None:
@@ -811,8 +815,8 @@ class QuantHFConv1D(QuantModule):
 class QuantEmbedding(QuantModule):
     """Quantized ``nn.Embedding``: ``y = W_hat[ids]`` (``F.embedding`` on the dequantized table).
 
-    The table ``(num_embeddings, embedding_dim)`` is quantized as stored: ``channel`` gives one scale per token
-    row, ``group:G`` groups of ``G`` along the embedding dimension of each row. With the default
+    The table ``(num_embeddings, embedding_dim)`` is quantized as stored: ``channel`` gives one scale per
+    token row, ``group:G`` groups of ``G`` along the embedding dimension of each row. With the default
     ``cache_weight=True`` the whole table is dequantized once and kept (``num_embeddings * embedding_dim``
     floats); with ``cache_weight=False`` every forward decodes the whole table again. ``padding_idx`` is kept
     (it only matters for gradients, which quantized layers do not take); ``max_norm`` layers are not quantized

@@ -12,6 +12,7 @@ from dfquant.errors import ConfigError, InputError
 from dfquant.nn import (
     QuantConv1d,
     QuantConv2d,
+    QuantEmbedding,
     QuantHFConv1D,
     QuantLinear,
     QuantModule,
@@ -277,3 +278,83 @@ def test_stacked_level_tables(tables: int) -> None:
         term.table_index.fill_(0xFF)
         with pytest.raises(InputError, match="table indices"):
             term.validate()
+
+
+# -- embeddings ------------------------------------------------------------------------------------------------
+
+
+def test_embedding_kind_and_forward() -> None:
+    emb = nn.Embedding(50, 24, padding_idx=3)
+    assert layer_kind(emb) == "embedding"
+    assert layer_kind(nn.Embedding(5, 4, max_norm=1.0)) is None  # renormalizes rows in place: stays float
+    assert layer_kind(nn.EmbeddingBag(5, 4)) is None
+    q = _quantize(emb, "minmax", 4, "group:8")
+    assert isinstance(q, QuantEmbedding) and q.bias is None and q.padding_idx == 3
+    # channel axis 0 = the token: one row of 24 / 8 = 3 group scales per token
+    assert tuple(q.terms[0].scale.shape) == (50, 3)
+    ids = torch.randint(0, 50, (4, 7))
+    w_hat = q.weight
+    assert w_hat.shape == (50, 24) and torch.equal(q(ids), F.embedding(ids, w_hat))
+    assert torch.equal(q(ids), w_hat[ids])
+    assert q.matches_float(emb) and not q.matches_float(nn.Embedding(50, 24))
+    empty = QuantModule.from_meta(q.layer_meta())
+    assert isinstance(empty, QuantEmbedding) and empty.module_args() == q.module_args()
+    empty.load_state_dict(q.state_dict(), strict=True)
+    assert torch.equal(empty(ids), q(ids))
+    nocache = QuantModule.from_meta(q.layer_meta(), cache_weight=False)
+    nocache.load_state_dict(q.state_dict(), strict=True)
+    assert torch.equal(nocache(ids), q(ids)) and nocache._cached is None
+
+
+def test_embedding_metadata_refusals() -> None:
+    meta = _quantize(nn.Embedding(10, 8), "minmax", 4, "channel").layer_meta()
+    assert meta["type"] == "embedding" and meta["bias"] is False
+    with pytest.raises(ConfigError, match="no bias"):
+        QuantModule.from_meta({**meta, "bias": True})
+    with pytest.raises(ConfigError, match="padding_idx"):
+        QuantModule.from_meta({**meta, "module": {**meta["module"], "padding_idx": 10}})
+    with pytest.raises(ConfigError, match="padding_idx"):
+        QuantModule.from_meta({**meta, "module": {**meta["module"], "padding_idx": "0"}})
+    with pytest.raises(ConfigError, match="embedding_dim"):
+        QuantModule.from_meta({**meta, "module": {"num_embeddings": 10, "padding_idx": None}})
+
+
+@pytest.mark.parametrize("sdtype", [torch.float16, torch.bfloat16])
+def test_term_keeps_scale_storage_dtype(sdtype: torch.dtype) -> None:
+    w = torch.randn(12, 64) * 0.05
+    qt = get_quantizer("minmax", 4, grid="uint").quantize(w, "group:16", scale_dtype=sdtype)
+    term = QuantTerm.from_qtensor(qt)
+    assert term.scale.dtype == sdtype and term.offset is not None and term.offset.dtype == sdtype
+    assert term.scale_dtype == sdtype
+    assert torch.equal(term.dequantize(), qt.dequantize(torch.float32))
+    assert term.storage_bits() == sum(qt.storage_bits().values()) == 12 * 64 * 4 + 2 * 16 * 12 * 4
+    meta = term.meta()
+    assert meta["scale_dtype"] == str(sdtype).removeprefix("torch.")
+    specs = QuantTerm.buffer_specs(meta)
+    assert {k: (t.dtype, tuple(t.shape)) for k, t in term.named_buffers()} == specs
+    assert QuantTerm.buffer_specs({k: v for k, v in meta.items() if k != "scale_dtype"})["scale"][0] == (
+        torch.float32
+    )  # metadata of format version 1: float32
+    with pytest.raises(ConfigError, match="scale_dtype"):
+        QuantTerm.buffer_specs({**meta, "scale_dtype": "float8"})
+    # a float32 offset beside a float16 scale (a hand-made QTensor) is stored losslessly as float32
+    mixed = QTensor(**{**qt.__dict__, "offset": qt.offset.float()})
+    assert QuantTerm.from_qtensor(mixed).scale.dtype == torch.float32
+
+
+def test_casts_leave_every_term_buffer_alone() -> None:
+    """``.half()``/``.to()`` change the bias and the compute dtype only; stored scales keep their dtype and
+    values (a float32 scale is not rounded through float16, a bfloat16 one not through float16)."""
+    for sdtype in (torch.float32, torch.bfloat16):
+        lin = nn.Linear(64, 8, bias=False)
+        w = lin.weight.detach()
+        qt = get_quantizer("minmax", 4).quantize(w, "group:16", scale_dtype=sdtype)
+        q = QuantModule.from_float(lin, [QuantTerm.from_qtensor(qt)])
+        before = {k: v.clone() for k, v in q.state_dict().items()}
+        w32 = q.weight.clone()
+        q.half()
+        assert q.dtype == torch.float16 and q.weight.dtype == torch.float16
+        q.float()
+        after = q.state_dict()
+        assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+        assert torch.equal(q.weight, w32)

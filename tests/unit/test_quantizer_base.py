@@ -140,3 +140,58 @@ def test_mse_beats_minmax_on_gaussian_rows() -> None:
         e_mse = get_quantizer("mse", bits).quantize(x, "channel").rel_mse(x)
         assert e_mse < e_mm
         assert math.isfinite(e_mse)
+
+
+# -- scale storage dtype -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["minmax", "mse", "lloyd-max", "lloyd-empirical", "nf4"])
+@pytest.mark.parametrize("sdtype", [torch.float16, torch.bfloat16])
+def test_scales_are_rounded_before_encoding(name: str, sdtype: torch.dtype) -> None:
+    """The QTensor holds its scales/offsets in the storage dtype and its codes are the nearest levels for the
+    *rounded* scales: re-encoding with the stored values gives the same codes."""
+    from dfquant.quantizers.base import encode_rows
+
+    if name not in available():
+        pytest.skip(f"{name} not registered")
+    x = torch.randn(16, 96) * 0.02 + 0.003
+    bits = 4
+    qt = get_quantizer(name, bits).quantize(x, "group:32", scale_dtype=sdtype)
+    assert qt.scale.dtype == sdtype and (qt.offset is None or qt.offset.dtype == sdtype)
+    off = torch.zeros_like(qt.scale) if qt.offset is None else qt.offset
+    rows = to_rows(x, qt.granularity)
+    codes = encode_rows(rows, qt.scale.float(), off.float(), qt.levels, 32, qt.table_index)
+    assert torch.equal(codes, qt.codes)
+    # the float32 rule on the same input differs only by the rounding of its scales
+    q32 = get_quantizer(name, bits).quantize(x, "group:32")
+    assert torch.equal(q32.scale.to(sdtype), qt.scale)
+    assert qt.rel_mse(x) < 1.05 * q32.rel_mse(x) + 1e-6
+
+
+def test_scale_dtype_bits_and_default() -> None:
+    x = torch.randn(64, 128)
+    q = get_quantizer("minmax", 4, grid="uint")
+    q32 = q.quantize(x, "group:64")
+    q16 = q.quantize(x, "group:64", scale_dtype="float16")
+    assert q32.scale.dtype == torch.float32
+    assert q32.bits_per_weight() == pytest.approx(4 + 64 / 64)  # float32 scale and offset per 64 weights
+    assert q16.bits_per_weight() == pytest.approx(4 + 32 / 64)  # float16 scale and offset
+    assert torch.equal(q.quantize(x, "group:64", scale_dtype=torch.float32).codes, q32.codes)
+
+
+def test_scale_dtype_refusals() -> None:
+    with pytest.raises(ConfigError, match=r"scale dtype must be one of float32, float16, bfloat16"):
+        get_quantizer("minmax", 4).quantize(torch.randn(4, 8), scale_dtype="float8")
+    with pytest.raises(ConfigError, match=r"tensor 'big'.*overflows float16.*bfloat16"):
+        get_quantizer("minmax", 4).quantize(torch.full((2, 8), 1e6), name="big", scale_dtype="float16")
+    # bfloat16 has the float32 range
+    q = get_quantizer("minmax", 4).quantize(torch.randn(2, 8) * 1e6, scale_dtype="bfloat16")
+    assert bool(torch.isfinite(q.scale).all())
+
+
+def test_tiny_float16_scales_underflow_to_offset() -> None:
+    """Below float16's range a group's scale rounds to 0 and the group decodes to its (rounded) offset."""
+    x = torch.randn(1, 32) * 1e-9
+    q = get_quantizer("minmax", 4).quantize(x, "channel", scale_dtype="float16")
+    assert float(q.scale) == 0.0
+    assert torch.equal(q.dequantize(), torch.zeros_like(x))

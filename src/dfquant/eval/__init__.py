@@ -9,7 +9,7 @@ Tasks: ``cifar10`` (top-1 on exact test images, agreement on a 10k JPEG copy), `
 from . import cifar10, fidelity, sts, wikitext2
 from .fidelity import synthetic_inputs
 from .metrics import agreement, pearson, relative_error, spearman, top1_accuracy
-from .registry import Progress, available_tasks, evaluate, register_evaluator
+from .registry import Progress, available_tasks, check_task, evaluate, register_evaluator
 from .sts import encode_sentences, load_demo_pairs, parse_pairs, parse_sts
 from .wikitext2 import lm_logits, perplexity, tokenize_text
 
@@ -17,6 +17,7 @@ __all__ = [
     "Progress",
     "agreement",
     "available_tasks",
+    "check_task",
     "cifar10",
     "encode_sentences",
     "evaluate",

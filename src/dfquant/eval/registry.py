@@ -17,7 +17,15 @@ from torch import nn
 from ..errors import ConfigError
 from ..zoo.registry import LoadedModel
 
-__all__ = ["Progress", "available_tasks", "evaluate", "models_to_run", "no_grad_eval", "register_evaluator"]
+__all__ = [
+    "Progress",
+    "available_tasks",
+    "check_task",
+    "evaluate",
+    "models_to_run",
+    "no_grad_eval",
+    "register_evaluator",
+]
 
 
 class Progress(Protocol):
@@ -51,6 +59,22 @@ def register_evaluator(task: str, *, kinds: tuple[str, ...] = (), description: s
 def available_tasks() -> dict[str, str]:
     """Registered task names with their one-line descriptions."""
     return {k: v[2] for k, v in _EVALUATORS.items()}
+
+
+def check_task(task: str, loaded: LoadedModel) -> None:
+    """Check, before any work, that ``task`` exists and fits ``loaded``'s kind.
+
+    Raises:
+        ConfigError: an unknown task, or a task that does not fit the model's kind.
+    """
+    if task not in _EVALUATORS:
+        raise ConfigError(f"unknown evaluation task '{task}'; available: {', '.join(_EVALUATORS)}")
+    kinds = _EVALUATORS[task][1]
+    if kinds and loaded.kind not in kinds:
+        raise ConfigError(
+            f"task '{task}' needs a model of kind {' or '.join(kinds)}; '{loaded.name}' is a {loaded.kind} "
+            f"(its default task is '{loaded.task}')"
+        )
 
 
 def models_to_run(
@@ -110,14 +134,8 @@ def evaluate(
         ConfigError: unknown task, a task that does not fit the model's kind, a bad ``limit``, or
             missing data.
     """
-    if task not in _EVALUATORS:
-        raise ConfigError(f"unknown evaluation task '{task}'; available: {', '.join(_EVALUATORS)}")
-    fn, kinds, _ = _EVALUATORS[task]
-    if kinds and loaded.kind not in kinds:
-        raise ConfigError(
-            f"task '{task}' needs a model of kind {' or '.join(kinds)}; '{loaded.name}' is a {loaded.kind} "
-            f"(its default task is '{loaded.task}')"
-        )
+    check_task(task, loaded)
+    fn = _EVALUATORS[task][0]
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"limit must be a positive integer or None, got {limit!r}")
     models_to_run(float_model, quant_model)
