@@ -153,6 +153,13 @@ class Grid:
         mids = self.midpoints
         if mids.numel() == 0:
             return torch.zeros(z.shape, dtype=torch.uint8)
+        if self.kind == "int":
+            # Unit-spaced levels: the index is round(z - lowest level), clamped. torch.round rounds half to even,
+            # which on these grids is the same tie rule as below (even distance from the zero level, or even
+            # index when there is no zero level), so both paths give identical codes.
+            zi = self.zero_index
+            idx = torch.round(z) + zi if zi is not None else torch.round(z - self.levels[0])
+            return idx.clamp_(0, self.num_levels - 1).to(torch.uint8)
         idx = torch.bucketize(z, mids)  # z == mids[k] -> k (the lower level)
         k = idx.clamp(max=mids.numel() - 1)
         tie = (z == mids[k]) & (idx < mids.numel())

@@ -80,3 +80,17 @@ def _bits(name: str) -> tuple[int, ...]:
     from dfquant.quantizers import quantizer_class
 
     return quantizer_class(name).supported_bits
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["int", "int-sym", "int-mr", "uint"]), st.integers(2, 8), st.lists(floats, min_size=1, max_size=100))
+def test_integer_fast_path_equals_nearest_level_search(family, bits, values) -> None:
+    """The round-based encoder of integer grids gives exactly the codes of the midpoint search, ties included."""
+    from dfquant.grids import Grid
+
+    g = make_grid(family, bits)
+    generic = Grid("check", "codebook", "codebook", g.bits, g.levels)  # same levels, generic search path
+    z = torch.tensor(values, dtype=torch.float32) / 50
+    ties = g.midpoints[torch.randint(0, g.midpoints.numel(), (50,))]
+    z = torch.cat([z, ties])
+    assert torch.equal(g.encode(z), generic.encode(z))

@@ -49,7 +49,7 @@ class Mixed(nn.Module):
         self.img_bn = nn.BatchNorm2d(width)
         self.head = nn.Linear(width, 11)
         self.tied = nn.Linear(width, 11, bias=False)
-        self.tied.weight = self.emb.weight  # tied: stays float below, stored once
+        self.tied.weight = self.emb.weight  # tied: both float in most tests below (stored once), or quantized
 
     def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         h = self.emb(tokens).transpose(1, 2)  # (N, C, L)
@@ -75,7 +75,9 @@ def _trained_like(model: nn.Module) -> nn.Module:
 
 
 def _quantized(rule: LayerRule | None = None) -> tuple[nn.Module, object]:
-    cfg = QuantConfig(rule or LayerRule("minmax", 4), rules=(PatternRule("tied", skip=True, reason="tied"),))
+    cfg = QuantConfig(
+        rule or LayerRule("minmax", 4), rules=(PatternRule("re:emb|tied", skip=True, reason="tied"),)
+    )
     with pytest.warns(UserWarning, match="tied"):
         return quantize_model(_trained_like(Mixed()), cfg)
 
@@ -330,3 +332,135 @@ def test_every_registered_quantizer_round_trips(tmp_path: Path, name: str) -> No
     with torch.no_grad():
         assert torch.equal(loaded(x), q(x))
     assert {t["quantizer"] for layer in manifest["layers"].values() for t in layer["terms"]} == {name}
+
+
+# -- tied embeddings, scale dtypes, format versions ------------------------------------------------------
+
+
+def test_tied_embedding_and_head_share_one_quantization(tmp_path: Path) -> None:
+    model = _trained_like(Mixed())
+    q, report = quantize_model(model, QuantConfig(LayerRule("minmax", 4, "group:4")))
+    assert type(q.emb).__name__ == "QuantEmbedding" and q.tied.terms[0] is q.emb.terms[0]
+    tied = {r.name: r.tied_to for r in report.layers}
+    assert tied["tied"] == "emb" and tied["emb"] == ""
+    assert report.quantized_params == sum(r.params for r in report.layers if r.name != "tied")
+    assert "tied to emb" in report.to_text()
+    path = save_quantized(q, tmp_path / "m.safetensors", source=SOURCE, report=report)
+    man = read_manifest(path)
+    assert man["layers"]["emb"]["type"] == "embedding" and man["layers"]["tied"]["type"] == "linear"
+    assert man["aliases"] == {
+        f"tied.terms.0.{b}": f"emb.terms.0.{b}" for b in ("packed", "scale", "levels")
+    }  # the codes are stored once
+    loaded, _ = load_quantized(path, build=lambda src: Mixed(src["width"]))
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(*x), q(*x))
+    assert loaded.tied.terms[0] is loaded.emb.terms[0]
+    # the tie is kept through a second save
+    path2 = save_quantized(loaded, tmp_path / "again.safetensors", source=SOURCE)
+    assert read_manifest(path2)["aliases"] == man["aliases"]
+
+
+def test_tied_weights_with_different_rules_are_untied_with_a_warning() -> None:
+    cfg = QuantConfig(LayerRule("minmax", 4), rules=(PatternRule("tied", bits=8),))
+    with pytest.warns(UserWarning, match=r"tied weights no longer shared.*emb / tied"):
+        q, report = quantize_model(_trained_like(Mixed()), cfg)
+    assert q.tied.terms[0] is not q.emb.terms[0] and q.tied.terms[0].bits == 8
+    assert all(not r.tied_to for r in report.layers)
+
+
+@pytest.mark.parametrize("sdtype", ["float16", "bfloat16"])
+def test_half_precision_scales_round_trip_bit_exact(tmp_path: Path, sdtype: str) -> None:
+    q, report = quantize_model(
+        _trained_like(Mixed()),
+        QuantConfig(LayerRule("minmax", 3, "group:4", {"grid": "uint"}, scale_dtype=sdtype)),
+    )
+    path = save_quantized(q, tmp_path / "m.safetensors", source=SOURCE, report=report)
+    man = read_manifest(path)
+    st = {"float16": "F16", "bfloat16": "BF16"}[sdtype]
+    assert (
+        man["tensors"]["conv.terms.0.scale"]["dtype"] == st
+        and man["tensors"]["conv.terms.0.offset"]["dtype"] == st
+    )
+    assert {t["scale_dtype"] for lay in man["layers"].values() for t in lay["terms"]} == {sdtype}
+    loaded, _ = load_quantized(path, build=lambda src: Mixed(src["width"]))
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(*x), q(*x))
+    assert loaded.conv.terms[0].scale.dtype == getattr(torch, sdtype)
+
+
+@pytest.mark.parametrize(("sdtype", "bpw"), [("float32", 4 + 32 / 128), ("float16", 4 + 16 / 128)])
+def test_file_size_with_scale_dtypes(tmp_path: Path, sdtype: str, bpw: float) -> None:
+    model = nn.Sequential(nn.Linear(512, 1024, bias=False), nn.ReLU(), nn.Linear(1024, 512, bias=False))
+    q, report = quantize_model(model, QuantConfig(LayerRule("minmax", 4, "group:128", scale_dtype=sdtype)))
+    assert report.bits_per_weight == pytest.approx(bpw)
+    path = save_quantized(q, tmp_path / "m.safetensors", source=SOURCE)
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    levels = 2 * 16 * 4  # each layer's shared int4 levels (16 float32): stored, not counted in bits/weight
+    assert path.stat().st_size == report.bits_per_weight * report.quantized_params / 8 + header + levels
+
+
+def test_saved_file_gets_the_usual_permissions(tmp_path: Path) -> None:
+    q, _ = _quantized()
+    mask = os.umask(0o027)
+    try:
+        path = save_quantized(q, tmp_path / "m.safetensors", source=SOURCE)
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o640  # as open() would create it, not mkstemp's 0600
+
+
+class V1Net(nn.Module):
+    """The model of ``tests/data/format_v1.safetensors`` (written by dfquant 0.1.0, file format version 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids).transpose(1, 2)
+        h = torch.relu(self.bn(self.conv(h))).transpose(1, 2)
+        return self.fc(h)
+
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def test_format_v1_file_reloads_bit_identical() -> None:
+    """A file of format version 1 (float32 scales, no ``scale_dtype`` key, embedding left float) still loads
+    and computes exactly the outputs recorded when it was written."""
+    path = DATA / "format_v1.safetensors"
+    man = read_manifest(path)
+    assert man["format_version"] == 1 and "scale_dtype" not in man["layers"]["conv"]["terms"][0]
+    model, _ = load_quantized(path, build=lambda src: V1Net())
+    expected = load_file(DATA / "format_v1_expected.safetensors")
+    with torch.no_grad():
+        assert torch.equal(model(expected["ids"]), expected["output"])
+    assert model.conv.terms[0].scale.dtype == torch.float32
+
+
+def test_term_keys_follow_the_format_version(saved: Path, tmp_path: Path) -> None:
+    def drop(m: dict) -> None:
+        del _term(m)["scale_dtype"]
+
+    bad = _rewrite(saved, tmp_path / "v2.safetensors", edit_manifest=drop)
+    with pytest.raises(FileFormatError, match=r"scale_dtype.*format version 2"):
+        _load(bad)
+    v1 = _rewrite(saved, tmp_path / "v1.safetensors", edit_manifest=lambda m: m.update(format_version=1))
+    with pytest.raises(FileFormatError, match=r"format version 1"):
+        _load(v1)
+    v1_ok = _rewrite(
+        saved,
+        tmp_path / "v1ok.safetensors",
+        edit_manifest=lambda m: (
+            [t.pop("scale_dtype") for lay in m["layers"].values() for t in lay["terms"]]
+            and m.update(format_version=1)
+        ),
+    )
+    model, _ = _load(v1_ok)
+    with torch.no_grad():
+        assert torch.equal(model(*_inputs()), _load(saved)[0](*_inputs()))
