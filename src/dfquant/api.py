@@ -9,7 +9,9 @@
    (:func:`dfquant.graph.analyze_graph`) and captures the BatchNorm statistics bias correction needs (before
    folding erases those BatchNorms);
 3. folds each BatchNorm into the layer before it (:func:`dfquant.methods.bn.fold_batchnorm`);
-4. quantizes each layer into a quantized module holding one term, and corrects its bias for the expected
+4. quantizes each layer into a quantized module holding one term (or ``K`` terms for a rule with
+   ``expand = K``: the residual expansion of :mod:`dfquant.methods.rex`, group-sparse when the rule has a
+   ``sparsity``, split across layers by ``config.sparsity_split``), and corrects its bias for the expected
    output shift (:func:`dfquant.methods.bn.correct_bias`); layers that share one weight tensor (tied weights,
    such as an output head tied to the token embedding) and resolve to the same rule are quantized once and
    share the very same terms, so the tie survives (and a file stores the codes once);
@@ -28,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,9 +58,10 @@ from .graph import (
     replace_module,
     state_dict_bytes,
 )
-from .methods.bn import correct_bias, expected_input_mean, fold_batchnorm
+from .methods.bn import MomentOp, correct_bias, expected_input_mean, fold_batchnorm, propagate_moments
+from .methods.rex import expand, layer_sparsities
 from .nn import QuantModule, QuantTerm, oriented_weight, term_layout, weight_of
-from .quantizers.base import Granularity, Quantizer
+from .quantizers.base import Granularity, QTensor, Quantizer
 from .quantizers.registry import get_quantizer
 
 __all__ = ["LayerPlan", "plan_quantization", "quantize_model"]
@@ -94,6 +98,22 @@ def _batchnorm(model: nn.Module, name: str) -> _BatchNorm:
     if not isinstance(m, _BatchNorm):
         raise ModelError(f"'{name}' is a {type(m).__name__}, not a BatchNorm")
     return m
+
+
+def _batchnorm_affine(
+    model: nn.Module, program: list[MomentOp]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(beta, gamma)`` of each BatchNorm a moment program reads (0 and 1 without affine parameters)."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for op in program:
+        if op.op == "batchnorm" and op.source not in out:
+            bn = _batchnorm(model, op.source)
+            beta = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
+            gamma = bn.weight.detach() if bn.weight is not None else torch.ones(bn.num_features)
+            check_finite(beta, f"{op.source}.bias")
+            check_finite(gamma, f"{op.source}.weight")
+            out[op.source] = (beta, gamma)
+    return out
 
 
 def _bias_of(layer: nn.Module) -> torch.Tensor | None:
@@ -144,7 +164,7 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
             raise ConfigError(f"{label}: {e}") from None
         if not w.is_floating_point():
             raise InputError(f"{label}: weight must be floating point, got {w.dtype}")
-        check_finite(w.detach(), info.name or "<root>")
+        check_finite(w.detach(), f"{info.name}.weight" if info.name else "weight")
         plans.append(LayerPlan(info.name, info.kind, type(info.module).__name__, shape, rule, q, gran))
     return plans
 
@@ -155,8 +175,58 @@ def _tie_key(w: torch.Tensor) -> tuple[object, ...]:
 
 
 def _same_rule(a: LayerRule, b: LayerRule) -> bool:
-    keys = ("quantizer", "bits", "granularity", "scale_dtype")
+    keys = ("quantizer", "bits", "granularity", "scale_dtype", "expand", "sparsity")
     return all(getattr(a, k) == getattr(b, k) for k in keys) and dict(a.options) == dict(b.options)
+
+
+def _split_sparsity(plans: list[LayerPlan], split: str) -> dict[str, float]:
+    """Per-layer expansion sparsity: each rule's budget split over the layers that share it (in registration
+    order, taken as depth), weighted by parameters (:func:`dfquant.methods.rex.layer_sparsities`)."""
+    groups: dict[float, list[LayerPlan]] = {}
+    for p in plans:
+        if not p.skip and p.rule.expand > 1 and p.rule.sparsity > 0:
+            groups.setdefault(p.rule.sparsity, []).append(p)
+    out: dict[str, float] = {}
+    for sparsity, members in groups.items():
+        sizes = [float(math.prod(p.shape)) for p in members]
+        for p, s in zip(members, layer_sparsities(len(members), sparsity, split, sizes=sizes), strict=True):
+            out[p.name] = s
+    return out
+
+
+def _quantize_terms(p: LayerPlan, w: torch.Tensor, sparsity: float) -> tuple[list[QuantTerm], QTensor]:
+    """The layer's terms: one (plain) or ``K`` residual expansion orders; and the first order's QTensor."""
+    assert p.quantizer is not None and p.granularity is not None
+    name = p.name or "<root>"
+    if p.rule.expand == 1:
+        qt = p.quantizer.quantize(w, p.granularity, name=name, scale_dtype=p.rule.scale_dtype)
+        return [QuantTerm.from_qtensor(qt, options=p.rule.options)], qt
+    terms = expand(
+        w,
+        p.quantizer,
+        p.rule.expand,
+        granularity=p.granularity,
+        sparsity=sparsity,
+        name=name,
+        scale_dtype=p.rule.scale_dtype,
+    )
+    qterms = [QuantTerm.from_qtensor(t.qtensor, options=p.rule.options, channels=t.channels) for t in terms]
+    return qterms, terms[0].qtensor
+
+
+def _weight_bits_per_mac(qmod: QuantModule) -> float:
+    """``sum_k bits_k c_k / C`` over the layer's terms."""
+    C = qmod.weight_shape[0]
+    return sum(t.bits * (C if t.channels is None else t.channels.numel()) for t in qmod.quant_terms) / C
+
+
+def _realized_sparsity(qmod: QuantModule, order: int) -> float:
+    """Fraction of the ``(K - 1) C`` channel-terms of orders ``2..K`` that were dropped."""
+    if order < 2:
+        return 0.0
+    C = qmod.weight_shape[0]
+    kept = sum(C if t.channels is None else t.channels.numel() for t in qmod.quant_terms[1:])
+    return 1.0 - kept / ((order - 1) * C)
 
 
 def _untied(plans: list[LayerPlan], model: nn.Module, shared: dict[str, str]) -> list[str]:
@@ -204,9 +274,11 @@ def quantize_model(
     conv/linear are folded into it first (exact for inference; they become
     :class:`~dfquant.graph.FoldedBatchNorm`). With ``config.bias_correction``, a quantized layer whose input
     is ``ReLU(BN(.))`` or ``BN(.)`` gets ``b -= (W_hat - W) E[x]`` with ``E[x]`` from that BatchNorm's
-    ``beta``/``gamma`` (Nagel et al. 2019). Layers skipped by a rule stay float; one summary warning lists
-    them (or ``config.strict`` raises). Folding uses the BatchNorms' running statistics: the result is meant
-    for inference (eval mode).
+    ``beta``/``gamma`` (Nagel et al. 2019); where the input is derived further from BatchNorm outputs (a
+    residual sum ``ReLU(BN(.) + shortcut)``, zero-padded or pooled), ``E[x]`` comes from the moments
+    propagated through the traced graph (:func:`dfquant.methods.bn.propagate_moments`). Layers skipped by a
+    rule stay float; one summary warning lists them (or ``config.strict`` raises). Folding uses the
+    BatchNorms' running statistics: the result is meant for inference (eval mode).
 
     Args:
         model: the float model (left unchanged unless ``inplace``).
@@ -263,6 +335,7 @@ def quantize_model(
     if graph is not None:
         report.graph_method, report.graph_note = graph.method, graph.note
     active = {p.name: p for p in plans if not p.skip}
+    sparsities = _split_sparsity(plans, config.sparsity_split)
 
     # Bias-correction statistics, captured before folding turns those BatchNorms into identities.
     input_stats: dict[str, tuple[str, str, torch.Tensor]] = {}
@@ -276,6 +349,13 @@ def quantize_model(
                 if gamma is not None:
                     check_finite(gamma, f"{bn_name}.weight")
                 input_stats[layer_name] = (bn_name, act, expected_input_mean(beta, gamma, act))
+        # Inputs derived further (a residual sum, a pooled map): moments propagated from the BatchNorms.
+        pending = {k: v for k, v in graph.input_moments.items() if k in active and k not in input_stats}
+        if pending:
+            moments = propagate_moments(graph.moment_program, _batchnorm_affine(target, graph.moment_program))
+            for layer_name, (node, source, act) in pending.items():
+                if node in moments:
+                    input_stats[layer_name] = (source, act, moments[node].mean)
 
     # BatchNorm folding, computed first and applied at the end.
     folded: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}
@@ -321,12 +401,10 @@ def quantize_model(
             if tie is not None and owner is None:
                 first_of[tie] = p.name
             try:
-                qt = p.quantizer.quantize(
-                    w_float, p.granularity, name=p.name or "<root>", scale_dtype=p.rule.scale_dtype
-                )
+                qterms, qt = _quantize_terms(p, w_float, sparsities.get(p.name, 0.0))
             except DfquantError as e:
                 raise type(e)(f"{_label(p.name, layer, p.shape)}: {e}") from None
-            qmod = QuantModule.from_float(layer, [QuantTerm.from_qtensor(qt, options=p.rule.options)])
+            qmod = QuantModule.from_float(layer, qterms)
             dists[p.name] = dist_summary(qt.info.get("dist"))
         qmod = qmod.to(w_float.device)
         qmod.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
@@ -362,6 +440,9 @@ def quantize_model(
                 dist=dists[p.name],
                 options=dict(p.rule.options),
                 tied_to=shared.get(p.name, ""),
+                order=p.rule.expand,
+                sparsity=_realized_sparsity(qmod, p.rule.expand),
+                weight_bits_per_mac=_weight_bits_per_mac(qmod),
             )
         )
         new_modules[p.name] = qmod

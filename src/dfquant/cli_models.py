@@ -7,6 +7,11 @@ in groups of 64, evaluated with the data-free fidelity check and on the sentence
 then, once the model is loaded, that each task fits it), quantizes, evaluates, and writes ``--out`` last,
 atomically: a command that fails leaves no output file (and no temporary file) behind. Progress is shown on
 stderr only when stderr is a terminal (and neither ``--quiet`` nor ``--json`` is given).
+
+``--expand K`` quantizes every layer as a residual expansion of order ``K`` (:mod:`dfquant.methods.rex`) and
+``--sparsity GAMMA`` (a fraction in [0, 1), or a percentage) drops that fraction of output channels from each
+order ``k >= 2``, split across layers by ``--sparsity-split``; the command then also prints the bit operations
+(BOPs) against float and plain ``b``-bit quantization (the ``cost`` entry of ``--json`` always holds them).
 """
 
 from __future__ import annotations
@@ -87,6 +92,10 @@ def _build_config(args: argparse.Namespace) -> Any:
             overrides["granularity"] = args.granularity
         if args.scale_dtype is not None:
             overrides["scale_dtype"] = args.scale_dtype
+        if args.expand is not None:
+            overrides["expand"] = args.expand
+        if args.sparsity is not None:
+            overrides["sparsity"] = _parse_sparsity(args.sparsity)
         if overrides:
             d = cfg.to_dict()
             d["default"] = {**d["default"], **overrides}
@@ -100,8 +109,14 @@ def _build_config(args: argparse.Namespace) -> Any:
                 bits=args.bits if args.bits is not None else DEFAULT_BITS,
                 granularity=args.granularity or "channel",
                 scale_dtype=args.scale_dtype or "float32",
+                expand=args.expand if args.expand is not None else 1,
+                sparsity=_parse_sparsity(args.sparsity) if args.sparsity is not None else 0.0,
             )
         )
+    if args.sparsity_split is not None:
+        d = cfg.to_dict()
+        d["sparsity_split"] = args.sparsity_split
+        cfg = QuantConfig.from_dict(d)
     if args.no_fold_bn or args.no_bias_correction or args.strict:
         d = cfg.to_dict()
         if args.no_fold_bn:
@@ -112,6 +127,31 @@ def _build_config(args: argparse.Namespace) -> Any:
             d["strict"] = True
         cfg = QuantConfig.from_dict(d)
     return cfg
+
+
+def _parse_sparsity(value: float) -> float:
+    """``--sparsity``: a fraction in [0, 1), or a percentage in [1, 100)."""
+    frac = value / 100.0 if value >= 1.0 else value
+    if not 0.0 <= frac < 1.0:
+        raise ConfigError(f"--sparsity must be a fraction in [0, 1) or a percentage below 100, got {value}")
+    return frac
+
+
+def _cost(loaded: Any, report: Any) -> dict[str, Any]:
+    import torch
+
+    from .cost import cost_summary, layer_macs
+
+    shape = getattr(loaded, "input_shape", None)
+    example = torch.zeros((1, *shape)) if shape else None
+    per = "input" if example is not None else "output position (token)"
+    try:
+        macs = layer_macs(loaded.model, example)
+    except Exception:  # a model whose forward does not take a zero image: count per position instead
+        macs, per = layer_macs(loaded.model, None), "output position (token)"
+    out = cost_summary(report, macs)
+    out["macs_per"] = per
+    return out
 
 
 def _check_out(out: Path) -> None:
@@ -176,6 +216,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     progress.done()
     float_bytes = state_dict_bytes(loaded.model)
     evals = _evaluate(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
+    cost = _cost(loaded, report)
     size_bytes = None
     if args.out:  # written last: a command that fails leaves no file
         from .io import save_quantized
@@ -187,6 +228,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "method": config.default.quantizer,
         "bits": config.default.bits,
         "granularity": config.default.granularity,
+        "scale_dtype": config.default.scale_dtype,
         "bits_per_weight": report.bits_per_weight,
         "size_bytes": size_bytes if size_bytes is not None else report.model_bytes,
         "size_is_file": size_bytes is not None,
@@ -196,11 +238,25 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "layers": report.to_dict()["layers"],
         "report": report.to_dict(),
         "notes": list(getattr(loaded, "notes", []) or []),
+        "expand": config.default.expand,
+        "sparsity": config.default.sparsity,
+        "cost": cost,
     }
     if not args.json:
         print(report.to_text())
         _print_summary(result)
+        if args.expand is not None:
+            _print_cost(cost, config.default.bits)
     return result
+
+
+def _print_cost(cost: dict[str, Any], bits: int) -> None:
+    t = cost["totals"]
+    print(
+        f"BOPs per {cost['macs_per']}: {t['bops']:.4g} (weight bits per MAC {t['weight_bits_per_mac']:.3f}, "
+        f"activations {cost['act_bits']} bits); float {t['float_bops']:.4g} ({t['bops_vs_float']:.3f}x), "
+        f"plain W{bits} {t['plain_bops']:.4g} ({t['bops_vs_plain']:.3f}x)"
+    )
 
 
 def _check_tasks(tasks: list[str], loaded: Any) -> None:
@@ -318,6 +374,20 @@ def add_commands(sub: Any) -> None:
         "--scale-dtype",
         choices=("float32", "float16", "bfloat16"),
         help="dtype of the per-group scales and offsets (default float32; float16 saves 16 bits per group)",
+    )
+    p.add_argument(
+        "--expand", type=int, help="residual expansion order K: K quantized terms per layer (default 1, plain)"
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        help="fraction (or percentage) of output channels dropped from each expansion order >= 2 (default 0)",
+    )
+    p.add_argument(
+        "--sparsity-split",
+        choices=("linear", "uniform"),
+        help="split of the sparsity budget across layers: linear in depth, more toward the head (default), "
+        "or uniform",
     )
     p.add_argument("--config", help="JSON file with per-layer rules (see dfquant.config.QuantConfig)")
     p.add_argument("--eval", help="comma-separated tasks: cifar10, stsb, wikitext2, fidelity, pairs")

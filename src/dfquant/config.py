@@ -22,13 +22,22 @@ The JSON form (``QuantConfig.from_dict`` / ``from_file`` / ``to_dict``)::
       ],
       "fold_bn": true,
       "bias_correction": true,
-      "strict": false
+      "strict": false,
+      "sparsity_split": "linear"
     }
 
 ``scale_dtype`` (``"float32"``, the default, ``"float16"`` or ``"bfloat16"``) is the dtype per-group scales
 and offsets are stored in: it is part of the rule because it changes both the codes (scales are rounded before
 encoding) and the bits per weight (``bits + 16 / G`` instead of ``bits + 32 / G`` for one scale per group of
 ``G``, plus as much again for offsets).
+
+``expand`` (default 1) is the residual expansion order ``K`` of :mod:`dfquant.methods.rex` (Yvinec et al.
+2023): the layer holds ``K`` terms, ``R_1 = Q(W)``, ``R_k = Q(W - sum_{i<k} R_i)``, each with its own scales.
+``sparsity`` (default 0, dense) is the fraction of output channels dropped from each order ``k >= 2``; it is a
+budget for all the layers whose rule names it: :func:`dfquant.methods.rex.layer_sparsities` splits it across
+them by ``sparsity_split`` (``"linear"``: kept fractions growing linearly with depth, more toward the head, as
+in the paper; ``"uniform"``: the same for every layer), weighted by each layer's parameters, so that the
+fraction of dropped expansion weights over those layers is ``sparsity``.
 
 Unknown keys anywhere raise :class:`~dfquant.errors.ConfigError` naming them. Whether a quantizer name and
 its bits exist is checked against the registry when a model is planned
@@ -56,9 +65,11 @@ from .quantizers.base import SCALE_DTYPES, Granularity
 
 __all__ = ["LayerRule", "PatternRule", "QuantConfig"]
 
-_RULE_KEYS = ("quantizer", "bits", "granularity", "options", "skip", "reason", "scale_dtype")
+_RULE_KEYS = ("quantizer", "bits", "granularity", "options", "skip", "reason", "scale_dtype", "expand", "sparsity")
 _PATTERN_KEYS = ("pattern", *_RULE_KEYS)
-_CONFIG_KEYS = ("default", "rules", "fold_bn", "bias_correction", "strict")
+_CONFIG_KEYS = ("default", "rules", "fold_bn", "bias_correction", "strict", "sparsity_split")
+#: How a rule's expansion sparsity is split across layers (see :data:`dfquant.methods.rex.SPLIT_RULES`).
+SPARSITY_SPLITS = ("linear", "uniform")
 
 
 def _check_bits(bits: object, where: str) -> int:
@@ -100,6 +111,18 @@ def _check_scale_dtype(value: object, where: str) -> str:
     return value
 
 
+def _check_expand(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
+        raise ConfigError(f"{where}: 'expand' (expansion order) must be an integer in 1..16, got {value!r}")
+    return value
+
+
+def _check_sparsity(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{where}: 'sparsity' must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def _check_keys(data: object, allowed: tuple[str, ...], where: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
@@ -130,6 +153,9 @@ class LayerRule:
         reason: why it is skipped (shown in the report and the warning).
         scale_dtype: the dtype per-group scales and offsets are stored in: ``"float32"``, ``"float16"`` or
             ``"bfloat16"`` (rounded before encoding, so a saved file decodes to exactly the in-memory model).
+        expand: residual expansion order ``K`` (1: plain quantization), see :mod:`dfquant.methods.rex`.
+        sparsity: fraction of output channels dropped from each expansion order ``k >= 2`` (0: dense), a budget
+            split across layers by :attr:`QuantConfig.sparsity_split`.
     """
 
     quantizer: str = "minmax"
@@ -139,6 +165,8 @@ class LayerRule:
     skip: bool = False
     reason: str = ""
     scale_dtype: str = "float32"
+    expand: int = 1
+    sparsity: float = 0.0
 
     def __post_init__(self) -> None:
         where = "layer rule"
@@ -150,6 +178,8 @@ class LayerRule:
         if not isinstance(self.reason, str):
             raise ConfigError(f"{where}: 'reason' must be a string, got {self.reason!r}")
         _check_scale_dtype(self.scale_dtype, where)
+        _check_expand(self.expand, where)
+        object.__setattr__(self, "sparsity", _check_sparsity(self.sparsity, where))
 
     def __hash__(self) -> int:
         return hash(
@@ -161,13 +191,15 @@ class LayerRule:
                 self.skip,
                 self.reason,
                 self.scale_dtype,
+                self.expand,
+                self.sparsity,
             )
         )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "'default'") -> LayerRule:
         """Build from a JSON object with keys among ``quantizer, bits, granularity, options, skip, reason,
-        scale_dtype``.
+        scale_dtype, expand, sparsity``.
 
         Raises:
             ConfigError: unknown keys or invalid values, naming them.
@@ -188,6 +220,8 @@ class LayerRule:
             "skip": self.skip,
             "reason": self.reason,
             "scale_dtype": self.scale_dtype,
+            "expand": self.expand,
+            "sparsity": self.sparsity,
         }
 
 
@@ -197,8 +231,8 @@ class PatternRule:
 
     Attributes:
         pattern: a glob matched against the whole name, or ``re:REGEX`` (full match).
-        quantizer, bits, granularity, options, skip, reason, scale_dtype: as in :class:`LayerRule`; ``None``
-            keeps the value resolved so far.
+        quantizer, bits, granularity, options, skip, reason, scale_dtype, expand, sparsity: as in
+            :class:`LayerRule`; ``None`` keeps the value resolved so far.
     """
 
     pattern: str
@@ -209,6 +243,8 @@ class PatternRule:
     skip: bool | None = None
     reason: str | None = None
     scale_dtype: str | None = None
+    expand: int | None = None
+    sparsity: float | None = None
 
     def __post_init__(self) -> None:
         where = f"rule '{self.pattern}'"
@@ -232,6 +268,10 @@ class PatternRule:
             raise ConfigError(f"{where}: 'reason' must be a string, got {self.reason!r}")
         if self.scale_dtype is not None:
             _check_scale_dtype(self.scale_dtype, where)
+        if self.expand is not None:
+            _check_expand(self.expand, where)
+        if self.sparsity is not None:
+            object.__setattr__(self, "sparsity", _check_sparsity(self.sparsity, where))
 
     def __hash__(self) -> int:
         opts = None if self.options is None else json.dumps(dict(self.options), sort_keys=True, default=repr)
@@ -245,6 +285,8 @@ class PatternRule:
                 self.skip,
                 self.reason,
                 self.scale_dtype,
+                self.expand,
+                self.sparsity,
             )
         )
 
@@ -303,6 +345,8 @@ class QuantConfig:
         bias_correction: subtract the expected output shift of each quantized layer whose input comes from a
             BatchNorm (optionally through a ReLU), as in Nagel et al. 2019 (DFQ).
         strict: raise instead of warning when a layer is left in float.
+        sparsity_split: how each rule's expansion sparsity is split across its layers: ``"linear"`` in depth
+            (more kept toward the head) or ``"uniform"``.
     """
 
     default: LayerRule = field(default_factory=LayerRule)
@@ -310,6 +354,7 @@ class QuantConfig:
     fold_bn: bool = True
     bias_correction: bool = True
     strict: bool = False
+    sparsity_split: str = "linear"
 
     def __post_init__(self) -> None:
         if not isinstance(self.default, LayerRule):
@@ -320,6 +365,10 @@ class QuantConfig:
         object.__setattr__(self, "rules", rules)
         for key in ("fold_bn", "bias_correction", "strict"):
             _check_flag(getattr(self, key), key, "config")
+        if self.sparsity_split not in SPARSITY_SPLITS:
+            raise ConfigError(
+                f"config: 'sparsity_split' must be one of {', '.join(SPARSITY_SPLITS)}, got {self.sparsity_split!r}"
+            )
 
     def rule_for(self, name: str) -> LayerRule:
         """The resolved rule of the layer called ``name`` (qualified module name)."""
@@ -347,7 +396,7 @@ class QuantConfig:
         if not isinstance(raw_rules, list):
             raise ConfigError(f"config: 'rules' must be a list of objects, got {type(raw_rules).__name__}")
         rules = tuple(PatternRule.from_dict(r, f"rule #{i}") for i, r in enumerate(raw_rules))
-        flags = {k: d[k] for k in ("fold_bn", "bias_correction", "strict") if k in d}
+        flags = {k: d[k] for k in ("fold_bn", "bias_correction", "strict", "sparsity_split") if k in d}
         return cls(default=default, rules=rules, **flags)
 
     @classmethod
@@ -379,4 +428,5 @@ class QuantConfig:
             "fold_bn": self.fold_bn,
             "bias_correction": self.bias_correction,
             "strict": self.strict,
+            "sparsity_split": self.sparsity_split,
         }

@@ -11,8 +11,9 @@ computes a scale or touches a weight's values.
 from __future__ import annotations
 
 import math
+import operator
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import ModelError
+from .methods.bn import MomentOp
 from .nn import QuantModule, layer_kind, oriented_weight
 
 __all__ = [
@@ -167,12 +169,20 @@ class GraphInfo:
         bn_pairs: ``(layer, batchnorm)`` names where the BatchNorm directly and only follows the layer.
         input_bn: layer name -> ``(batchnorm, activation)`` when the layer's input is ``activation(BN(...))``
             (activation ``"relu"`` or ``"none"``).
+        moment_program: the steps from BatchNorm outputs to layer inputs through ReLUs, sums, zero channel
+            padding, spatial slicing and averaging (fx only), for
+            :func:`dfquant.methods.bn.propagate_moments`.
+        input_moments: layer name -> ``(value, source, activation)``: the program's value that is the layer's
+            input, the BatchNorms and propagated tensors it sums (e.g. ``"layer1.1.bn2 + layer1.0.relu2"``),
+            and the ops after the sum (``"relu"``, ``"relu, mean"``, ``"none"``).
     """
 
     method: str
     note: str = ""
     bn_pairs: list[tuple[str, str]] = field(default_factory=list)
     input_bn: dict[str, tuple[str, str]] = field(default_factory=dict)
+    moment_program: list[MomentOp] = field(default_factory=list)
+    input_moments: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
 
 class _LeafTracer(fx.Tracer):
@@ -255,7 +265,147 @@ def _analyze_fx(model: nn.Module) -> GraphInfo:
             bn = single_module_call(cur)
             if isinstance(bn, _BN) and _bn_fits(mod, bn, "in"):
                 info.input_bn[str(node.target)] = (str(cur.target), act)
+    info.moment_program, info.input_moments = _moment_program(graph, modules, calls)
     return info
+
+
+@dataclass(frozen=True)
+class _Value:
+    """What the moment program knows of a value: channels, rank (None: BatchNorm1d's ``(N, C)`` or
+    ``(N, C, L)``), whether its spatial extent is 1, its source label, the ops applied after the source, and
+    the name a sum cites it by (the BatchNorm, or the module or node of the last ReLU)."""
+
+    channels: int
+    ndim: int | None
+    spatial_one: bool
+    source: str
+    ops: tuple[str, ...] = ()
+    ref: str = ""
+
+
+_ADD_FUNCS = (operator.add, operator.iadd, torch.add)
+_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def _const_ints(x: object) -> tuple[int, ...] | None:
+    if isinstance(x, int) and not isinstance(x, bool):
+        return (x,)
+    if isinstance(x, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in x):
+        return tuple(x)
+    return None
+
+
+def _arg(node: fx.Node, i: int, key: str, default: object = None) -> object:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
+
+
+def _moment_step(
+    node: fx.Node, modules: dict[str, nn.Module], vals: dict[str, _Value]
+) -> tuple[MomentOp, _Value] | None:
+    """The moment op computing ``node`` from known values, and what is known of its result; None if none."""
+    src = node.args[0] if node.args else None
+    x = vals.get(src.name) if isinstance(src, fx.Node) else None
+    name = node.name
+
+    def step(op: str, value: _Value, **kw: Any) -> tuple[MomentOp, _Value]:
+        assert isinstance(src, fx.Node)
+        return MomentOp(name, op, (src.name,), **kw), value
+
+    if node.op == "call_module":
+        mod = modules.get(str(node.target))
+        if isinstance(mod, _BN) and mod.running_mean is not None and len(node.args) == 1:
+            ndim = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}.get(type(mod))
+            value = _Value(mod.num_features, ndim, False, str(node.target), ref=str(node.target))
+            return MomentOp(name, "batchnorm", source=str(node.target)), value
+        if x is None:
+            return None
+        if isinstance(mod, nn.ReLU):
+            return step("relu", replace(x, ops=(*x.ops, "relu"), ref=str(node.target)))
+        if isinstance(mod, _TRANSPARENT):
+            return step("identity", x)
+        if isinstance(mod, _POOLS) and set(_const_ints(mod.output_size) or ()) == {1}:
+            return step("mean", replace(x, spatial_one=True, ops=(*x.ops, "mean")))
+        if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1 and x.spatial_one:
+            return step("identity", replace(x, ndim=2))
+        return None
+    if x is None:
+        return None
+    target = node.target
+    is_relu = (node.op == "call_function" and target in _RELU_FUNCS) or (
+        node.op == "call_method" and target in ("relu", "relu_")
+    )
+    if is_relu:
+        return step("relu", replace(x, ops=(*x.ops, "relu"), ref=name))
+    if (node.op == "call_function" and target in _ADD_FUNCS) or (
+        node.op == "call_method" and target in ("add", "add_")
+    ):
+        other = node.args[1] if len(node.args) == 2 else None
+        y = vals.get(other.name) if isinstance(other, fx.Node) else None
+        if y is None or node.kwargs or y.channels != x.channels or x.ndim != y.ndim:
+            return None
+        assert isinstance(src, fx.Node) and isinstance(other, fx.Node)
+        value = _Value(x.channels, x.ndim, x.spatial_one and y.spatial_one, f"{x.ref} + {y.ref}", ref=name)
+        return MomentOp(name, "add", (src.name, other.name)), value
+    if node.op == "call_function" and target is operator.getitem and x.ndim is not None:
+        idx = node.args[1]
+        full = slice(None, None, None)
+        if (
+            isinstance(idx, tuple)
+            and 2 <= len(idx) <= x.ndim
+            and idx[0] == full
+            and idx[1] == full
+            and all(isinstance(i, slice) for i in idx)
+        ):
+            return step("identity", x)
+        return None
+    if node.op == "call_function" and target is F.pad and x.ndim is not None:
+        pad = _const_ints(_arg(node, 1, "pad"))
+        mode, value = _arg(node, 2, "mode", "constant"), _arg(node, 3, "value", None)
+        if pad is None or len(pad) != 2 * (x.ndim - 1) or mode != "constant" or value not in (None, 0, 0.0):
+            return None
+        before, after = pad[-2], pad[-1]
+        if any(pad[:-2]) or before < 0 or after < 0:
+            return None
+        return step("pad", replace(x, channels=x.channels + before + after), pad=(before, after))
+    if node.op == "call_method" and target == "mean" and x.ndim is not None:
+        dims = _const_ints(_arg(node, 1, "dim"))
+        keep = bool(_arg(node, 2, "keepdim", False))
+        if dims is None or {d % x.ndim for d in dims} != set(range(2, x.ndim)):
+            return None
+        return step("mean", replace(x, ndim=x.ndim if keep else 2, spatial_one=True, ops=(*x.ops, "mean")))
+    is_flatten = (node.op == "call_function" and target is torch.flatten) or (
+        node.op == "call_method" and target == "flatten"
+    )
+    flat_all = _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1
+    if is_flatten and x.spatial_one and flat_all:
+        return step("identity", replace(x, ndim=2))
+    return None
+
+
+def _moment_program(
+    graph: fx.Graph, modules: dict[str, nn.Module], calls: Counter[str]
+) -> tuple[list[MomentOp], dict[str, tuple[str, str, str]]]:
+    """The moment program of a traced graph and the value each quantizable layer reads (see
+    :class:`GraphInfo`). A layer qualifies when it is called once and its input's channel count and rank fit
+    it (Conv2d: a 4-D value; Linear and Conv1D: ``(N, C)``)."""
+    program: list[MomentOp] = []
+    vals: dict[str, _Value] = {}
+    inputs: dict[str, tuple[str, str, str]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and calls[str(node.target)] == 1:
+            layer = modules.get(str(node.target))
+            kind = layer_kind(layer) if layer is not None else None
+            src = node.args[0] if node.args else None
+            x = vals.get(src.name) if isinstance(src, fx.Node) else None
+            if kind is not None and layer is not None and x is not None and isinstance(src, fx.Node):
+                ranks = {"conv2d": (4,), "conv1d": (3, None)}.get(kind, (2, None))
+                if x.ndim in ranks and x.channels == _in_features(layer):
+                    inputs[str(node.target)] = (src.name, x.source, ", ".join(x.ops) or "none")
+        found = _moment_step(node, modules, vals)
+        if found is not None:
+            program.append(found[0])
+            vals[node.name] = found[1]
+    return program, inputs
 
 
 def _analyze_order(model: nn.Module, note: str) -> GraphInfo:
@@ -331,6 +481,11 @@ class LayerReport:
             the quantizer reports it, else None.
         tied_to: the layer whose quantized terms this one shares (their float weights were tied), else
             ``""``; such a layer is not counted again in the report's totals.
+        order: residual expansion order ``K`` of the rule (1: plain). sparsity: fraction of output channels
+            dropped from each expansion order ``k >= 2`` in this layer (after the split across layers).
+        weight_bits_per_mac: ``sum_k bits_k c_k / C`` over the terms (``c_k`` of ``C`` output channels): a MAC
+            of the layer costs this many weight bits, so ``BOPs = MACs x weight_bits_per_mac x activation
+            bits`` (see :mod:`dfquant.methods.rex`).
     """
 
     name: str
@@ -348,6 +503,9 @@ class LayerReport:
     dist: dict[str, float] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     tied_to: str = ""
+    order: int = 1
+    sparsity: float = 0.0
+    weight_bits_per_mac: float = math.nan
 
 
 @dataclass
@@ -486,6 +644,8 @@ class QuantizationReport:
         for r in self.layers:
             dist = "-" if not r.dist else " ".join(f"{k[0]}{v:.0%}" for k, v in r.dist.items())
             q = r.quantizer + (f" x{r.terms}" if r.terms > 1 else "")
+            if r.order > 1:
+                q += f" (K={r.order}" + (f", {r.sparsity:.0%} sparse)" if r.sparsity > 0 else ")")
             q += f" (tied to {r.tied_to})" if r.tied_to else ""
             shape = "x".join(str(s) for s in r.shape)
             rows.append(

@@ -84,7 +84,7 @@ from torch import nn
 
 from .errors import ConfigError, FileFormatError, InputError, ModelError
 from .graph import FoldedBatchNorm, QuantizationReport, get_module, module_names, replace_module
-from .nn import DTYPES, QUANT_MODULES, QuantModule, QuantTerm, oriented_weight
+from .nn import DTYPES, QUANT_MODULES, QuantModule, QuantTerm, layer_kind, oriented_weight
 from .quantizers.registry import quantizer_class
 
 __all__ = [
@@ -617,11 +617,13 @@ def load_quantized(
     for name, qmod in qlayers.items():
         float_layer = module_at(name, "layer")
         if not qmod.matches_float(float_layer):
+            built = type(float_layer).__name__
+            if layer_kind(float_layer) == qmod.layer_type:
+                built += f" with {type(qmod).args_of(float_layer)}"
             raise _fail(
                 p,
-                f"layer '{name or '<root>'}' is a {type(float_layer).__name__} in the model built from "
-                f"source {manifest['source']}, but the file holds a {qmod.layer_type} with "
-                f"{qmod.module_args()}",
+                f"layer '{name or '<root>'}' is a {built} in the model built from source "
+                f"{manifest['source']}, but the file holds a {qmod.layer_type} with {qmod.module_args()}",
             )
         for alias in names.get(id(float_layer), [name]):
             model = replace_module(model, alias, qmod)

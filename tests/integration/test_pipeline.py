@@ -17,7 +17,7 @@ from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.errors import ConfigError, InputError, ModelError
 from dfquant.graph import FoldedBatchNorm
 from dfquant.io import load_quantized, save_quantized
-from dfquant.nn import QuantConv1d, QuantConv2d, QuantHFConv1D, QuantLinear
+from dfquant.nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantHFConv1D, QuantLinear
 from dfquant.quantizers import available
 
 
@@ -213,7 +213,8 @@ def test_text_model_with_hf_conv1d(tmp_path: Path) -> None:
     model = TinyText().eval()
     q, report = quantize_model(model, QuantConfig(LayerRule("minmax", 4, "group:16")))
     assert isinstance(q.attn, QuantHFConv1D) and isinstance(q.mix, QuantConv1d)
-    assert [u.name for u in report.unsupported] == ["emb"]
+    assert isinstance(q.emb, QuantEmbedding) and report.unsupported == []
+    assert [r.name for r in report.layers] == ["emb", "attn", "mix", "out"]
     assert report.graph_method == "none"
     ids = torch.randint(0, 50, (3, 7))
     path = save_quantized(q, tmp_path / "t.safetensors", source={"zoo": "tiny"})

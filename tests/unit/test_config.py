@@ -125,3 +125,21 @@ def test_bad_files(tmp_path) -> None:
 def test_unused_rules() -> None:
     cfg = QuantConfig(rules=(PatternRule("conv*"), PatternRule("typo")))
     assert [r.pattern for r in cfg.unused_rules(["conv1", "fc"])] == ["typo"]
+
+
+def test_scale_dtype_in_rules() -> None:
+    cfg = QuantConfig.from_dict(
+        {
+            "default": {"scale_dtype": "float16"},
+            "rules": [{"pattern": "fc", "scale_dtype": "bfloat16"}, {"pattern": "conv*", "bits": 3}],
+        }
+    )
+    assert LayerRule().scale_dtype == "float32"
+    assert cfg.rule_for("fc").scale_dtype == "bfloat16" and cfg.rule_for("conv1").scale_dtype == "float16"
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["rules"][1] == {"pattern": "conv*", "bits": 3}
+    assert hash(LayerRule(scale_dtype="float16")) != hash(LayerRule())
+    with pytest.raises(ConfigError, match=r"'scale_dtype' must be one of float32, float16, bfloat16"):
+        QuantConfig.from_dict({"default": {"scale_dtype": "half"}})
+    with pytest.raises(ConfigError, match=r"rule #0.*scale_dtype"):
+        QuantConfig.from_dict({"rules": [{"pattern": "a", "scale_dtype": 16}]})

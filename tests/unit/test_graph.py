@@ -103,10 +103,11 @@ def test_find_layers_and_unsupported() -> None:
         nn.Conv1d(6, 6, 3, groups=3),
         Conv1D(5, 6),
         nn.ConvTranspose2d(2, 2, 3),
+        nn.Embedding(10, 4, max_norm=1.0),
     )
     found = [(i.name, i.kind) for i in find_layers(model)]
-    assert found == [("1", "linear"), ("2", "conv1d"), ("3", "hf-conv1d")]
-    assert [(n, p) for n, _, p in find_unsupported(model)] == [("0", ["weight"]), ("4", ["weight"])]
+    assert found == [("0", "embedding"), ("1", "linear"), ("2", "conv1d"), ("3", "hf-conv1d")]
+    assert [(n, p) for n, _, p in find_unsupported(model)] == [("4", ["weight"]), ("5", ["weight"])]
     mha = nn.MultiheadAttention(8, 2)
     assert [(n, p) for n, _, p in find_unsupported(mha)] == [("", ["in_proj_weight"])]
     assert [(i.name, i.kind) for i in find_layers(nn.Linear(2, 2))] == [("", "linear")]

@@ -280,7 +280,7 @@ def test_stacked_level_tables(tables: int) -> None:
             term.validate()
 
 
-# -- embeddings ------------------------------------------------------------------------------------------------
+# -- embeddings ----------------------------------------------------------------------------------------------
 
 
 def test_embedding_kind_and_forward() -> None:

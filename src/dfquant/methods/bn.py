@@ -18,10 +18,22 @@ is the mean of a clipped normal (:func:`relu_gaussian_mean`). For a convolution 
 outputs whose receptive field lies inside the input; at the borders zero padding feeds zeros instead of
 ``E[x_c]``, so there the correction is an approximation (it over-corrects by the padded taps' share).
 
+Where the input is not one BatchNorm's output but, as in a residual network, ``ReLU(BN(u) + shortcut)``, the
+per-channel mean and variance are propagated through the graph (:func:`propagate_moments`): a BatchNorm
+output is ``N(beta, gamma^2)``; a sum of two branches, taken as independent, has the sum of their means and
+of their variances and is modelled as normal again; a ReLU of ``N(mu, sigma^2)`` has the rectified-normal
+moments (:func:`relu_gaussian_moments`); zero-padded channels (the option-A shortcut of He et al. 2016,
+"Deep Residual Learning for Image Recognition") have mean and variance 0; spatial slicing keeps both;
+spatial averaging keeps the mean (its variance depends on the spatial correlation, which the statistics do
+not give, and becomes unknown).
+
 All functions compute in float32 and never modify their inputs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -29,10 +41,14 @@ from ..errors import ConfigError, InputError
 
 __all__ = [
     "ACTIVATIONS",
+    "MOMENT_OPS",
+    "MomentOp",
+    "Moments",
     "correct_bias",
     "expected_input_mean",
     "expected_output_shift",
     "fold_batchnorm",
+    "propagate_moments",
     "relu_gaussian_mean",
     "relu_gaussian_moments",
 ]
@@ -212,3 +228,109 @@ def correct_bias(
     shift = expected_output_shift(_f32(weight_q) - _f32(weight), input_mean, groups)
     b = _f32(bias) if bias is not None else torch.zeros_like(shift)
     return b - shift, shift
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Moment propagation
+
+#: Operations :func:`propagate_moments` models.
+MOMENT_OPS = ("batchnorm", "relu", "add", "identity", "pad", "mean")
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-channel mean and variance of a tensor; ``var`` is None where it is unknown (after averaging)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class MomentOp:
+    """One step of a moment program: the value ``node`` computed by ``op`` from ``inputs`` (earlier nodes).
+
+    Attributes:
+        node: the value's name.
+        op: one of :data:`MOMENT_OPS`: ``batchnorm`` (the output of the BatchNorm ``source``, whatever its
+            input), ``relu``, ``add`` (two inputs), ``identity`` (dropout in eval mode, spatial slicing),
+            ``pad`` (``pad[0]`` zero channels before and ``pad[1]`` after), ``mean`` (spatial averaging).
+        inputs: names of the input values.
+        source: the BatchNorm's name for ``batchnorm``.
+        pad: channels added before and after for ``pad``.
+    """
+
+    node: str
+    op: str
+    inputs: tuple[str, ...] = ()
+    source: str = ""
+    pad: tuple[int, int] = (0, 0)
+
+
+def _add(a: Moments, b: Moments) -> Moments | None:
+    if a.mean.shape != b.mean.shape:
+        return None
+    var = None if a.var is None or b.var is None else a.var + b.var
+    return Moments(a.mean + b.mean, var)
+
+
+def _apply(
+    op: MomentOp, args: list[Moments], batchnorms: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> Moments | None:
+    if op.op == "batchnorm":
+        if op.source not in batchnorms:
+            return None
+        beta, gamma = batchnorms[op.source]
+        return Moments(_f32(beta).clone(), _f32(gamma) ** 2)
+    if not args:
+        return None
+    x = args[0]
+    if op.op == "relu":
+        if x.var is None:
+            return None
+        mean, var = relu_gaussian_moments(x.mean, x.var.clamp_min(0.0).sqrt())
+        return Moments(mean, var)
+    if op.op == "add":
+        return _add(args[0], args[1]) if len(args) == 2 else None
+    if op.op == "identity":
+        return x
+    if op.op == "pad":
+        before, after = op.pad
+        if before < 0 or after < 0:
+            return None
+        pad = torch.nn.functional.pad
+        return Moments(pad(x.mean, (before, after)), None if x.var is None else pad(x.var, (before, after)))
+    if op.op == "mean":
+        return Moments(x.mean, None)
+    raise ConfigError(f"moment propagation models {', '.join(MOMENT_OPS)}, got '{op.op}'")
+
+
+def propagate_moments(
+    program: Sequence[MomentOp], batchnorms: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, Moments]:
+    """Per-channel mean and variance of every value of ``program``, without data.
+
+    Rules (see the module docstring): ``batchnorm``: ``(beta, gamma^2)``, the Gaussian model of DFQ (Nagel et
+    al. 2019, section 4.2); ``relu``: the rectified-normal moments of ``N(mu, sigma^2)``; ``add``: means and
+    variances add (the branches are taken as independent, and their sum as normal); ``identity``: unchanged;
+    ``pad``: zero channels have mean and variance 0; ``mean`` (spatial averaging): the mean is kept, the
+    variance becomes unknown. A value whose inputs are unknown, or whose op needs an unknown variance, is left
+    out of the result.
+
+    Args:
+        program: the ops in topological order (each input named before it is used).
+        batchnorms: BatchNorm name -> ``(beta, gamma)`` (``gamma``'s sign does not matter).
+
+    Returns:
+        Node name -> :class:`Moments` (float32), for the values that could be derived.
+
+    Raises:
+        ConfigError: an op that is not modelled.
+    """
+    known: dict[str, Moments] = {}
+    for op in program:
+        if any(name not in known for name in op.inputs):
+            continue
+        out = _apply(op, [known[name] for name in op.inputs], batchnorms)
+        if out is not None:
+            known[op.node] = out
+    return known

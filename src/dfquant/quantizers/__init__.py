@@ -7,6 +7,7 @@ from . import lloyd  # noqa: F401  (registers lloyd-max, lloyd-empirical)
 from . import codebook  # noqa: F401  (registers nf4, apot)
 from . import aciq  # noqa: F401  (registers aciq)
 from . import statq  # noqa: F401  (registers statq)
+from . import optimal  # noqa: F401  (registers lloyd-optimal)
 
 # isort: on
 from .base import Granularity, QParams, QTensor, Quantizer

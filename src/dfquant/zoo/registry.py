@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 TASKS = ("cifar10", "stsb", "wikitext2", "fidelity", "pairs")
+#: File suffixes that mark an argument as a path rather than a zoo name.
+_SUFFIXES = (".safetensors", ".gguf", ".th", ".pt", ".pth", ".bin", ".ckpt")
 
 
 @dataclass
@@ -172,6 +175,8 @@ def load_model(name_or_path: str | Path, **kwargs: Any) -> LoadedModel:
         return _REGISTRY[key].load(**kwargs)
     p = Path(key).expanduser()
     if not p.exists():
+        if "/" in key or os.sep in key or p.suffix.lower() in _SUFFIXES:
+            raise ModelError(f"no such file or folder: '{p}' (nor a zoo name; known: {', '.join(_REGISTRY)})")
         _entry(key)  # raises with the list of known names
     return _entry(_entry_for_path(p)).load(path=str(p), **kwargs)
 

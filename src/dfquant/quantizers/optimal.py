@@ -1,0 +1,259 @@
+"""``lloyd-optimal``: the globally optimal ``2^b``-level scalar quantizer of each group's own values.
+
+For a group of ``n`` values and ``L = 2^b`` levels, the codebook minimizing the squared error
+``sum_i min_k (x_i - y_k)^2`` is the optimum of 1-D k-means. Lloyd's iteration (``lloyd-empirical``) only
+reaches a fixed point near its starting levels; in one dimension the global optimum is found exactly by
+dynamic programming, because an optimal partition consists of contiguous runs of the sorted values (Fisher
+1958, "On grouping for maximum homogeneity"; Bellman 1973; Wang and Song 2011, "Ckmeans.1d.dp: optimal
+k-means clustering in one dimension by dynamic programming", The R Journal 3(2)). With sorted values
+``x_(1) <= ... <= x_(n)`` and prefix sums ``S0, S1, S2`` of the (optionally weighted) counts, values and
+squares, the cost of a run ``(j, i]`` about its mean is
+
+    C(j, i) = (S2_i - S2_j) - (S1_i - S1_j)^2 / (S0_i - S0_j),
+
+and ``D_k(i) = min_{j < i} D_{k-1}(j) + C(j, i)`` with ``D_1(i) = C(0, i)``; ``D_L(n)`` is the optimum and the
+arg-mins give the runs, whose means are the levels. Levels are then encoded by the nearest-level rule, which
+reproduces the optimal runs (an optimal partition is also a nearest-neighbour partition).
+
+Cost: ``O(L a^2)`` per group for ``a`` atoms, computed for blocks of groups at once. Groups of up to
+``max_atoms`` values (default 1024, and at most ``sqrt(2^24 / L)``: 1024 up to 4 bits, 724 at 5 bits, 256 at
+8 bits) are solved exactly, one atom per value. Larger groups are first cut into ``bins`` runs of equal count
+(default 256; each atom keeps the count, sum and sum of squares of its values, so every cost above stays
+exact); the optimum is then the best partition whose boundaries fall between atoms, and Lloyd iterations on
+all values (:func:`dfquant.lloyd_max.lloyd_empirical`) refine it; a group keeps the ``lloyd-empirical``
+solution if that is better.
+
+Since every per-group rule with ``L`` levels and nearest-level encoding (uniform, Lloyd-Max, NF4, APoT,
+k-means) yields some ``L``-level codebook of the group, the exact optimum's squared error is never above any
+of theirs. Levels are stored per group in units of the half range around the mid range
+(``offset = (max + min) / 2``, ``scale = (max - min) / 2``), so the unit levels lie in ``[-1, 1]``.
+
+Example:
+    >>> import torch
+    >>> from dfquant import get_quantizer
+    >>> w = torch.randn(8, 200)
+    >>> e = lambda r: float(((get_quantizer(r, 3).fake_quantize(w) - w) ** 2).sum())
+    >>> e("lloyd-optimal") <= e("lloyd-empirical")
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from ..lloyd_max import lloyd_empirical
+from .base import QParams, Quantizer, constant_groups
+from .lloyd import LloydEmpirical, group_sq_error, prefix_sums
+from .registry import register
+
+__all__ = ["LloydOptimal", "optimal_levels"]
+
+#: Elements of one ``(groups, atoms + 1, atoms + 1)`` cost block (float64): about 32 MiB.
+BLOCK_ELEMS = 1 << 22
+#: Largest ``L * a^2`` (levels times atoms squared) solved per group: 16 levels over 1024 atoms.
+WORK_PER_GROUP = 1 << 24
+
+
+def _atoms(xs: torch.Tensor, w: torch.Tensor, max_atoms: int) -> tuple[torch.Tensor, ...]:
+    """Prefix sums ``(S0, S1, S2)``, each ``(m, a + 1)`` float64, of sorted values ``xs`` with weights ``w``,
+    over ``a = min(n, max_atoms)`` atoms of (nearly) equal count."""
+    m, n = xs.shape
+    z = torch.zeros(m, 1, dtype=torch.float64)
+    x64, w64 = xs.to(torch.float64), w.to(torch.float64)
+    s0 = torch.cat([z, w64.cumsum(1)], 1)
+    s1 = torch.cat([z, (w64 * x64).cumsum(1)], 1)
+    s2 = torch.cat([z, (w64 * x64 * x64).cumsum(1)], 1)
+    if n <= max_atoms:
+        return s0, s1, s2
+    cuts = torch.div(torch.arange(max_atoms + 1) * n, max_atoms, rounding_mode="floor")
+    return s0[:, cuts], s1[:, cuts], s2[:, cuts]
+
+
+def _solve_block(s0: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, levels: int) -> torch.Tensor:
+    """Optimal runs of ``a`` atoms into ``k = min(levels, a)`` clusters: ``(m, k + 1)`` atom boundaries."""
+    m, a1 = s0.shape
+    a = a1 - 1
+    k = min(levels, a)
+    c0 = s0[:, None, :] - s0[:, :, None]  # [j, i]: run (j, i]
+    c1 = s1[:, None, :] - s1[:, :, None]
+    cost = (s2[:, None, :] - s2[:, :, None]) - c1 * c1 / torch.where(c0 > 0, c0, torch.ones_like(c0))
+    cost = cost.clamp_min_(0.0)
+    idx = torch.arange(a1)
+    invalid = idx[:, None] >= idx[None, :]  # empty or reversed runs
+    cost.masked_fill_(invalid[None], float("inf"))
+    if k == a:  # one atom per cluster
+        return torch.arange(a1).expand(m, -1).clone()
+    d = cost[:, 0, :].clone()  # one cluster: (m, a + 1)
+    back = []
+    for _ in range(1, k):
+        best, arg = (d[:, :, None] + cost).min(dim=1)
+        d = best
+        back.append(arg)
+    bounds = torch.empty(m, k + 1, dtype=torch.int64)
+    bounds[:, 0] = 0
+    bounds[:, k] = a
+    i = torch.full((m, 1), a, dtype=torch.int64)
+    for step in range(k - 1, 0, -1):
+        i = back[step - 1].gather(1, i)
+        bounds[:, step] = i[:, 0]
+    return bounds
+
+
+def optimal_levels(
+    x: torch.Tensor,
+    levels: int,
+    weights: torch.Tensor | None = None,
+    *,
+    max_atoms: int = 1024,
+    sorted_x: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Levels of the minimum squared-error ``levels``-level scalar quantizer of each row of ``x``.
+
+    Minimizes ``sum_i w_i (x_i - y_{k(i)})^2`` over the levels ``y`` and the assignment (weighted 1-D k-means)
+    by dynamic programming over the sorted values (see the module docstring). Exact when a row has at most
+    ``max_atoms`` values; otherwise exact over partitions whose boundaries fall between ``max_atoms``
+    equal-count runs (callers refine that solution with Lloyd iterations).
+
+    Args:
+        x: ``(m, n)`` float values, one group per row.
+        levels: number of levels ``L >= 1``.
+        weights: ``(m, n)`` non-negative weights of the values (None: all 1); a row whose weights are all 0 is
+            treated as unweighted.
+        max_atoms: atoms per row for the exact program (``O(L * max_atoms^2)`` work per row).
+        sorted_x: ``x`` sorted along dim 1, if already computed (only when ``weights`` is None).
+
+    Returns:
+        ``(m, L)`` float32 levels, non-decreasing along dim 1. A row with fewer than ``L`` distinct runs
+        repeats its largest level.
+
+    Raises:
+        ConfigError: ``levels < 1``, ``max_atoms < 2`` or weights of another shape.
+    """
+    if levels < 1 or max_atoms < 2:
+        raise ConfigError(f"optimal_levels needs levels >= 1 and max_atoms >= 2, got {levels}, {max_atoms}")
+    x = x.to(torch.float32)
+    m, n = x.shape
+    if weights is None:
+        xs = torch.sort(x, dim=1).values if sorted_x is None else sorted_x.to(torch.float32)
+        ws = torch.ones_like(xs)
+    else:
+        if weights.shape != x.shape:
+            raise ConfigError(f"weights of shape {tuple(weights.shape)} do not match values {tuple(x.shape)}")
+        xs, order = torch.sort(x, dim=1)
+        w = weights.to(torch.float32).clamp_min(0.0)
+        w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
+        ws = w.gather(1, order)
+    a = min(n, max_atoms)
+    rows = max(1, BLOCK_ELEMS // ((a + 1) * (a + 1)))
+    out = torch.empty(m, levels, dtype=torch.float32)
+    for r0 in range(0, m, rows):
+        s0, s1, s2 = _atoms(xs[r0 : r0 + rows], ws[r0 : r0 + rows], max_atoms)
+        bounds = _solve_block(s0, s1, s2, levels)
+        lo, hi = bounds[:, :-1], bounds[:, 1:]
+        cnt = s0.gather(1, hi) - s0.gather(1, lo)
+        tot = s1.gather(1, hi) - s1.gather(1, lo)
+        # a run of zero total weight (possible only with weights) takes its values' plain midrange
+        lo_x = xs[r0 : r0 + rows].gather(1, _first_value(lo, n, a))
+        hi_x = xs[r0 : r0 + rows].gather(1, _first_value(hi, n, a) - 1)
+        y = torch.where(cnt > 0, tot / torch.where(cnt > 0, cnt, torch.ones_like(cnt)), (lo_x + hi_x) / 2)
+        y = y.to(torch.float32)
+        k = y.shape[1]
+        if k < levels:
+            y = torch.cat([y, y[:, -1:].expand(-1, levels - k)], dim=1)
+        out[r0 : r0 + rows] = torch.sort(y, dim=1).values
+    return out
+
+
+def _strictly_increasing(unit: torch.Tensor, step: float = 1e-3) -> torch.Tensor:
+    """Make sorted levels strictly increasing: a level repeating the one below it moves ``step`` above it.
+
+    Repeats arise when a group has fewer distinct values than levels (every value then sits exactly on a
+    level, and the moved levels sit above the largest value, where no value is nearest to them) or from runs
+    of zero weight; a codebook must be strictly increasing to be shared as a grid.
+    """
+    out = unit.clone()
+    for k in range(1, out.shape[1]):
+        out[:, k] = torch.maximum(out[:, k], out[:, k - 1] + step)
+    return out.contiguous()
+
+
+def _first_value(atom: torch.Tensor, n: int, a: int) -> torch.Tensor:
+    """Index of the first sorted value of each atom boundary (``n`` for the end)."""
+    if n == a:
+        return atom
+    return torch.div(atom * n, a, rounding_mode="floor")
+
+
+@register
+class LloydOptimal(Quantizer):
+    """The minimum squared-error ``2^b``-level codebook of each group (exact 1-D k-means, per group).
+
+    See the module docstring for the dynamic program and its sources. The squared error of each group is
+    never above that of ``lloyd-empirical`` (checked per group) nor, for groups solved exactly, above that of
+    any other rule with ``2^b`` levels.
+
+    Options:
+        max_atoms: largest group solved exactly (default 1024, at least 2).
+        bins: larger groups are solved over this many equal-count runs (default 256, at least 2) and refined
+            with Lloyd iterations.
+        iters: Lloyd refinement iterations for larger groups (default 30).
+
+    ``QParams.info`` holds nothing; levels are per group ``(m, L)`` in units of the half range.
+    """
+
+    name = "lloyd-optimal"
+    description = "globally optimal per-group codebook (exact 1-D k-means by dynamic programming)"
+    options_allowed: ClassVar[tuple[str, ...]] = ("max_atoms", "bins", "iters")
+    max_atoms: int
+    bins: int
+
+    def __init__(self, bits: int, **options: Any) -> None:
+        super().__init__(bits, **options)
+        for key, default in (("max_atoms", 1024), ("bins", 256)):
+            value = self.options.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise ConfigError(f"quantizer '{self.name}': {key} must be an integer >= 2, got {value!r}")
+            setattr(self, key, value)
+        iters = self.options.get("iters", 30)
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+            raise ConfigError(f"quantizer '{self.name}': iters must be an integer >= 0, got {iters!r}")
+        self.iters = iters
+
+    def fit(self, x: torch.Tensor) -> QParams:
+        """Fit ``m`` groups ``(m, n)``: the optimal levels, around the mid range in half-range units."""
+        xs = torch.sort(x, dim=1).values
+        levels = 2**self.bits
+        cap = max(2, math.isqrt(WORK_PER_GROUP // levels))  # keeps L * a^2 <= WORK_PER_GROUP
+        exact = x.shape[1] <= min(self.max_atoms, cap)
+        atoms = x.shape[1] if exact else min(self.bins, cap)
+        y = optimal_levels(x, levels, max_atoms=max(atoms, 2), sorted_x=xs)
+        if not exact:
+            sums = prefix_sums(xs)
+            y = lloyd_empirical(x, y, iters=self.iters, sorted_x=xs)
+            ref = LloydEmpirical(self.bits, iters=self.iters).fit(x)
+            tables, index = ref.tables()
+            start = tables[index] * ref.scale[:, None] + ref.offset[:, None]
+            y = torch.where(
+                (group_sq_error(xs, start, sums) < group_sq_error(xs, y, sums))[:, None], start, y
+            )
+        lo, hi = xs[:, 0], xs[:, -1]
+        offset = (hi + lo) / 2
+        scale = (hi - lo) / 2
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+        unit = torch.sort(((y - offset[:, None]) / safe).clamp(-1.0, 1.0), dim=1).values
+        unit = torch.where((scale > 0)[:, None], unit, torch.linspace(-1.0, 1.0, unit.shape[1]))
+        return constant_groups(x, QParams(scale=scale, offset=offset, levels=_strictly_increasing(unit)))
+
+    def expected_mse(self, dist: str, group_size: int | None = None) -> float:
+        """The Lloyd-Max distortion ``D*`` less the part fitted to a finite sample (as ``lloyd-empirical``).
+
+        For the Gaussian and Laplace sources (log-concave densities) the Lloyd-Max fixed point is the unique
+        locally optimal quantizer (Fleischer 1964; Trushkin 1982), hence the global optimum the exact program
+        converges to as the group grows; the finite-sample term is
+        :meth:`dfquant.quantizers.lloyd.LloydEmpirical.expected_mse`'s.
+        """
+        return LloydEmpirical(self.bits).expected_mse(dist, group_size)
