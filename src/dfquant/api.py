@@ -58,7 +58,14 @@ from .graph import (
     replace_module,
     state_dict_bytes,
 )
-from .methods.bn import MomentOp, correct_bias, expected_input_mean, fold_batchnorm, propagate_moments
+from .methods.bn import (
+    MomentOp,
+    Moments,
+    correct_bias,
+    expected_input_mean,
+    fold_batchnorm,
+    propagate_moments,
+)
 from .methods.rex import expand, layer_sparsities
 from .nn import QuantModule, QuantTerm, oriented_weight, term_layout, weight_of
 from .quantizers.base import Granularity, QTensor, Quantizer
@@ -114,6 +121,31 @@ def _batchnorm_affine(
             check_finite(gamma, f"{op.source}.weight")
             out[op.source] = (beta, gamma)
     return out
+
+
+def _input_importance(
+    layer: nn.Module, weight: torch.Tensor, moments: Moments | None, centred: bool
+) -> torch.Tensor | None:
+    """Element weights ``a[o, c, taps] = s_c^2`` for an oriented weight ``(out, in/groups, ...)`` whose input
+    channel ``c`` has variance ``s_c^2`` (``s_c^2 + E[x_c]^2`` when bias correction does not remove the mean
+    error, ``centred=False``): ``sum a dW^2`` is then the layer's expected output error for uncorrelated
+    input channels (see :class:`dfquant.quantizers.optimal.LloydOptimal`). After spatial averaging only the
+    relative variances are known (:attr:`dfquant.methods.bn.Moments.rel_var`), which is enough with bias
+    correction (a row's weights matter only relative to each other). None when the variance is unknown."""
+    if moments is None:
+        return None
+    if centred:
+        per_in = moments.relative_variance  # the weights of one row matter only relative to each other
+    else:
+        per_in = None if moments.var is None else moments.var + moments.mean**2
+    if per_in is None:
+        return None
+    groups = int(getattr(layer, "groups", 1)) if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else 1
+    out, ipg = weight.shape[0], weight.shape[1] if weight.dim() > 1 else 1
+    if per_in.numel() != ipg * groups or out % groups:
+        return None
+    rows = per_in.reshape(groups, ipg)[torch.arange(out) // (out // groups)]  # (out, in/groups)
+    return rows.reshape(out, ipg, *([1] * (weight.dim() - 2))).expand(weight.shape).contiguous()
 
 
 def _bias_of(layer: nn.Module) -> torch.Tensor | None:
@@ -194,12 +226,17 @@ def _split_sparsity(plans: list[LayerPlan], split: str) -> dict[str, float]:
     return out
 
 
-def _quantize_terms(p: LayerPlan, w: torch.Tensor, sparsity: float) -> tuple[list[QuantTerm], QTensor]:
-    """The layer's terms: one (plain) or ``K`` residual expansion orders; and the first order's QTensor."""
+def _quantize_terms(
+    p: LayerPlan, w: torch.Tensor, sparsity: float, importance: torch.Tensor | None = None
+) -> tuple[list[QuantTerm], QTensor]:
+    """The layer's terms: one (plain) or ``K`` residual expansion orders; and the first order's QTensor.
+    ``importance`` (element weights of a plain term's error, see :func:`_input_importance`) is used by rules
+    that ask for it."""
     assert p.quantizer is not None and p.granularity is not None
     name = p.name or "<root>"
     if p.rule.expand == 1:
-        qt = p.quantizer.quantize(w, p.granularity, name=name, scale_dtype=p.rule.scale_dtype)
+        imp = importance if p.quantizer.wants_importance else None
+        qt = p.quantizer.quantize(w, p.granularity, name=name, scale_dtype=p.rule.scale_dtype, importance=imp)
         return [QuantTerm.from_qtensor(qt, options=p.rule.options)], qt
     terms = expand(
         w,
@@ -349,13 +386,20 @@ def quantize_model(
                 if gamma is not None:
                     check_finite(gamma, f"{bn_name}.weight")
                 input_stats[layer_name] = (bn_name, act, expected_input_mean(beta, gamma, act))
-        # Inputs derived further (a residual sum, a pooled map): moments propagated from the BatchNorms.
-        pending = {k: v for k, v in graph.input_moments.items() if k in active and k not in input_stats}
-        if pending:
-            moments = propagate_moments(graph.moment_program, _batchnorm_affine(target, graph.moment_program))
-            for layer_name, (node, source, act) in pending.items():
-                if node in moments:
-                    input_stats[layer_name] = (source, act, moments[node].mean)
+    # Per-channel input moments propagated from the BatchNorms through the traced graph: the mean of inputs
+    # derived further (a residual sum, a pooled map) for bias correction, the variance for rules that weight
+    # the weight error by it.
+    input_moments: dict[str, Moments] = {}
+    wants = any(p.quantizer is not None and p.quantizer.wants_importance for p in active.values())
+    if graph is not None and graph.input_moments and (config.bias_correction or wants):
+        moments = propagate_moments(graph.moment_program, _batchnorm_affine(target, graph.moment_program))
+        for layer_name, (node, _, _) in graph.input_moments.items():
+            if layer_name in active and node in moments:
+                input_moments[layer_name] = moments[node]
+    if graph is not None and config.bias_correction:
+        for layer_name, (_, source, act) in graph.input_moments.items():
+            if layer_name in input_moments and layer_name not in input_stats:
+                input_stats[layer_name] = (source, act, input_moments[layer_name].mean)
 
     # BatchNorm folding, computed first and applied at the end.
     folded: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}
@@ -401,7 +445,9 @@ def quantize_model(
             if tie is not None and owner is None:
                 first_of[tie] = p.name
             try:
-                qterms, qt = _quantize_terms(p, w_float, sparsities.get(p.name, 0.0))
+                stats = input_moments.get(p.name)
+                importance = _input_importance(layer, w_float, stats, p.name in input_stats)
+                qterms, qt = _quantize_terms(p, w_float, sparsities.get(p.name, 0.0), importance)
             except DfquantError as e:
                 raise type(e)(f"{_label(p.name, layer, p.shape)}: {e}") from None
             qmod = QuantModule.from_float(layer, qterms)

@@ -360,8 +360,8 @@ def _moment_step(
         return None
     if node.op == "call_function" and target is F.pad and x.ndim is not None:
         pad = _const_ints(_arg(node, 1, "pad"))
-        mode, value = _arg(node, 2, "mode", "constant"), _arg(node, 3, "value", None)
-        if pad is None or len(pad) != 2 * (x.ndim - 1) or mode != "constant" or value not in (None, 0, 0.0):
+        mode, fill = _arg(node, 2, "mode", "constant"), _arg(node, 3, "value", None)
+        if pad is None or len(pad) != 2 * (x.ndim - 1) or mode != "constant" or fill not in (None, 0, 0.0):
             return None
         before, after = pad[-2], pad[-1]
         if any(pad[:-2]) or before < 0 or after < 0:

@@ -145,6 +145,7 @@ def test_quantize_cnn_end_to_end() -> None:
     assert {b.layer: (b.bn, b.activation) for b in report.bias_corrected} == {
         "block.conv1": ("bn", "relu"),
         "block.conv2": ("block.bn1", "relu"),
+        "dw": ("block.bn2 + relu", "relu"),  # ReLU(bn2(.) + shortcut): moments propagated
         "pw": ("dw_bn", "relu"),
     }
     with torch.no_grad():
@@ -291,10 +292,10 @@ def test_resnet20_smoke(tmp_path: Path) -> None:
     loaded = zoo.load_model("cifar-resnet20", checkpoint=str(ckpt))
     q, report = quantize_model(loaded.model, QuantConfig(LayerRule("minmax", 4)))
     assert report.graph_method == "fx" and len(report.folded_bn) == 19 and len(report.layers) == 20
-    # each block's conv2 (input ReLU(bn1(.))) and layer1.0.conv1 (input ReLU(stem bn1(.))); the other conv1s
-    # read ReLU(x + shortcut), whose statistics no BatchNorm gives
+    # every layer but the stem (whose input is the image): each block's conv2 reads ReLU(bn1(.)), the conv1s
+    # and the head read ReLU(bn2(.) + shortcut), whose moments are propagated from the BatchNorms
     assert sorted(b.layer for b in report.bias_corrected) == sorted(
-        ["layer1.0.conv1"] + [f"layer{s}.{i}.conv2" for s in (1, 2, 3) for i in range(3)]
+        [f"layer{s}.{i}.conv{j}" for s in (1, 2, 3) for i in range(3) for j in (1, 2)] + ["linear"]
     )
     path = save_quantized(q, tmp_path / "r20.safetensors", source=loaded.source, report=report)
     back, _ = load_quantized(path)

@@ -239,10 +239,25 @@ MOMENT_OPS = ("batchnorm", "relu", "add", "identity", "pad", "mean")
 
 @dataclass(frozen=True)
 class Moments:
-    """Per-channel mean and variance of a tensor; ``var`` is None where it is unknown (after averaging)."""
+    """Per-channel mean and variance of a tensor.
+
+    Attributes:
+        mean: ``(C,)`` expected values.
+        var: ``(C,)`` variances, or None where unknown (after spatial averaging).
+        rel_var: after spatial averaging, the variances before it: the average scales each channel's variance
+            by a factor that depends only on the spatial correlation, so where the channels share one spatial
+            correlation these are the variances up to one common factor (enough to weigh channels against each
+            other); None otherwise.
+    """
 
     mean: torch.Tensor
     var: torch.Tensor | None
+    rel_var: torch.Tensor | None = None
+
+    @property
+    def relative_variance(self) -> torch.Tensor | None:
+        """``var`` where known, else ``rel_var``: the variances up to a factor common to all channels."""
+        return self.var if self.var is not None else self.rel_var
 
 
 @dataclass(frozen=True)
@@ -298,9 +313,12 @@ def _apply(
         if before < 0 or after < 0:
             return None
         pad = torch.nn.functional.pad
-        return Moments(pad(x.mean, (before, after)), None if x.var is None else pad(x.var, (before, after)))
+        rel = None if x.rel_var is None else pad(x.rel_var, (before, after))
+        return Moments(
+            pad(x.mean, (before, after)), None if x.var is None else pad(x.var, (before, after)), rel
+        )
     if op.op == "mean":
-        return Moments(x.mean, None)
+        return Moments(x.mean, None, x.relative_variance)
     raise ConfigError(f"moment propagation models {', '.join(MOMENT_OPS)}, got '{op.op}'")
 
 
@@ -313,8 +331,8 @@ def propagate_moments(
     al. 2019, section 4.2); ``relu``: the rectified-normal moments of ``N(mu, sigma^2)``; ``add``: means and
     variances add (the branches are taken as independent, and their sum as normal); ``identity``: unchanged;
     ``pad``: zero channels have mean and variance 0; ``mean`` (spatial averaging): the mean is kept, the
-    variance becomes unknown. A value whose inputs are unknown, or whose op needs an unknown variance, is left
-    out of the result.
+    variance becomes unknown (kept only as :attr:`Moments.rel_var`). A value whose inputs are unknown, or
+    whose op needs an unknown variance, is left out of the result.
 
     Args:
         program: the ops in topological order (each input named before it is used).

@@ -250,6 +250,8 @@ class Quantizer(ABC):
     supported_bits: ClassVar[tuple[int, ...]] = tuple(range(1, 9))
     options_allowed: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    #: Whether the rule can minimize an importance-weighted squared error (:meth:`fit_weighted`).
+    supports_importance: ClassVar[bool] = False
 
     def __init__(self, bits: int, **options: Any) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in self.supported_bits:
@@ -270,6 +272,17 @@ class Quantizer(ABC):
     @abstractmethod
     def fit(self, x: torch.Tensor) -> QParams:
         """Fit ``m`` groups given as a finite float32 ``(m, g)`` matrix; return their :class:`QParams`."""
+
+    def fit_weighted(self, x: torch.Tensor, importance: torch.Tensor) -> QParams:
+        """Fit ``m`` groups minimizing ``sum_i importance_i (x_i - x_hat_i)^2`` (``importance``: non-negative,
+        the shape of ``x``). Implemented by rules that set :attr:`supports_importance`."""
+        raise ConfigError(f"quantizer '{self.name}' takes no importance weights")
+
+    @property
+    def wants_importance(self) -> bool:
+        """Whether this configured rule asks the pipeline for importance weights of the weight's elements
+        (:func:`dfquant.api.quantize_model` supplies them where the layer's input statistics are known)."""
+        return False
 
     @property
     def grid(self) -> Grid | None:
@@ -300,6 +313,7 @@ class Quantizer(ABC):
         name: str = "tensor",
         *,
         scale_dtype: str | torch.dtype = torch.float32,
+        importance: torch.Tensor | None = None,
     ) -> QTensor:
         """Quantize ``x`` at ``granularity``.
 
@@ -311,6 +325,9 @@ class Quantizer(ABC):
                 fitted scales and offsets are rounded to it *before* encoding, so the codes are chosen for the
                 values that are stored and ``dequantize`` gives exactly what a saved file decodes to; the
                 returned ``QTensor`` holds them in that dtype (and counts their bits accordingly).
+            importance: optional non-negative weights of ``x``'s elements (same shape): the rule then
+                minimizes the weighted squared error (:meth:`fit_weighted`; only rules that set
+                :attr:`supports_importance`).
 
         Returns:
             A :class:`QTensor`.
@@ -339,8 +356,11 @@ class Quantizer(ABC):
         offset = torch.empty(R, ngr)
         parts: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
         info: dict[str, torch.Tensor] = {}
-        for batch, cols in group_batches(rows, G if G is not None and n > G else None):
-            p = self.fit(batch.contiguous())
+        split = G if G is not None and n > G else None
+        batches = group_batches(rows, split)
+        weights = self._importance_batches(importance, x, gran, name, split) or [None] * len(batches)
+        for (batch, cols), w in zip(batches, weights, strict=True):
+            p = self.fit(batch.contiguous()) if w is None else self.fit_weighted(batch.contiguous(), w)
             g0, g1 = cols.start // glen, -(-cols.stop // glen)
             scale[:, g0:g1] = p.scale.reshape(R, g1 - g0)
             offset[:, g0:g1] = p.offset.reshape(R, g1 - g0)
@@ -366,6 +386,30 @@ class Quantizer(ABC):
             info=info,
             table_index=table_index,
         )
+
+    def _importance_batches(
+        self,
+        importance: torch.Tensor | None,
+        x: torch.Tensor,
+        gran: Granularity,
+        name: str,
+        split: int | None,
+    ) -> list[torch.Tensor | None] | None:
+        """The importance weights laid out in the batches of :func:`group_batches`, after checks."""
+        if importance is None:
+            return None
+        if not self.supports_importance:
+            raise ConfigError(f"quantizer '{self.name}' takes no importance weights")
+        if not isinstance(importance, torch.Tensor) or tuple(importance.shape) != tuple(x.shape):
+            raise InputError(
+                f"importance weights of tensor '{name}' must be a tensor of shape {tuple(x.shape)}, got "
+                f"{_describe(importance)}"
+            )
+        imp = importance.detach().to(device="cpu", dtype=torch.float32)
+        check_finite(imp, f"{name} importance")
+        if bool((imp < 0).any()):
+            raise InputError(f"importance weights of tensor '{name}' must be non-negative")
+        return [b.contiguous() for b, _ in group_batches(to_rows(imp, gran), split)]
 
     def fake_quantize(
         self, x: torch.Tensor, granularity: str | Granularity = "channel", name: str = "tensor"

@@ -17,11 +17,12 @@ reproduces the optimal runs (an optimal partition is also a nearest-neighbour pa
 
 Cost: ``O(L a^2)`` per group for ``a`` atoms, computed for blocks of groups at once. Groups of up to
 ``max_atoms`` values (default 1024, and at most ``sqrt(2^24 / L)``: 1024 up to 4 bits, 724 at 5 bits, 256 at
-8 bits) are solved exactly, one atom per value. Larger groups are first cut into ``bins`` runs of equal count
-(default 256; each atom keeps the count, sum and sum of squares of its values, so every cost above stays
-exact); the optimum is then the best partition whose boundaries fall between atoms, and Lloyd iterations on
-all values (:func:`dfquant.lloyd_max.lloyd_empirical`) refine it; a group keeps the ``lloyd-empirical``
-solution if that is better.
+8 bits) are solved exactly, one atom per value. Larger groups are first cut into ``bins`` atoms (default
+256), half at equal counts and half at equal widths of the range, so that sparse tails keep atoms of their
+own; each atom keeps the count, sum and sum of squares of its values, so every cost above stays exact. The
+optimum is then the best partition whose boundaries fall between atoms; Lloyd iterations on all values
+(:func:`dfquant.lloyd_max.lloyd_empirical`) refine it, and a group keeps the ``lloyd-empirical`` solution if
+that is better.
 
 Since every per-group rule with ``L`` levels and nearest-level encoding (uniform, Lloyd-Max, NF4, APoT,
 k-means) yields some ``L``-level codebook of the group, the exact optimum's squared error is never above any
@@ -50,17 +51,24 @@ from .base import QParams, Quantizer, constant_groups
 from .lloyd import LloydEmpirical, group_sq_error, prefix_sums
 from .registry import register
 
-__all__ = ["LloydOptimal", "optimal_levels"]
+__all__ = ["WEIGHTINGS", "LloydOptimal", "optimal_levels"]
 
 #: Elements of one ``(groups, atoms + 1, atoms + 1)`` cost block (float64): about 32 MiB.
 BLOCK_ELEMS = 1 << 22
 #: Largest ``L * a^2`` (levels times atoms squared) solved per group: 16 levels over 1024 atoms.
 WORK_PER_GROUP = 1 << 24
+#: Values of the ``weighting`` option.
+WEIGHTINGS = ("none", "input-variance")
 
 
 def _atoms(xs: torch.Tensor, w: torch.Tensor, max_atoms: int) -> tuple[torch.Tensor, ...]:
-    """Prefix sums ``(S0, S1, S2)``, each ``(m, a + 1)`` float64, of sorted values ``xs`` with weights ``w``,
-    over ``a = min(n, max_atoms)`` atoms of (nearly) equal count."""
+    """Atoms of sorted values ``xs`` with weights ``w``: the sorted-value index where each atom starts
+    (``(m, a + 1)``, ending with ``n``) and the prefix sums ``(S0, S1, S2)`` at those indices (float64).
+
+    Up to ``max_atoms`` values, one atom per value. Beyond, ``a = max_atoms`` atoms cut both at equal counts
+    (half of the cuts) and at equal widths of the range (the other half, so that sparse tails get atoms of
+    their own); a cut falling where another already is leaves an empty atom, which costs nothing.
+    """
     m, n = xs.shape
     z = torch.zeros(m, 1, dtype=torch.float64)
     x64, w64 = xs.to(torch.float64), w.to(torch.float64)
@@ -68,9 +76,14 @@ def _atoms(xs: torch.Tensor, w: torch.Tensor, max_atoms: int) -> tuple[torch.Ten
     s1 = torch.cat([z, (w64 * x64).cumsum(1)], 1)
     s2 = torch.cat([z, (w64 * x64 * x64).cumsum(1)], 1)
     if n <= max_atoms:
-        return s0, s1, s2
-    cuts = torch.div(torch.arange(max_atoms + 1) * n, max_atoms, rounding_mode="floor")
-    return s0[:, cuts], s1[:, cuts], s2[:, cuts]
+        return torch.arange(n + 1).expand(m, -1), s0, s1, s2
+    half = max_atoms // 2
+    by_count = torch.div(torch.arange(half + 1) * n, half, rounding_mode="floor").expand(m, -1)
+    lo, hi = xs[:, :1], xs[:, -1:]
+    frac = torch.arange(1, max_atoms - half, dtype=torch.float32) / (max_atoms - half)
+    by_width = torch.searchsorted(xs.contiguous(), (lo + (hi - lo) * frac).contiguous())
+    cuts = torch.sort(torch.cat([by_count, by_width], dim=1), dim=1).values
+    return cuts, s0.gather(1, cuts), s1.gather(1, cuts), s2.gather(1, cuts)
 
 
 def _solve_block(s0: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, levels: int) -> torch.Tensor:
@@ -115,8 +128,8 @@ def optimal_levels(
 
     Minimizes ``sum_i w_i (x_i - y_{k(i)})^2`` over the levels ``y`` and the assignment (weighted 1-D k-means)
     by dynamic programming over the sorted values (see the module docstring). Exact when a row has at most
-    ``max_atoms`` values; otherwise exact over partitions whose boundaries fall between ``max_atoms``
-    equal-count runs (callers refine that solution with Lloyd iterations).
+    ``max_atoms`` values; otherwise exact over partitions whose boundaries fall between ``max_atoms`` atoms
+    cut at equal counts and equal widths (callers refine that solution with Lloyd iterations).
 
     Args:
         x: ``(m, n)`` float values, one group per row.
@@ -151,15 +164,17 @@ def optimal_levels(
     rows = max(1, BLOCK_ELEMS // ((a + 1) * (a + 1)))
     out = torch.empty(m, levels, dtype=torch.float32)
     for r0 in range(0, m, rows):
-        s0, s1, s2 = _atoms(xs[r0 : r0 + rows], ws[r0 : r0 + rows], max_atoms)
+        cuts, s0, s1, s2 = _atoms(xs[r0 : r0 + rows], ws[r0 : r0 + rows], max_atoms)
         bounds = _solve_block(s0, s1, s2, levels)
         lo, hi = bounds[:, :-1], bounds[:, 1:]
         cnt = s0.gather(1, hi) - s0.gather(1, lo)
         tot = s1.gather(1, hi) - s1.gather(1, lo)
-        # a run of zero total weight (possible only with weights) takes its values' plain midrange
-        lo_x = xs[r0 : r0 + rows].gather(1, _first_value(lo, n, a))
-        hi_x = xs[r0 : r0 + rows].gather(1, _first_value(hi, n, a) - 1)
-        y = torch.where(cnt > 0, tot / torch.where(cnt > 0, cnt, torch.ones_like(cnt)), (lo_x + hi_x) / 2)
+        # a run of zero weight (empty atoms, or zero weights) takes the mid range of the values around it
+        first = cuts.gather(1, lo).clamp_max(n - 1)
+        last = (cuts.gather(1, hi) - 1).clamp(min=0)
+        block = xs[r0 : r0 + rows]
+        mid = (block.gather(1, first) + block.gather(1, last)).to(torch.float64) / 2
+        y = torch.where(cnt > 0, tot / torch.where(cnt > 0, cnt, torch.ones_like(cnt)), mid)
         y = y.to(torch.float32)
         k = y.shape[1]
         if k < levels:
@@ -181,33 +196,38 @@ def _strictly_increasing(unit: torch.Tensor, step: float = 1e-3) -> torch.Tensor
     return out.contiguous()
 
 
-def _first_value(atom: torch.Tensor, n: int, a: int) -> torch.Tensor:
-    """Index of the first sorted value of each atom boundary (``n`` for the end)."""
-    if n == a:
-        return atom
-    return torch.div(atom * n, a, rounding_mode="floor")
-
-
 @register
 class LloydOptimal(Quantizer):
     """The minimum squared-error ``2^b``-level codebook of each group (exact 1-D k-means, per group).
 
-    See the module docstring for the dynamic program and its sources. The squared error of each group is
-    never above that of ``lloyd-empirical`` (checked per group) nor, for groups solved exactly, above that of
-    any other rule with ``2^b`` levels.
+    See the module docstring for the dynamic program and its sources. The squared error of each group solved
+    exactly is never above that of any other rule with ``2^b`` levels; for larger groups it is never above
+    that of ``lloyd-empirical`` (checked per group).
+
+    With ``weighting="input-variance"`` the rule asks :func:`dfquant.api.quantize_model` for importance
+    weights (:attr:`wants_importance`) and minimizes ``sum_i a_i (w_i - w_hat_i)^2`` instead. For a layer
+    ``y = W x`` whose input channels are uncorrelated with variances ``s_c^2``, the output error left after
+    bias correction (which removes the mean part ``dW E[x]``) is ``E||dW (x - E[x])||^2 =
+    sum_{o, c, taps} s_c^2 dW[o, c, taps]^2``: the weight error of an input channel counts in proportion to
+    that channel's variance (a diagonal approximation of the layer's input second moment, as in Optimal Brain
+    Surgeon, Hassibi and Stork 1993, and in GPTQ, Frantar et al. 2023, here taken from the BatchNorm
+    statistics instead of data). The pipeline uses ``s_c^2 + E[x_c]^2`` when bias correction is off, and
+    equal weights where a layer's input statistics are unknown.
 
     Options:
         max_atoms: largest group solved exactly (default 1024, at least 2).
-        bins: larger groups are solved over this many equal-count runs (default 256, at least 2) and refined
-            with Lloyd iterations.
+        bins: larger groups are solved over this many atoms (default 256, at least 2) and, when unweighted,
+            refined with Lloyd iterations.
         iters: Lloyd refinement iterations for larger groups (default 30).
+        weighting: ``"none"`` (default) or ``"input-variance"`` (see above).
 
     ``QParams.info`` holds nothing; levels are per group ``(m, L)`` in units of the half range.
     """
 
     name = "lloyd-optimal"
     description = "globally optimal per-group codebook (exact 1-D k-means by dynamic programming)"
-    options_allowed: ClassVar[tuple[str, ...]] = ("max_atoms", "bins", "iters")
+    options_allowed: ClassVar[tuple[str, ...]] = ("max_atoms", "bins", "iters", "weighting")
+    supports_importance = True
     max_atoms: int
     bins: int
 
@@ -222,24 +242,45 @@ class LloydOptimal(Quantizer):
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
             raise ConfigError(f"quantizer '{self.name}': iters must be an integer >= 0, got {iters!r}")
         self.iters = iters
+        weighting = self.options.get("weighting", "none")
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(
+                f"quantizer '{self.name}': weighting must be one of {', '.join(WEIGHTINGS)}, "
+                f"got {weighting!r}"
+            )
+        self.weighting = str(weighting)
+
+    @property
+    def wants_importance(self) -> bool:
+        """True with ``weighting="input-variance"``."""
+        return self.weighting != "none"
 
     def fit(self, x: torch.Tensor) -> QParams:
         """Fit ``m`` groups ``(m, n)``: the optimal levels, around the mid range in half-range units."""
+        return self._fit(x, None)
+
+    def fit_weighted(self, x: torch.Tensor, importance: torch.Tensor) -> QParams:
+        """Fit ``m`` groups ``(m, n)`` minimizing the squared error weighted by ``importance``."""
+        return self._fit(x, importance)
+
+    def _fit(self, x: torch.Tensor, importance: torch.Tensor | None) -> QParams:
         xs = torch.sort(x, dim=1).values
         levels = 2**self.bits
         cap = max(2, math.isqrt(WORK_PER_GROUP // levels))  # keeps L * a^2 <= WORK_PER_GROUP
         exact = x.shape[1] <= min(self.max_atoms, cap)
-        atoms = x.shape[1] if exact else min(self.bins, cap)
-        y = optimal_levels(x, levels, max_atoms=max(atoms, 2), sorted_x=xs)
-        if not exact:
+        atoms = max(2, x.shape[1] if exact else min(self.bins, cap))
+        if importance is not None:
+            y = optimal_levels(x, levels, importance, max_atoms=atoms)
+        else:
+            y = optimal_levels(x, levels, max_atoms=atoms, sorted_x=xs)
+        if not exact and importance is None:
             sums = prefix_sums(xs)
             y = lloyd_empirical(x, y, iters=self.iters, sorted_x=xs)
             ref = LloydEmpirical(self.bits, iters=self.iters).fit(x)
             tables, index = ref.tables()
             start = tables[index] * ref.scale[:, None] + ref.offset[:, None]
-            y = torch.where(
-                (group_sq_error(xs, start, sums) < group_sq_error(xs, y, sums))[:, None], start, y
-            )
+            better = group_sq_error(xs, start, sums) < group_sq_error(xs, y, sums)
+            y = torch.where(better[:, None], start, y)
         lo, hi = xs[:, 0], xs[:, -1]
         offset = (hi + lo) / 2
         scale = (hi - lo) / 2
