@@ -1,11 +1,11 @@
 """The ResNet-20 targets of the whole-model issue, met with the recommended data-free setting.
 
-Setting: ``lloyd-optimal`` with ``weighting="input-variance"``, per output channel, every layer (first and last
-included), BatchNorm folding and data-free bias correction on (the defaults of :class:`QuantConfig`); no image
-is used to quantize. Targets: W4 top-1 >= 91.0 % and agreement >= 93 %; W3 top-1 >= 89.0 % and agreement >=
-85 %. Top-1 is measured on the exact 1017 test images, as in the issue. Agreement is measured here on the
-first 2000 images of the 10,000-image JPEG copy to keep the test short (the full-set figures are in
-``benchmarks/resnet_table.py``'s table).
+Setting: ``lloyd-optimal`` with ``weighting="input-variance"``, per output channel, every layer (first and
+last included), BatchNorm folding and data-free bias correction on (the defaults of :class:`QuantConfig`); no
+image is used to quantize. Targets: W4 top-1 >= 91.0 % and agreement >= 93 %; W3 top-1 >= 89.0 % and
+agreement >= 85 %. Top-1 is measured on the exact 1017 test images, as in the issue. Agreement is measured
+here on the first 2000 images of the 10,000-image JPEG copy to keep the test short (the full-set figures are
+in the table of ``benchmarks/resnet_table.py``).
 """
 
 from __future__ import annotations

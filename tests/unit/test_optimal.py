@@ -46,6 +46,42 @@ def _group_sse(rule: str, bits: int, x: torch.Tensor, **opts: object) -> torch.T
     return ((get_quantizer(rule, bits, **opts).fake_quantize(x) - x).double() ** 2).sum(1)
 
 
+def _dense_optimum(x: torch.Tensor, levels: int, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Optimal weighted squared error per row by the plain ``O(L n^2)`` dynamic program (reference)."""
+    xs, order = torch.sort(x.double(), dim=1)
+    ws = torch.ones_like(xs) if w is None else w.double().gather(1, order)
+    z = torch.zeros(x.shape[0], 1, dtype=torch.float64)
+    s0, s1, s2 = (torch.cat([z, t.cumsum(1)], 1) for t in (ws, ws * xs, ws * xs * xs))
+    c0 = s0[:, None, :] - s0[:, :, None]
+    c1 = s1[:, None, :] - s1[:, :, None]
+    cost = ((s2[:, None, :] - s2[:, :, None]) - c1 * c1 / torch.where(c0 > 0, c0, torch.ones_like(c0))).clamp(
+        0
+    )
+    idx = torch.arange(x.shape[1] + 1)
+    cost = cost.masked_fill((idx[:, None] >= idx[None, :])[None], float("inf"))
+    d = cost[:, 0, :]
+    for _ in range(1, min(levels, x.shape[1])):
+        d = (d[:, :, None] + cost).min(dim=1).values
+    return d[:, -1]
+
+
+def test_bisection_matches_the_dense_program() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat(
+        [
+            torch.randn(4, 300, generator=g),
+            torch.randn(4, 300, generator=g) ** 3,
+            torch.randint(-3, 4, (4, 300), generator=g).float(),  # many repeated values
+        ]
+    )
+    w = torch.rand(12, 300, generator=g) * (torch.rand(12, 300, generator=g) > 0.3)  # some zero weights
+    for levels in (2, 5, 16):
+        for weights in (None, w):
+            got = _sse(x, optimal_levels(x, levels, weights), weights)
+            ref = _dense_optimum(x, levels, weights)
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("levels", [2, 3, 4])
 def test_exact_against_brute_force(levels: int) -> None:
     g = torch.Generator().manual_seed(levels)

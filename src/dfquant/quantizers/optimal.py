@@ -15,12 +15,15 @@ and ``D_k(i) = min_{j < i} D_{k-1}(j) + C(j, i)`` with ``D_1(i) = C(0, i)``; ``D
 arg-mins give the runs, whose means are the levels. Levels are then encoded by the nearest-level rule, which
 reproduces the optimal runs (an optimal partition is also a nearest-neighbour partition).
 
-Cost: ``O(L a^2)`` per group for ``a`` atoms, computed for blocks of groups at once. Groups of up to
-``max_atoms`` values (default 1024, and at most ``sqrt(2^24 / L)``: 1024 up to 4 bits, 724 at 5 bits, 256 at
-8 bits) are solved exactly, one atom per value. Larger groups are first cut into ``bins`` atoms (default
-256), half at equal counts and half at equal widths of the range, so that sparse tails keep atoms of their
-own; each atom keeps the count, sum and sum of squares of its values, so every cost above stays exact. The
-optimum is then the best partition whose boundaries fall between atoms; Lloyd iterations on all values
+Cost: the run cost satisfies the quadrangle inequality, so the leftmost minimizing ``j`` is non-decreasing in
+``i`` and each level is solved by bisection over ``i`` in ``O(a log a)`` run costs per group for ``a`` atoms
+(the divide-and-conquer optimization, Galil and Park 1992; Wang and Song 2011 use it for the same program),
+for blocks of groups at once, single-threaded (small operations). Groups of up to ``max_atoms`` values
+(default 4096, and at most ``2^16 / L``: 4096 up to 4 bits, 256 at 8 bits) are solved exactly, one atom per
+value. Larger groups are first cut into ``bins`` atoms (default 1024, same bound), half at equal counts and
+half at equal widths of the range, so that sparse tails keep atoms of their own; each atom keeps the count,
+sum and sum of squares of its values, so every cost above stays exact. The optimum is then the best
+partition whose boundaries fall between atoms; Lloyd iterations on all values
 (:func:`dfquant.lloyd_max.lloyd_empirical`) refine it, and a group keeps the ``lloyd-empirical`` solution if
 that is better.
 
@@ -40,7 +43,8 @@ Example:
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -53,10 +57,10 @@ from .registry import register
 
 __all__ = ["WEIGHTINGS", "LloydOptimal", "optimal_levels"]
 
-#: Elements of one ``(groups, atoms + 1, atoms + 1)`` cost block (float64): about 32 MiB.
-BLOCK_ELEMS = 1 << 22
-#: Largest ``L * a^2`` (levels times atoms squared) solved per group: 16 levels over 1024 atoms.
-WORK_PER_GROUP = 1 << 24
+#: Atoms (groups times atoms per group) solved in one block.
+BLOCK_ELEMS = 1 << 18
+#: Largest ``L * a`` (levels times atoms) solved per group: 16 levels over 4096 atoms, 256 over 256.
+WORK_PER_GROUP = 1 << 16
 #: Values of the ``weighting`` option.
 WEIGHTINGS = ("none", "input-variance")
 
@@ -86,26 +90,86 @@ def _atoms(xs: torch.Tensor, w: torch.Tensor, max_atoms: int) -> tuple[torch.Ten
     return cuts, s0.gather(1, cuts), s1.gather(1, cuts), s2.gather(1, cuts)
 
 
+def _run_cost(
+    s: tuple[torch.Tensor, torch.Tensor, torch.Tensor], row: torch.Tensor, j: torch.Tensor, i: torch.Tensor
+) -> torch.Tensor:
+    """``C(j, i)``, the squared error of the run of atoms ``(j, i]`` about its mean, for flat index tensors
+    (``inf`` where ``j >= i``)."""
+    s0, s1, s2 = s
+    c0 = s0[row, i] - s0[row, j]
+    c1 = s1[row, i] - s1[row, j]
+    cost = ((s2[row, i] - s2[row, j]) - c1 * c1 / torch.where(c0 > 0, c0, torch.ones_like(c0))).clamp_min(0.0)
+    return torch.where(j < i, cost, torch.full_like(cost, float("inf")))
+
+
+def _schedule(a: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Positions ``1..a`` in breadth-first order of bisection, each with its nearest already-visited
+    neighbours: a list of ``(positions, left, right)`` per depth, with ``0`` and ``a + 1`` as sentinels."""
+    out = []
+    segments = [(0, a + 1)]  # open intervals (left, right) whose inner positions are not visited yet
+    while segments:
+        mids, lefts, rights, nxt = [], [], [], []
+        for lo, hi in segments:
+            if hi - lo < 2:
+                continue
+            mid = (lo + hi) // 2
+            mids.append(mid)
+            lefts.append(lo)
+            rights.append(hi)
+            nxt += [(lo, mid), (mid, hi)]
+        if mids:
+            out.append((torch.tensor(mids), torch.tensor(lefts), torch.tensor(rights)))
+        segments = nxt
+    return out
+
+
 def _solve_block(s0: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, levels: int) -> torch.Tensor:
-    """Optimal runs of ``a`` atoms into ``k = min(levels, a)`` clusters: ``(m, k + 1)`` atom boundaries."""
+    """Optimal runs of ``a`` atoms into ``k = min(levels, a)`` clusters: ``(m, k + 1)`` atom boundaries.
+
+    ``D_k(i) = min_j D_{k-1}(j) + C(j, i)`` for every end ``i``. The run cost satisfies the quadrangle
+    inequality (Wang and Song 2011), so the leftmost minimizing ``j`` is non-decreasing in ``i``: each level
+    is solved by bisection over ``i`` (the ``j`` of a middle end bounds those of the ends on either side),
+    ``O(a log a)`` evaluations per group and level instead of ``O(a^2)`` (the divide-and-conquer
+    optimization of such recurrences, Galil and Park 1992).
+    """
     m, a1 = s0.shape
     a = a1 - 1
     k = min(levels, a)
-    c0 = s0[:, None, :] - s0[:, :, None]  # [j, i]: run (j, i]
-    c1 = s1[:, None, :] - s1[:, :, None]
-    cost = (s2[:, None, :] - s2[:, :, None]) - c1 * c1 / torch.where(c0 > 0, c0, torch.ones_like(c0))
-    cost = cost.clamp_min_(0.0)
-    idx = torch.arange(a1)
-    invalid = idx[:, None] >= idx[None, :]  # empty or reversed runs
-    cost.masked_fill_(invalid[None], float("inf"))
     if k == a:  # one atom per cluster
         return torch.arange(a1).expand(m, -1).clone()
-    d = cost[:, 0, :].clone()  # one cluster: (m, a + 1)
+    sums = (s0, s1, s2)
+    rows = torch.arange(m)[:, None]
+    pos = torch.arange(a1).expand(m, -1)
+    d = _run_cost(sums, rows, torch.zeros_like(pos), pos)  # one cluster: D_1(i) = C(0, i)
+    schedule = _schedule(a)
     back = []
     for _ in range(1, k):
-        best, arg = (d[:, :, None] + cost).min(dim=1)
-        d = best
-        back.append(arg)
+        # opt[:, i] for i = 0..a + 1: sentinels 0 (left) and a (right: no bound beyond j <= i - 1)
+        opt = torch.zeros(m, a + 2, dtype=torch.int64)
+        opt[:, a + 1] = a
+        new_d = torch.full_like(d, float("inf"))
+        for mids, left, right in schedule:
+            p = mids.numel()
+            lo = opt[:, left]
+            hi = torch.minimum(opt[:, right], (mids - 1).expand(m, -1))
+            lo = torch.minimum(lo, hi)
+            length = (hi - lo + 1).reshape(-1)  # candidates per (row, end), flattened row-major
+            seg = torch.repeat_interleave(torch.arange(m * p), length)
+            start = torch.cumsum(length, 0) - length
+            j = lo.reshape(-1)[seg] + torch.arange(seg.numel()) - start[seg]
+            row, end = seg // p, mids[seg % p]
+            val = d[row, j] + _run_cost(sums, row, j, end)
+            best = torch.full((m * p,), float("inf"), dtype=val.dtype).scatter_reduce(
+                0, seg, val, "amin", include_self=True
+            )
+            leftmost = torch.where(val == best[seg], j, torch.full_like(j, a1))
+            arg = torch.full((m * p,), a1, dtype=torch.int64).scatter_reduce(
+                0, seg, leftmost, "amin", include_self=True
+            )
+            opt[:, mids] = torch.minimum(arg, lo.reshape(-1) + length - 1).reshape(m, p)
+            new_d[:, mids] = best.reshape(m, p)
+        d = new_d
+        back.append(opt[:, :a1])
     bounds = torch.empty(m, k + 1, dtype=torch.int64)
     bounds[:, 0] = 0
     bounds[:, k] = a
@@ -121,7 +185,7 @@ def optimal_levels(
     levels: int,
     weights: torch.Tensor | None = None,
     *,
-    max_atoms: int = 1024,
+    max_atoms: int = 4096,
     sorted_x: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Levels of the minimum squared-error ``levels``-level scalar quantizer of each row of ``x``.
@@ -136,7 +200,7 @@ def optimal_levels(
         levels: number of levels ``L >= 1``.
         weights: ``(m, n)`` non-negative weights of the values (None: all 1); a row whose weights are all 0 is
             treated as unweighted.
-        max_atoms: atoms per row for the exact program (``O(L * max_atoms^2)`` work per row).
+        max_atoms: atoms per row for the exact program (``O(L a log a)`` work per row, ``a <= max_atoms``).
         sorted_x: ``x`` sorted along dim 1, if already computed (only when ``weights`` is None).
 
     Returns:
@@ -161,26 +225,44 @@ def optimal_levels(
         w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
         ws = w.gather(1, order)
     a = min(n, max_atoms)
-    rows = max(1, BLOCK_ELEMS // ((a + 1) * (a + 1)))
+    rows = max(1, BLOCK_ELEMS // (a + 1))
     out = torch.empty(m, levels, dtype=torch.float32)
-    for r0 in range(0, m, rows):
-        cuts, s0, s1, s2 = _atoms(xs[r0 : r0 + rows], ws[r0 : r0 + rows], max_atoms)
-        bounds = _solve_block(s0, s1, s2, levels)
-        lo, hi = bounds[:, :-1], bounds[:, 1:]
-        cnt = s0.gather(1, hi) - s0.gather(1, lo)
-        tot = s1.gather(1, hi) - s1.gather(1, lo)
-        # a run of zero weight (empty atoms, or zero weights) takes the mid range of the values around it
-        first = cuts.gather(1, lo).clamp_max(n - 1)
-        last = (cuts.gather(1, hi) - 1).clamp(min=0)
-        block = xs[r0 : r0 + rows]
-        mid = (block.gather(1, first) + block.gather(1, last)).to(torch.float64) / 2
-        y = torch.where(cnt > 0, tot / torch.where(cnt > 0, cnt, torch.ones_like(cnt)), mid)
-        y = y.to(torch.float32)
-        k = y.shape[1]
-        if k < levels:
-            y = torch.cat([y, y[:, -1:].expand(-1, levels - k)], dim=1)
-        out[r0 : r0 + rows] = torch.sort(y, dim=1).values
+    with _single_thread():
+        for r0 in range(0, m, rows):
+            out[r0 : r0 + rows] = _solve_rows(xs[r0 : r0 + rows], ws[r0 : r0 + rows], levels, max_atoms)
     return out
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run torch single-threaded inside the block (restored after): the program makes many small tensor
+    operations, for which intra-op threads cost more than they save, by orders of magnitude on a busy
+    machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _solve_rows(xs: torch.Tensor, ws: torch.Tensor, levels: int, max_atoms: int) -> torch.Tensor:
+    """Optimal levels ``(m, L)`` of a block of sorted rows ``xs`` with weights ``ws``."""
+    n = xs.shape[1]
+    cuts, s0, s1, s2 = _atoms(xs, ws, max_atoms)
+    bounds = _solve_block(s0, s1, s2, levels)
+    lo, hi = bounds[:, :-1], bounds[:, 1:]
+    cnt = s0.gather(1, hi) - s0.gather(1, lo)
+    tot = s1.gather(1, hi) - s1.gather(1, lo)
+    # a run of zero weight (empty atoms, or zero weights) takes the mid range of the values around it
+    first = cuts.gather(1, lo).clamp_max(n - 1)
+    last = (cuts.gather(1, hi) - 1).clamp(min=0)
+    mid = (xs.gather(1, first) + xs.gather(1, last)).to(torch.float64) / 2
+    y = torch.where(cnt > 0, tot / torch.where(cnt > 0, cnt, torch.ones_like(cnt)), mid).to(torch.float32)
+    k = y.shape[1]
+    if k < levels:
+        y = torch.cat([y, y[:, -1:].expand(-1, levels - k)], dim=1)
+    return torch.sort(y, dim=1).values
 
 
 def _strictly_increasing(unit: torch.Tensor, step: float = 1e-3) -> torch.Tensor:
@@ -215,9 +297,9 @@ class LloydOptimal(Quantizer):
     equal weights where a layer's input statistics are unknown.
 
     Options:
-        max_atoms: largest group solved exactly (default 1024, at least 2).
-        bins: larger groups are solved over this many atoms (default 256, at least 2) and, when unweighted,
-            refined with Lloyd iterations.
+        max_atoms: largest group solved exactly (default 4096, at least 2; at most ``2^16 / L``).
+        bins: larger groups are solved over this many atoms (default 1024, at least 2; same bound) and, when
+            unweighted, refined with Lloyd iterations.
         iters: Lloyd refinement iterations for larger groups (default 30).
         weighting: ``"none"`` (default) or ``"input-variance"`` (see above).
 
@@ -233,7 +315,7 @@ class LloydOptimal(Quantizer):
 
     def __init__(self, bits: int, **options: Any) -> None:
         super().__init__(bits, **options)
-        for key, default in (("max_atoms", 1024), ("bins", 256)):
+        for key, default in (("max_atoms", 4096), ("bins", 1024)):
             value = self.options.get(key, default)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
                 raise ConfigError(f"quantizer '{self.name}': {key} must be an integer >= 2, got {value!r}")
@@ -266,7 +348,7 @@ class LloydOptimal(Quantizer):
     def _fit(self, x: torch.Tensor, importance: torch.Tensor | None) -> QParams:
         xs = torch.sort(x, dim=1).values
         levels = 2**self.bits
-        cap = max(2, math.isqrt(WORK_PER_GROUP // levels))  # keeps L * a^2 <= WORK_PER_GROUP
+        cap = max(2, WORK_PER_GROUP // levels)  # keeps L * a <= WORK_PER_GROUP
         exact = x.shape[1] <= min(self.max_atoms, cap)
         atoms = max(2, x.shape[1] if exact else min(self.bins, cap))
         if importance is not None:
