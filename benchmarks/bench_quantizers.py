@@ -60,8 +60,9 @@ def main() -> None:
     for gran, group in (("channel", None), ("group:64", 64)):
         t, y = timed(lambda group=group: torch_round_floor(x, args.bits, group), args.repeats)
         rel = float(((y - x) ** 2).sum() / (x * x).sum())  # type: ignore[operator]
-        rows.append({"method": "torch.round floor", "granularity": gran, "seconds": t, "params_per_s": n / t,
-                     "rel_mse": rel})
+        rows.append(
+            {"method": "torch.round floor", "granularity": gran, "seconds": t, "params_per_s": n / t, "rel_mse": rel}
+        )
         for m in methods:
             try:
                 q = get_quantizer(m, args.bits)
@@ -69,25 +70,49 @@ def main() -> None:
                 rows.append({"method": m, "granularity": gran, "error": str(e)})
                 continue
             t, qt = timed(lambda q=q, gran=gran: q.quantize(x, gran), args.repeats)
-            rows.append({"method": m, "granularity": gran, "seconds": t, "params_per_s": n / t,
-                         "rel_mse": qt.rel_mse(x), "bits_per_weight": qt.bits_per_weight()})  # type: ignore[union-attr]
+            rows.append(
+                {
+                    "method": m,
+                    "granularity": gran,
+                    "seconds": t,
+                    "params_per_s": n / t,
+                    "rel_mse": qt.rel_mse(x),
+                    "bits_per_weight": qt.bits_per_weight(),
+                }
+            )  # type: ignore[union-attr]
             print(f"{m:>16} {gran:>9}: {n / t / 1e6:8.2f} M params/s  rel MSE {rows[-1]['rel_mse']:.3e}", flush=True)
-    machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "processor": platform.processor()}
-    result = {"tensor": [args.size, args.size], "bits": args.bits, "repeats": args.repeats, "machine": machine,
-              "rows": rows}
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "processor": platform.processor(),
+    }
+    result = {
+        "tensor": [args.size, args.size],
+        "bits": args.bits,
+        "repeats": args.repeats,
+        "machine": machine,
+        "rows": rows,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "speed.json", json.dumps(result, indent=2))
-    lines = [f"Quantization speed, {args.size}x{args.size} float32 Gaussian, {args.bits} bits, median of "
-             f"{args.repeats} ({machine['cpu_count']} CPU threads, torch {torch.__version__})", "",
-             "| method | granularity | M params/s | seconds | rel. MSE |", "| --- | --- | ---: | ---: | ---: |"]
+    lines = [
+        f"Quantization speed, {args.size}x{args.size} float32 Gaussian, {args.bits} bits, median of "
+        f"{args.repeats} ({machine['cpu_count']} CPU threads, torch {torch.__version__})",
+        "",
+        "| method | granularity | M params/s | seconds | rel. MSE |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['granularity']} | n/a | n/a | {r['error']} |")
         else:
-            lines.append(f"| {r['method']} | {r['granularity']} | {r['params_per_s'] / 1e6:.2f} | "
-                         f"{r['seconds']:.3f} | {r['rel_mse']:.3e} |")
+            lines.append(
+                f"| {r['method']} | {r['granularity']} | {r['params_per_s'] / 1e6:.2f} | "
+                f"{r['seconds']:.3f} | {r['rel_mse']:.3e} |"
+            )
     _atomic_write(out / "speed.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

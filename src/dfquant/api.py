@@ -107,9 +107,7 @@ def _batchnorm(model: nn.Module, name: str) -> _BatchNorm:
     return m
 
 
-def _batchnorm_affine(
-    model: nn.Module, program: list[MomentOp]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _batchnorm_affine(model: nn.Module, program: list[MomentOp]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``(beta, gamma)`` of each BatchNorm a moment program reads (0 and 1 without affine parameters)."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for op in program:
@@ -338,9 +336,7 @@ def quantize_model(
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
     plans = plan_quantization(model, config)
-    skipped = [
-        SkippedLayer(p.name, p.type, p.shape, p.rule.reason or "skipped by rule") for p in plans if p.skip
-    ]
+    skipped = [SkippedLayer(p.name, p.type, p.shape, p.rule.reason or "skipped by rule") for p in plans if p.skip]
     unused = [r.pattern for r in config.unused_rules(p.name for p in plans)]
     if config.strict and (skipped or unused):
         raise ConfigError(f"strict mode: {_summary(skipped, unused)}")
@@ -465,9 +461,7 @@ def quantize_model(
             bias_l2 = 0.0 if qmod.bias is None else float(qmod.bias.detach().float().norm())
             qmod.bias = nn.Parameter(new_bias.to(qmod.dtype), requires_grad=False)
             report.bias_corrected.append(
-                BiasCorrectionRecord(
-                    p.name, bn_name, act, float(shift.norm()), float(shift.abs().max()), bias_l2
-                )
+                BiasCorrectionRecord(p.name, bn_name, act, float(shift.norm()), float(shift.abs().max()), bias_l2)
             )
         report.layers.append(
             LayerReport(
@@ -508,9 +502,7 @@ def quantize_model(
             if isinstance(current, torch.Tensor):
                 current.data = fold_b
             else:
-                float_layer.register_parameter(
-                    "bias", nn.Parameter(fold_b, requires_grad=weight.requires_grad)
-                )
+                float_layer.register_parameter("bias", nn.Parameter(fold_b, requires_grad=weight.requires_grad))
         target = replace_module(target, bn_name, FoldedBatchNorm(layer_name))
         report.folded_bn.append(FoldedBN(layer_name, bn_name))
     names = module_names(target)  # a layer registered under several names is replaced under all of them

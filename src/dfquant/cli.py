@@ -51,8 +51,7 @@ def cmd_theory(args: argparse.Namespace) -> dict[str, Any]:
     result = theory(args.dist, args.bits, group_size=args.group_size, names=names)
     if not args.json:
         print(
-            f"unit-variance {args.dist} source, {args.bits} bits "
-            f"(sample-dependent clips: groups of {args.group_size})"
+            f"unit-variance {args.dist} source, {args.bits} bits (sample-dependent clips: groups of {args.group_size})"
         )
         print(f"{'quantizer':<18} {'grid':<18} {'MSE':>11} {'SQNR dB':>8}  clip / levels")
         for name, row in result.items():
@@ -79,9 +78,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     state = load_state_dict(args.file)
     weights = weight_tensors(state)
     if not weights:
-        raise DfquantError(
-            f"'{args.file}' holds no weight tensors (floating tensors with 2 or more dimensions)"
-        )
+        raise DfquantError(f"'{args.file}' holds no weight tensors (floating tensors with 2 or more dimensions)")
     names = args.quantizers.split(",") if args.quantizers else None
     rules = quantizer_variants(args.bits, names)
     layers = []
@@ -105,9 +102,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _print_analysis(
-    layers: list[Any], summary: dict[str, dict[str, float]], args: argparse.Namespace
-) -> None:
+def _print_analysis(layers: list[Any], summary: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
     names = list(summary)
     print(f"{args.file}: {len(layers)} weight tensors, {args.bits} bits, granularity {args.granularity}")
     print("relative MSE measured (predicted); * marks the best rule of each layer")
@@ -122,10 +117,7 @@ def _print_analysis(
             mark = "*" if n == best else " "
             cells += f" {m['rel_mse']:>9.2e}{pred:>11}{mark}"
         shape = "x".join(str(s) for s in lay.shape)
-        print(
-            f"{lay.name[-28:]:<28} {shape:<16} {lay.dist:<8} "
-            f"{lay.ks_gaussian:.3f}/{lay.ks_laplace:.3f}{cells}"
-        )
+        print(f"{lay.name[-28:]:<28} {shape:<16} {lay.dist:<8} {lay.ks_gaussian:.3f}/{lay.ks_laplace:.3f}{cells}")
     row = f"{'TOTAL':<28} {'':<16} {'':<8} {'':<11}"
     for n in names:
         s = summary[n]
@@ -146,9 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("theory", help="levels and expected MSE of every quantizer for a unit-variance source")
     p.add_argument("--dist", choices=["gaussian", "laplace"], default="gaussian")
     p.add_argument("--bits", type=int, required=True)
-    p.add_argument(
-        "--group-size", type=int, default=1024, help="samples per group for sample-dependent clips"
-    )
+    p.add_argument("--group-size", type=int, default=1024, help="samples per group for sample-dependent clips")
     p.add_argument("--quantizers", help="comma-separated subset of quantizers")
     _common(p)
     p.set_defaults(func=cmd_theory)
@@ -192,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         detail = _one_line(str(e))[:300] or "no message"
         sys.stderr.write(
-            f"dfquant: error: unexpected {type(e).__name__}: {detail} "
-            "(set DFQUANT_DEBUG=1 for the traceback)\n"
+            f"dfquant: error: unexpected {type(e).__name__}: {detail} (set DFQUANT_DEBUG=1 for the traceback)\n"
         )
         return EXIT_USAGE
     for w in caught:

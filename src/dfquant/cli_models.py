@@ -160,9 +160,7 @@ def _check_out(out: Path) -> None:
     if not folder.is_dir():
         raise ConfigError(f"output folder '{folder}' does not exist")
     if out.is_dir():
-        raise ConfigError(
-            f"output '{out}' is a folder; give a file name such as '{out / 'model.safetensors'}'"
-        )
+        raise ConfigError(f"output '{out}' is a folder; give a file name such as '{out / 'model.safetensors'}'")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"output folder '{folder}' is not writable")
 
@@ -335,10 +333,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     size, fsize = result.get("size_bytes"), result.get("float_size_bytes")
     if size and fsize:
         what = "file" if result.get("size_is_file") else "in memory"
-        print(
-            f"size ({what}): {size / 1e6:.2f} MB vs float32 {fsize / 1e6:.2f} MB "
-            f"({fsize / size:.2f}x smaller)"
-        )
+        print(f"size ({what}): {size / 1e6:.2f} MB vs float32 {fsize / 1e6:.2f} MB ({fsize / size:.2f}x smaller)")
     for task, figs in result.get("eval", {}).items():
         f, q = figs.get("float", {}), figs.get("quantized", {})
         keys = [k for k in q if isinstance(q.get(k), int | float) and not isinstance(q.get(k), bool)]
@@ -362,14 +357,10 @@ def add_commands(sub: Any) -> None:
     from .cli import _common
 
     p = sub.add_parser("quantize", help="quantize a model, report per layer, evaluate, write the file")
-    p.add_argument(
-        "model", nargs="?", help="zoo name (cifar-resnet20, minilm, smollm2-135m, ...) or a local path"
-    )
+    p.add_argument("model", nargs="?", help="zoo name (cifar-resnet20, minilm, smollm2-135m, ...) or a local path")
     p.add_argument("--method", help=f"quantizer name (default {DEFAULT_METHOD})")
     p.add_argument("--bits", type=int, help=f"code bits (default {DEFAULT_BITS})")
-    p.add_argument(
-        "--granularity", help="tensor | channel | group:G (default channel; the default run: group:64)"
-    )
+    p.add_argument("--granularity", help="tensor | channel | group:G (default channel; the default run: group:64)")
     p.add_argument(
         "--scale-dtype",
         choices=("float32", "float16", "bfloat16"),
@@ -386,14 +377,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--sparsity-split",
         choices=("linear", "uniform"),
-        help="split of the sparsity budget across layers: linear in depth, more toward the head (default), "
-        "or uniform",
+        help="split of the sparsity budget across layers: linear in depth, more toward the head (default), or uniform",
     )
     p.add_argument("--config", help="JSON file with per-layer rules (see dfquant.config.QuantConfig)")
     p.add_argument("--eval", help="comma-separated tasks: cifar10, stsb, wikitext2, fidelity, pairs")
-    p.add_argument(
-        "--eval-limit", type=int, help="evaluate on fewer items (windows, pairs, images) for a quick look"
-    )
+    p.add_argument("--eval-limit", type=int, help="evaluate on fewer items (windows, pairs, images) for a quick look")
     p.add_argument("--out", help="write the quantized model to this .safetensors file")
     p.add_argument("--checkpoint", help="weights file for zoo models that take one (cifar-resnet*)")
     p.add_argument("--builder", help="module:callable building the architecture of a .safetensors state dict")

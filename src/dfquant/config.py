@@ -95,9 +95,7 @@ def _freeze_options(options: object, where: str) -> Mapping[str, Any]:
 
 def _check_granularity(spec: object, where: str) -> str:
     if not isinstance(spec, str):
-        raise ConfigError(
-            f"{where}: 'granularity' must be a string such as 'channel' or 'group:64', got {spec!r}"
-        )
+        raise ConfigError(f"{where}: 'granularity' must be a string such as 'channel' or 'group:64', got {spec!r}")
     try:
         Granularity.parse(spec)
     except ConfigError as e:

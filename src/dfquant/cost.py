@@ -89,9 +89,7 @@ def cost_summary(report: QuantizationReport, macs: dict[str, int], act_bits: int
         quantized.add(r.name)
         wb = r.weight_bits_per_mac if math.isfinite(r.weight_bits_per_mac) else float(r.bits)
         n = macs.get(r.name, 0)
-        costs.append(
-            layer_cost(r.name, n, wb, bits=r.bits, bits_per_weight=r.bits_per_weight, act_bits=act_bits)
-        )
+        costs.append(layer_cost(r.name, n, wb, bits=r.bits, bits_per_weight=r.bits_per_weight, act_bits=act_bits))
     for name, n in macs.items():  # layers left float cost 32 x 32 in every column
         if name not in quantized and n:
             costs.append(layer_cost(name, n, 32.0, bits=32, bits_per_weight=32.0, act_bits=32))

@@ -101,9 +101,7 @@ def find_unsupported(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]
     for name, m in model.named_modules():
         if layer_kind(m) is not None or isinstance(m, QuantModule):
             continue
-        params = [
-            k for k, p in m._parameters.items() if p is not None and p.is_floating_point() and p.dim() >= 2
-        ]
+        params = [k for k, p in m._parameters.items() if p is not None and p.is_floating_point() and p.dim() >= 2]
         if params:
             out.append((name, m, params))
     return out
@@ -248,12 +246,7 @@ def _analyze_fx(model: nn.Module) -> GraphInfo:
         src = node.args[0]
         if isinstance(mod, _BN) and len(node.args) == 1 and not node.kwargs:
             layer = single_module_call(src)
-            if (
-                isinstance(src, fx.Node)
-                and layer is not None
-                and len(src.users) == 1
-                and _bn_fits(layer, mod, "out")
-            ):
+            if isinstance(src, fx.Node) and layer is not None and len(src.users) == 1 and _bn_fits(layer, mod, "out"):
                 info.bn_pairs.append((str(src.target), str(node.target)))
         elif layer_kind(mod) is not None and isinstance(src, fx.Node):
             cur: Any = src
@@ -418,24 +411,14 @@ def _analyze_order(model: nn.Module, note: str) -> GraphInfo:
     for i, (name, m) in enumerate(leaves):
         nxt = leaves[i + 1] if i + 1 < len(leaves) else None
         kind = layer_kind(m)
-        if (
-            nxt is not None
-            and kind is not None
-            and parent(nxt[0]) == parent(name)
-            and _bn_fits(m, nxt[1], "out")
-        ):
+        if nxt is not None and kind is not None and parent(nxt[0]) == parent(name) and _bn_fits(m, nxt[1], "out"):
             info.bn_pairs.append((name, nxt[0]))
         # BN -> ReLU module -> layer, all siblings; a BN right before a layer is ambiguous (a functional
         # activation may sit between them), so it is not taken without a graph.
         if i + 2 < len(leaves) and isinstance(m, _BN):
             (rn, relu), (ln, layer) = leaves[i + 1], leaves[i + 2]
             same = parent(rn) == parent(name) == parent(ln)
-            if (
-                same
-                and isinstance(relu, nn.ReLU)
-                and layer_kind(layer) is not None
-                and _bn_fits(layer, m, "in")
-            ):
+            if same and isinstance(relu, nn.ReLU) and layer_kind(layer) is not None and _bn_fits(layer, m, "in"):
                 info.input_bn[ln] = (name, "relu")
     return info
 
@@ -548,9 +531,7 @@ def dist_summary(codes: torch.Tensor | None) -> dict[str, float] | None:
     if codes is None or codes.numel() == 0:
         return None
     flat = codes.reshape(-1).round().to(torch.int64)
-    return {
-        DIST_NAMES.get(k, str(k)): float((flat == k).sum()) / flat.numel() for k in sorted(set(flat.tolist()))
-    }
+    return {DIST_NAMES.get(k, str(k)): float((flat == k).sum()) / flat.numel() for k in sorted(set(flat.tolist()))}
 
 
 @dataclass

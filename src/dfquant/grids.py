@@ -157,8 +157,15 @@ class Grid:
             # Unit-spaced levels: the index is round(z - lowest level), clamped. torch.round rounds half to even,
             # which on these grids is the same tie rule as below (even distance from the zero level, or even
             # index when there is no zero level), so both paths give identical codes.
+            # Mid-rise grids (levels k + 1/2) use floor(z) instead: z - y_0 would round tiny negative z onto the
+            # half-integer tie and lose its sign; their ties (integer z) go to the even index.
             zi = self.zero_index
-            idx = torch.round(z) + zi if zi is not None else torch.round(z - self.levels[0])
+            if zi is not None:
+                idx = torch.round(z) + zi
+            else:
+                fl = torch.floor(z)
+                idx = fl - (self.levels[0] - 0.5)
+                idx = torch.where((z == fl) & (torch.remainder(idx, 2) == 1), idx - 1, idx)
             return idx.clamp_(0, self.num_levels - 1).to(torch.uint8)
         idx = torch.bucketize(z, mids)  # z == mids[k] -> k (the lower level)
         k = idx.clamp(max=mids.numel() - 1)

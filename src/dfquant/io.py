@@ -180,9 +180,7 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     views: dict[tuple[Any, ...], str] = {}
     for key, t in model.state_dict().items():
         if not isinstance(t, torch.Tensor):
-            raise InputError(
-                f"state-dict entry '{key}' is a {type(t).__name__}, not a tensor; cannot be saved"
-            )
+            raise InputError(f"state-dict entry '{key}' is a {type(t).__name__}, not a tensor; cannot be saved")
         if t.dtype not in _ST_DTYPES:
             raise InputError(f"tensor '{key}' has dtype {t.dtype}, which the file format does not store")
         view = (
@@ -216,9 +214,7 @@ def build_manifest(
             hold.
     """
     if not isinstance(source, Mapping):
-        raise InputError(
-            f"source must be a dict describing how to build the model, got {type(source).__name__}"
-        )
+        raise InputError(f"source must be a dict describing how to build the model, got {type(source).__name__}")
     layers: dict[str, Any] = {}
     folded: list[dict[str, str]] = []
     for name, m in model.named_modules():
@@ -270,9 +266,7 @@ def save_quantized(
     try:
         text = json.dumps(manifest, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as e:
-        raise InputError(
-            f"the manifest is not plain JSON (check source and quantizer options): {e}"
-        ) from None
+        raise InputError(f"the manifest is not plain JSON (check source and quantizer options): {e}") from None
     if not dest.parent.is_dir():
         raise FileFormatError(f"cannot write '{dest}': folder '{dest.parent}' does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
@@ -329,9 +323,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     if n < 0:
         raise _fail(path, f"{size} bytes is too short for a safetensors file")
     if n > _MAX_HEADER or 8 + n > size:
-        raise _fail(
-            path, f"header length {n} does not fit a file of {size} bytes (truncated or not safetensors)"
-        )
+        raise _fail(path, f"header length {n} does not fit a file of {size} bytes (truncated or not safetensors)")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -352,8 +344,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         if end - start != math.prod(shape) * _ST_SIZES[dt]:
             raise _fail(
                 path,
-                f"tensor '{key}' spans {end - start} bytes but {dt} {shape} needs "
-                f"{math.prod(shape) * _ST_SIZES[dt]}",
+                f"tensor '{key}' spans {end - start} bytes but {dt} {shape} needs {math.prod(shape) * _ST_SIZES[dt]}",
             )
         spans.append((start, end, key))
     spans.sort()
@@ -364,9 +355,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         pos = end
     have = size - 8 - n
     if pos != have:
-        raise _fail(
-            path, f"the header describes {pos} bytes of tensor data but the file holds {have} (truncated?)"
-        )
+        raise _fail(path, f"the header describes {pos} bytes of tensor data but the file holds {have} (truncated?)")
     return header, size
 
 
@@ -404,9 +393,7 @@ def _check_manifest(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
     }
     for key, typ in types.items():
         if not isinstance(manifest[key], typ):
-            raise _fail(
-                path, f"manifest '{key}' must be a {typ.__name__}, got {type(manifest[key]).__name__}"
-            )
+            raise _fail(path, f"manifest '{key}' must be a {typ.__name__}, got {type(manifest[key]).__name__}")
     return manifest
 
 
@@ -432,14 +419,8 @@ def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str,
     for key in in_file:
         want = table[key]
         got = header[key]
-        if (
-            not isinstance(want, dict)
-            or want.get("dtype") != got["dtype"]
-            or want.get("shape") != got["shape"]
-        ):
-            raise _fail(
-                path, f"tensor '{key}' is {got['dtype']} {got['shape']} but the manifest says {want!r}"
-            )
+        if not isinstance(want, dict) or want.get("dtype") != got["dtype"] or want.get("shape") != got["shape"]:
+            raise _fail(path, f"tensor '{key}' is {got['dtype']} {got['shape']} but the manifest says {want!r}")
     aliases = manifest["aliases"]
     for alias, target in aliases.items():
         if not isinstance(target, str) or target not in table or alias in table:
@@ -450,11 +431,7 @@ def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str,
 
     term_keys = _TERM_KEYS[manifest["format_version"]]
     for fb in manifest["folded_bn"]:
-        if (
-            not isinstance(fb, dict)
-            or set(fb) != {"layer", "bn"}
-            or not all(isinstance(v, str) for v in fb.values())
-        ):
+        if not isinstance(fb, dict) or set(fb) != {"layer", "bn"} or not all(isinstance(v, str) for v in fb.values()):
             raise _fail(path, f"folded_bn entries must be {{'layer': name, 'bn': name}}, got {fb!r}")
     for name, layer in manifest["layers"].items():
         where = f"layer '{name or '<root>'}'"
@@ -462,9 +439,7 @@ def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str,
             keys = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
             raise _fail(path, f"{where}: metadata keys must be {sorted(_LAYER_KEYS)}, got {keys}")
         if layer["type"] not in QUANT_MODULES:
-            raise _fail(
-                path, f"{where}: unknown layer type {layer['type']!r}; known: {', '.join(QUANT_MODULES)}"
-            )
+            raise _fail(path, f"{where}: unknown layer type {layer['type']!r}; known: {', '.join(QUANT_MODULES)}")
         if not isinstance(layer["dtype"], str) or layer["dtype"] not in DTYPES:
             raise _fail(path, f"{where}: unknown dtype {layer['dtype']!r}; allowed: {', '.join(DTYPES)}")
         terms = layer["terms"]
@@ -496,23 +471,14 @@ def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str,
                     desc = "missing" if got is None else f"{got['dtype']} {got['shape']}"
                     raise _fail(
                         path,
-                        f"tensor '{key}' is {desc}; the term's metadata need {_ST_DTYPES[dtype]} "
-                        f"{list(shape)}",
+                        f"tensor '{key}' is {desc}; the term's metadata need {_ST_DTYPES[dtype]} {list(shape)}",
                     )
         if layer["bias"] is True:
             got = entry(f"{p}bias")
             ws = layer["weight_shape"]
             want_dt = _ST_DTYPES[DTYPES[layer["dtype"]]]
-            if (
-                got is None
-                or not isinstance(ws, list)
-                or not ws
-                or got["shape"] != [ws[0]]
-                or got["dtype"] != want_dt
-            ):
-                raise _fail(
-                    path, f"{where}: bias tensor missing, or not {want_dt} of shape [{ws[0] if ws else '?'}]"
-                )
+            if got is None or not isinstance(ws, list) or not ws or got["shape"] != [ws[0]] or got["dtype"] != want_dt:
+                raise _fail(path, f"{where}: bias tensor missing, or not {want_dt} of shape [{ws[0] if ws else '?'}]")
 
 
 def _build_quant_layers(
@@ -599,9 +565,7 @@ def load_quantized(
         try:
             return get_module(model, name)
         except ModelError:
-            raise _fail(
-                p, f"the model built from source {manifest['source']} has no {what} '{name}'"
-            ) from None
+            raise _fail(p, f"the model built from source {manifest['source']} has no {what} '{name}'") from None
 
     for fb in manifest["folded_bn"]:
         bn = module_at(fb["bn"], "BatchNorm")
@@ -631,9 +595,7 @@ def load_quantized(
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(
-        k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape)
-    )
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
     if missing or unexpected or wrong:
         raise _fail(
             p,

@@ -157,9 +157,7 @@ def term_layout(shape: Sequence[int], granularity: str | Granularity) -> tuple[i
     else:
         axis = gran.axis if gran.axis >= 0 else len(shape) + gran.axis
         if not 0 <= axis < len(shape):
-            raise ConfigError(
-                f"granularity '{gran}' has axis {gran.axis}, out of range for shape {tuple(shape)}"
-            )
+            raise ConfigError(f"granularity '{gran}' has axis {gran.axis}, out of range for shape {tuple(shape)}")
         rows = shape[axis]
     cols = numel // rows if rows else 0
     G = gran.group_size if gran.kind == "group" else None
@@ -416,9 +414,7 @@ class QuantTerm(nn.Module):
             specs["levels"] = (torch.float32, (T, L))
             nb = index_bits(T)
             specs["table_index"] = (
-                (torch.uint8, (packed_nbytes(rows * groups, nb),))
-                if nb <= 8
-                else (torch.int32, (rows, groups))
+                (torch.uint8, (packed_nbytes(rows * groups, nb),)) if nb <= 8 else (torch.int32, (rows, groups))
             )
         else:
             raise ConfigError(f"num_tables must be null or an integer in 2..{rows * groups}, got {T!r}")
@@ -484,10 +480,7 @@ class QuantTerm(nn.Module):
     def extra_repr(self) -> str:
         sub = f", channels={self.channels.numel()}" if self.channels is not None else ""
         tables = f", tables={self.num_tables}" if self.levels.dim() > 1 else ""
-        return (
-            f"{self.quantizer}, bits={self.bits}, shape={self.shape}, granularity={self.granularity}"
-            f"{tables}{sub}"
-        )
+        return f"{self.quantizer}, bits={self.bits}, shape={self.shape}, granularity={self.granularity}{tables}{sub}"
 
 
 def _store_index(index: torch.Tensor, tables: int) -> torch.Tensor:
@@ -567,8 +560,7 @@ class QuantModule(nn.Module):
         expect = self.weight_shape if term.channels is None else (term.shape[0], *self.weight_shape[1:])
         if term.shape != tuple(expect):
             raise InputError(
-                f"a term of shape {term.shape} does not fit a {self.layer_type} weight of shape "
-                f"{self.weight_shape}"
+                f"a term of shape {term.shape} does not fit a {self.layer_type} weight of shape {self.weight_shape}"
             )
         self.terms.append(term)
         self.clear_cache()
@@ -698,9 +690,7 @@ class QuantModule(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_float(
-        cls, layer: nn.Module, terms: Sequence[QuantTerm], *, cache_weight: bool = True
-    ) -> QuantModule:
+    def from_float(cls, layer: nn.Module, terms: Sequence[QuantTerm], *, cache_weight: bool = True) -> QuantModule:
         """The quantized counterpart of float ``layer`` (dispatched on its kind), holding ``terms`` and a copy
         of its bias.
 
@@ -737,9 +727,7 @@ class QuantModule(nn.Module):
 
     def extra_repr(self) -> str:
         desc = ", ".join(f"{k}={v}" for k, v in self.module_args().items())
-        return (
-            f"{desc}, bias={self.bias is not None}, terms={len(self.terms)}, cache_weight={self.cache_weight}"
-        )
+        return f"{desc}, bias={self.bias is not None}, terms={len(self.terms)}, cache_weight={self.cache_weight}"
 
 
 @register_quant_module
@@ -827,14 +815,10 @@ class QuantEmbedding(QuantModule):
     layer_type = "embedding"
     has_bias = False
 
-    def __init__(
-        self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, **kwargs: Any) -> None:
         super().__init__([], None, weight_shape=(num_embeddings, embedding_dim), **kwargs)
         if padding_idx is not None and not 0 <= padding_idx < num_embeddings:
-            raise ConfigError(
-                f"embedding: padding_idx must be in 0..{num_embeddings - 1} or None, got {padding_idx!r}"
-            )
+            raise ConfigError(f"embedding: padding_idx must be in 0..{num_embeddings - 1} or None, got {padding_idx!r}")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
@@ -914,9 +898,7 @@ class _QuantConvNd(QuantModule):
         self.out_channels = out_channels
         self.kernel_size = ks
         self.stride = tuple(int(s) for s in stride)
-        self.padding: tuple[int, ...] | str = (
-            padding if isinstance(padding, str) else tuple(int(p) for p in padding)
-        )
+        self.padding: tuple[int, ...] | str = padding if isinstance(padding, str) else tuple(int(p) for p in padding)
         self.dilation = tuple(int(d) for d in dilation)
         self.groups = groups
         self.padding_mode = padding_mode
@@ -963,9 +945,7 @@ class _QuantConvNd(QuantModule):
             isinstance(pad, list) and len(pad) == cls.dims and all(_is_int(p) and p >= 0 for p in pad)
         )
         if not ok_pad:
-            raise ConfigError(
-                f"{cls.layer_type}: padding must be 'same', 'valid' or {cls.dims} integers, got {pad!r}"
-            )
+            raise ConfigError(f"{cls.layer_type}: padding must be 'same', 'valid' or {cls.dims} integers, got {pad!r}")
         if args["padding_mode"] not in ("zeros", "reflect", "replicate", "circular"):
             raise ConfigError(f"{cls.layer_type}: unknown padding_mode {args['padding_mode']!r}")
         return cls(
@@ -1013,9 +993,7 @@ class QuantConv2d(_QuantConvNd):
         return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
-def _reversed_padding(
-    padding: tuple[int, ...] | str, kernel: tuple[int, ...], dilation: tuple[int, ...]
-) -> list[int]:
+def _reversed_padding(padding: tuple[int, ...] | str, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
     """``F.pad`` amounts (last dimension first, left/right) for a non-zero padding mode, as ``nn.Conv``
     does."""
     n = len(kernel)
@@ -1051,6 +1029,4 @@ def _pos_int(args: Mapping[str, Any], key: str) -> int:
 
 def _check_args(args: Mapping[str, Any], keys: tuple[str, ...], kind: str) -> None:
     if set(args) != set(keys):
-        raise ConfigError(
-            f"{kind} layer arguments must be exactly {', '.join(keys)}; got {', '.join(sorted(args))}"
-        )
+        raise ConfigError(f"{kind} layer arguments must be exactly {', '.join(keys)}; got {', '.join(sorted(args))}")

@@ -203,9 +203,7 @@ def test_bad_input_is_one_line_exit_2_and_no_file(
     assert sorted(os.listdir(files.folder)) == before
 
 
-def test_good_input_works_end_to_end(
-    files: Files, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_good_input_works_end_to_end(files: Files, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The same inputs, used correctly, succeed: the failures above are about the input, not the setup."""
     out = tmp_path / "q.safetensors"
     argv = [
@@ -299,8 +297,6 @@ def test_checkpoint_of_another_model(tmp_path: Path, capsys: pytest.CaptureFixtu
     ckpt = asset_path("cifar10-resnet", "resnet32-d509ac18.th")
     if ckpt is None:
         pytest.skip(missing_reason("cifar10-resnet", "resnet32-d509ac18.th"))
-    code = main(
-        ["quantize", "cifar-resnet20", "--checkpoint", str(ckpt), "--out", str(tmp_path / "q.safetensors")]
-    )
+    code = main(["quantize", "cifar-resnet20", "--checkpoint", str(ckpt), "--out", str(tmp_path / "q.safetensors")])
     _check_error(code, capsys.readouterr().err, "holds a CIFAR ResNet-32")
     assert os.listdir(tmp_path) == []

@@ -134,13 +134,9 @@ def test_quantize_cnn_end_to_end() -> None:
     calls: list[tuple[int, int, str]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing skipped: no warning at all
-        q, report = quantize_model(
-            model, QuantConfig(LayerRule("minmax", 6)), progress=lambda *a: calls.append(a)
-        )
+        q, report = quantize_model(model, QuantConfig(LayerRule("minmax", 6)), progress=lambda *a: calls.append(a))
     assert same(before, snapshot(model))  # the caller's model is untouched
-    assert calls == [
-        (i + 1, 6, n) for i, n in enumerate(["stem", "block.conv1", "block.conv2", "dw", "pw", "fc"])
-    ]
+    assert calls == [(i + 1, 6, n) for i, n in enumerate(["stem", "block.conv1", "block.conv2", "dw", "pw", "fc"])]
     assert isinstance(q.stem, QuantConv2d) and isinstance(q.fc, QuantLinear) and q.dw.groups == 16
     assert {b.layer: (b.bn, b.activation) for b in report.bias_corrected} == {
         "block.conv1": ("bn", "relu"),
@@ -153,11 +149,7 @@ def test_quantize_cnn_end_to_end() -> None:
     assert float((out - ref).norm() / ref.norm()) < 0.05
     assert all(0 < r.rel_mse < 0.01 for r in report.layers)
     assert report.total_params == sum(p.numel() for p in model.parameters())
-    assert (
-        report.quantized_params
-        == sum(r.params for r in report.layers)
-        == 16 * 27 + 2 * 16 * 144 + 144 + 256 + 320
-    )
+    assert report.quantized_params == sum(r.params for r in report.layers) == 16 * 27 + 2 * 16 * 144 + 144 + 256 + 320
     assert report.model_bytes < report.float_model_bytes / 2
     json.dumps(report.to_dict(), allow_nan=False)
     assert "block.conv2" in report.to_text()
@@ -194,9 +186,7 @@ def test_bias_correction_reduces_output_mean_shift() -> None:
 def test_save_load_identical(tmp_path: Path) -> None:
     rule = LayerRule("lloyd-max", 4) if "lloyd-max" in available() else LayerRule("mse", 4)
     # the stem stays float but keeps its folded BatchNorm: loading must give the skeleton's stem a bias
-    cfg = QuantConfig(
-        rule, rules=(PatternRule("stem", skip=True, reason="first layer"), PatternRule("fc", bits=8))
-    )
+    cfg = QuantConfig(rule, rules=(PatternRule("stem", skip=True, reason="first layer"), PatternRule("fc", bits=8)))
     model = trained_like(SmallCNN())
     with pytest.warns(UserWarning, match="first layer"):
         q, report = quantize_model(model, cfg)

@@ -67,9 +67,7 @@ def test_minilm_stsb_spearman() -> None:
     # the skeleton rebuilt from the recorded source takes the weights back and gives the same embeddings
     skeleton = build_architecture(json.loads(json.dumps(loaded.source)))
     skeleton.load_state_dict(loaded.model.state_dict(), strict=True)
-    enc = loaded.tokenizer(
-        ["A man is playing a guitar.", "Quantized weights."], padding=True, return_tensors="pt"
-    )
+    enc = loaded.tokenizer(["A man is playing a guitar.", "Quantized weights."], padding=True, return_tensors="pt")
     with torch.no_grad():
         a = loaded.model(enc["input_ids"], enc["attention_mask"])
         b = skeleton(enc["input_ids"], enc["attention_mask"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import require_asset
 from dfquant.analysis import analyze_tensor, quantizer_variants, summarize, weight_tensors
 from dfquant.checkpoints import load_state_dict
-from conftest import require_asset
 
 pytestmark = pytest.mark.assets
 

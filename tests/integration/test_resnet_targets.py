@@ -46,9 +46,7 @@ def resnet20() -> dict[str, object]:
 
 
 @pytest.mark.parametrize(("bits", "top1_min", "agreement_min"), [(4, 91.0, 93.0), (3, 89.0, 85.0)])
-def test_resnet20_targets(
-    resnet20: dict[str, object], bits: int, top1_min: float, agreement_min: float
-) -> None:
+def test_resnet20_targets(resnet20: dict[str, object], bits: int, top1_min: float, agreement_min: float) -> None:
     model = resnet20["model"]
     assert isinstance(model, nn.Module)
     assert resnet20["float_top1"] == pytest.approx(91.64, abs=0.01)
@@ -57,9 +55,7 @@ def test_resnet20_targets(
     # every layer quantized, first and last included; every layer but the stem bias-corrected
     assert len(report.layers) == 20 and not report.skipped
     assert len(report.bias_corrected) == 19
-    exact_x, exact_y, jpeg_x, float_jpeg = (
-        resnet20[k] for k in ("exact_x", "exact_y", "jpeg_x", "float_jpeg")
-    )
+    exact_x, exact_y, jpeg_x, float_jpeg = (resnet20[k] for k in ("exact_x", "exact_y", "jpeg_x", "float_jpeg"))
     assert isinstance(exact_x, torch.Tensor) and isinstance(jpeg_x, torch.Tensor)
     assert isinstance(exact_y, torch.Tensor) and isinstance(float_jpeg, torch.Tensor)
     top1 = top1_accuracy(predict(q, exact_x), exact_y)

@@ -39,9 +39,7 @@ def test_fold_conv2d_is_exact(bias: bool, affine: bool) -> None:
     x = torch.randn(4, 6, 9, 9)
     with torch.no_grad():
         ref = bn(conv(x))
-        w, b = fold_batchnorm(
-            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
-        )
+        w, b = fold_batchnorm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         out = F.conv2d(x, w, b, padding=1, groups=2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -53,9 +51,7 @@ def test_fold_linear_bn1d_and_inputs_untouched() -> None:
     before = lin.weight.detach().clone()
     x = torch.randn(32, 10)
     with torch.no_grad():
-        w, b = fold_batchnorm(
-            lin.weight, lin.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
-        )
+        w, b = fold_batchnorm(lin.weight, lin.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         torch.testing.assert_close(F.linear(x, w, b), bn(lin(x)), atol=1e-5, rtol=1e-5)
     assert torch.equal(lin.weight, before)
 

@@ -142,9 +142,7 @@ def test_no_batchnorm() -> None:
 
 
 def test_bn_without_running_stats_is_ignored() -> None:
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Conv2d(4, 4, 1)
-    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Conv2d(4, 4, 1))
     info = analyze_graph(model)
     assert info.bn_pairs == [] and info.input_bn == {}
 
@@ -180,9 +178,7 @@ def _report() -> QuantizationReport:
         1728,
         {"gaussian": 0.75, "laplace": 0.25},
     )
-    empty = LayerReport(
-        "fc", "Linear", (10, 64), "minmax", 4, "channel", 1, 640, float("nan"), 4.5, 400, 2560
-    )
+    empty = LayerReport("fc", "Linear", (10, 64), "minmax", 4, "channel", 1, 640, float("nan"), 4.5, 400, 2560)
     return QuantizationReport(
         layers=[layer, empty],
         skipped=[SkippedLayer("head", "Linear", (2, 2), "tiny")],

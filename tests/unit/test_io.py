@@ -75,9 +75,7 @@ def _trained_like(model: nn.Module) -> nn.Module:
 
 
 def _quantized(rule: LayerRule | None = None) -> tuple[nn.Module, object]:
-    cfg = QuantConfig(
-        rule or LayerRule("minmax", 4), rules=(PatternRule("re:emb|tied", skip=True, reason="tied"),)
-    )
+    cfg = QuantConfig(rule or LayerRule("minmax", 4), rules=(PatternRule("re:emb|tied", skip=True, reason="tied"),))
     with pytest.warns(UserWarning, match="tied"):
         return quantize_model(_trained_like(Mixed()), cfg)
 
@@ -378,10 +376,7 @@ def test_half_precision_scales_round_trip_bit_exact(tmp_path: Path, sdtype: str)
     path = save_quantized(q, tmp_path / "m.safetensors", source=SOURCE, report=report)
     man = read_manifest(path)
     st = {"float16": "F16", "bfloat16": "BF16"}[sdtype]
-    assert (
-        man["tensors"]["conv.terms.0.scale"]["dtype"] == st
-        and man["tensors"]["conv.terms.0.offset"]["dtype"] == st
-    )
+    assert man["tensors"]["conv.terms.0.scale"]["dtype"] == st and man["tensors"]["conv.terms.0.offset"]["dtype"] == st
     assert {t["scale_dtype"] for lay in man["layers"].values() for t in lay["terms"]} == {sdtype}
     loaded, _ = load_quantized(path, build=lambda src: Mixed(src["width"]))
     x = _inputs()
@@ -457,8 +452,7 @@ def test_term_keys_follow_the_format_version(saved: Path, tmp_path: Path) -> Non
         saved,
         tmp_path / "v1ok.safetensors",
         edit_manifest=lambda m: (
-            [t.pop("scale_dtype") for lay in m["layers"].values() for t in lay["terms"]]
-            and m.update(format_version=1)
+            [t.pop("scale_dtype") for lay in m["layers"].values() for t in lay["terms"]] and m.update(format_version=1)
         ),
     )
     model, _ = _load(v1_ok)

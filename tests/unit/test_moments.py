@@ -98,11 +98,7 @@ def test_cifar_resnet_program_reaches_every_layer_but_the_stem() -> None:
     assert info.input_moments["linear"][1:] == ("layer3.0.bn2 + layer2.0.relu2", "relu, mean")
     # the input_bn chains of the direct BN -> ReLU -> conv pattern are unchanged
     assert info.input_bn["layer1.0.conv2"] == ("layer1.0.bn1", "relu")
-    stats = {
-        n: (m.bias.detach(), m.weight.detach())
-        for n, m in net.named_modules()
-        if isinstance(m, nn.BatchNorm2d)
-    }
+    stats = {n: (m.bias.detach(), m.weight.detach()) for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
     moments = propagate_moments(info.moment_program, stats)
     for layer, (node, _, _) in info.input_moments.items():
         fan_in = net.get_submodule(layer).weight.shape[1]
@@ -158,9 +154,7 @@ def test_bias_correction_through_a_residual_sum() -> None:
     shape = (2000, 8, 8, 8)
 
     def draw(bn: nn.BatchNorm2d) -> torch.Tensor:
-        return torch.randn(shape) * bn.running_var.sqrt().view(1, -1, 1, 1) + bn.running_mean.view(
-            1, -1, 1, 1
-        )
+        return torch.randn(shape) * bn.running_var.sqrt().view(1, -1, 1, 1) + bn.running_mean.view(1, -1, 1, 1)
 
     u, v = draw(model.bn_a), draw(model.bn_b)
     shifts = {}
@@ -180,8 +174,8 @@ def test_resnet_bias_correction_covers_residual_inputs() -> None:
     model = _trained_like(CifarResNet(8), seed=2)
     _, report = quantize_model(model, QuantConfig(LayerRule("minmax", 3)))
     corrected = {b.layer: (b.bn, b.activation) for b in report.bias_corrected}
-    assert set(corrected) == {n for n, _ in model.named_modules() if n.endswith(("conv1", "conv2"))} - {
-        "conv1"
-    } | {"linear"}
+    assert set(corrected) == {n for n, _ in model.named_modules() if n.endswith(("conv1", "conv2"))} - {"conv1"} | {
+        "linear"
+    }
     assert corrected["layer1.0.conv2"] == ("layer1.0.bn1", "relu")
     assert corrected["linear"] == ("layer3.0.bn2 + layer2.0.relu2", "relu, mean")

@@ -39,9 +39,7 @@ class Conv1D(nn.Module):
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(size_out)
 
 
-def _quantize(
-    layer: nn.Module, rule: str = "minmax", bits: int = 4, gran: str = "channel", **opts
-) -> QuantModule:
+def _quantize(layer: nn.Module, rule: str = "minmax", bits: int = 4, gran: str = "channel", **opts) -> QuantModule:
     w = oriented_weight(layer).detach()
     qt = get_quantizer(rule, bits, **opts).quantize(w, gran)
     return QuantModule.from_float(layer, [QuantTerm.from_qtensor(qt, options=opts)])
@@ -163,9 +161,7 @@ def test_cache_behaviour() -> None:
     assert w2 is not w1 and torch.equal(w1, w2)
     q.load_state_dict(q.state_dict())
     assert q._cached is None
-    nocache = QuantModule.from_float(
-        lin, [QuantTerm.from_qtensor(q.terms[0].to_qtensor())], cache_weight=False
-    )
+    nocache = QuantModule.from_float(lin, [QuantTerm.from_qtensor(q.terms[0].to_qtensor())], cache_weight=False)
     assert nocache.quantized_weight() is not nocache.quantized_weight()
     x = torch.randn(3, 16)
     assert torch.equal(nocache(x), q(x))
@@ -179,11 +175,7 @@ def test_from_meta_rebuilds_identical_layer() -> None:
         empty.load_state_dict(q.state_dict(), strict=True)
         for t in empty.terms:
             t.validate(empty.weight_shape)
-        x = (
-            torch.randn(2, 4, 5, 5)
-            if isinstance(layer, nn.Conv2d)
-            else torch.randn(2, oriented_weight(layer).shape[1])
-        )
+        x = torch.randn(2, 4, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(2, oriented_weight(layer).shape[1])
         assert torch.equal(empty(x), q(x))
         assert empty.layer_meta() == q.layer_meta()
         assert q.matches_float(layer)

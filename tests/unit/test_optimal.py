@@ -54,9 +54,7 @@ def _dense_optimum(x: torch.Tensor, levels: int, w: torch.Tensor | None = None) 
     s0, s1, s2 = (torch.cat([z, t.cumsum(1)], 1) for t in (ws, ws * xs, ws * xs * xs))
     c0 = s0[:, None, :] - s0[:, :, None]
     c1 = s1[:, None, :] - s1[:, :, None]
-    cost = ((s2[:, None, :] - s2[:, :, None]) - c1 * c1 / torch.where(c0 > 0, c0, torch.ones_like(c0))).clamp(
-        0
-    )
+    cost = ((s2[:, None, :] - s2[:, :, None]) - c1 * c1 / torch.where(c0 > 0, c0, torch.ones_like(c0))).clamp(0)
     idx = torch.arange(x.shape[1] + 1)
     cost = cost.masked_fill((idx[:, None] >= idx[None, :])[None], float("inf"))
     d = cost[:, 0, :]

@@ -206,9 +206,7 @@ def test_build_architecture_from_recorded_source() -> None:
 
 
 def test_core_imports_do_not_import_transformers() -> None:
-    code = (
-        "import sys, dfquant.zoo, dfquant.eval; print('transformers' in sys.modules, 'gguf' in sys.modules)"
-    )
+    code = "import sys, dfquant.zoo, dfquant.eval; print('transformers' in sys.modules, 'gguf' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -521,9 +519,7 @@ def test_local_causal_lm_folder(tmp_path: Path) -> None:
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     folder = tmp_path / "lm"
-    tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>").save_pretrained(
-        str(folder)
-    )
+    tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>").save_pretrained(str(folder))
     cfg = tf.LlamaConfig(
         vocab_size=len(words),
         hidden_size=16,

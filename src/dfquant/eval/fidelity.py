@@ -74,9 +74,7 @@ def synthetic_inputs(loaded: LoadedModel, count: int | None = None, seed: int = 
     return torch.randn((n, *loaded.input_shape), generator=g)
 
 
-def _outputs(
-    model: nn.Module, kind: str, x: torch.Tensor, progress: Progress | None, what: str
-) -> torch.Tensor:
+def _outputs(model: nn.Module, kind: str, x: torch.Tensor, progress: Progress | None, what: str) -> torch.Tensor:
     outs = []
     with no_grad_eval(model):
         for i in range(0, x.shape[0], BATCH):
@@ -133,10 +131,7 @@ def evaluate_fidelity(
     kind = loaded.kind
     x = synthetic_inputs(loaded, limit)
     if kind in SEQ_LEN:
-        drawn = (
-            f"{x.shape[0]} sequences of {x.shape[1]} uniformly random token ids "
-            "(special and added tokens excluded)"
-        )
+        drawn = f"{x.shape[0]} sequences of {x.shape[1]} uniformly random token ids (special and added tokens excluded)"
     else:
         drawn = f"{x.shape[0]} Gaussian N(0, 1) inputs of shape {tuple(x.shape[1:])}"
     y_f = _outputs(float_model, kind, x, progress, "float fidelity")

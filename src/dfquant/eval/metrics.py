@@ -52,9 +52,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 def relative_error(y_q: torch.Tensor, y_f: torch.Tensor) -> float:
     """Relative output error ``||y_q - y_f||_2 / ||y_f||_2`` over all elements (accumulated in float64)."""
     if y_q.shape != y_f.shape:
-        raise InputError(
-            f"relative error needs outputs of one shape, got {tuple(y_q.shape)} and {tuple(y_f.shape)}"
-        )
+        raise InputError(f"relative error needs outputs of one shape, got {tuple(y_q.shape)} and {tuple(y_f.shape)}")
     num = float(torch.linalg.vector_norm((y_q.double() - y_f.double()).flatten()))
     den = float(torch.linalg.vector_norm(y_f.double().flatten()))
     if den == 0.0:
@@ -68,9 +66,7 @@ def _as_array(x: Sequence[float] | np.ndarray | torch.Tensor) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).ravel()
 
 
-def pearson(
-    x: Sequence[float] | np.ndarray | torch.Tensor, y: Sequence[float] | np.ndarray | torch.Tensor
-) -> float:
+def pearson(x: Sequence[float] | np.ndarray | torch.Tensor, y: Sequence[float] | np.ndarray | torch.Tensor) -> float:
     """Pearson correlation of two equal-length samples (nan when either is constant)."""
     a, b = _as_array(x), _as_array(y)
     if a.shape != b.shape or a.size < 2:
@@ -81,9 +77,7 @@ def pearson(
     return float((a * b).sum()) / den if den > 0 else math.nan
 
 
-def spearman(
-    x: Sequence[float] | np.ndarray | torch.Tensor, y: Sequence[float] | np.ndarray | torch.Tensor
-) -> float:
+def spearman(x: Sequence[float] | np.ndarray | torch.Tensor, y: Sequence[float] | np.ndarray | torch.Tensor) -> float:
     """Spearman rank correlation: Pearson correlation of the ranks (ties get their average rank)."""
     from scipy.stats import rankdata
 

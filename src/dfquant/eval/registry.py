@@ -77,9 +77,7 @@ def check_task(task: str, loaded: LoadedModel) -> None:
         )
 
 
-def models_to_run(
-    float_model: nn.Module | None, quant_model: nn.Module | None
-) -> list[tuple[str, nn.Module]]:
+def models_to_run(float_model: nn.Module | None, quant_model: nn.Module | None) -> list[tuple[str, nn.Module]]:
     """The ``("float", m)`` / ``("quantized", m)`` pairs that are given.
 
     Raises:

@@ -84,9 +84,7 @@ def parse_pairs(text: str, origin: str = "<text>") -> list[Pair]:
             continue
         f = line.split("\t")
         if len(f) != 3:
-            raise InputError(
-                f"{origin} line {n}: expected 'score<TAB>sentence1<TAB>sentence2', got {len(f)} fields"
-            )
+            raise InputError(f"{origin} line {n}: expected 'score<TAB>sentence1<TAB>sentence2', got {len(f)} fields")
         try:
             pairs.append((f[1], f[2], float(f[0])))
         except ValueError:
@@ -202,9 +200,7 @@ def evaluate_stsb(
     return _evaluate_pairs("stsb", f"{STS_DIR}/{STS_TEST}", pairs, loaded, float_model, quant_model, progress)
 
 
-@register_evaluator(
-    "pairs", kinds=("sentence-encoder",), description="the shipped demo sentence pairs, Spearman"
-)
+@register_evaluator("pairs", kinds=("sentence-encoder",), description="the shipped demo sentence pairs, Spearman")
 def evaluate_pairs(
     loaded: LoadedModel,
     float_model: nn.Module | None,

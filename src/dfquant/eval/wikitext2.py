@@ -43,9 +43,7 @@ def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     elif isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.dim() != 3:
-        raise InputError(
-            f"a causal LM must return logits of shape (batch, tokens, vocab), got {type(out).__name__}"
-        )
+        raise InputError(f"a causal LM must return logits of shape (batch, tokens, vocab), got {type(out).__name__}")
     return out
 
 
@@ -112,9 +110,7 @@ def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(enc["input_ids"], dtype=torch.long)
 
 
-@register_evaluator(
-    "wikitext2", kinds=("causal-lm",), description="WikiText-2 test perplexity, 32 x 1024 tokens"
-)
+@register_evaluator("wikitext2", kinds=("causal-lm",), description="WikiText-2 test perplexity, 32 x 1024 tokens")
 def evaluate_wikitext2(
     loaded: LoadedModel,
     float_model: nn.Module | None,
@@ -144,9 +140,7 @@ def evaluate_wikitext2(
     preds: dict[str, torch.Tensor] = {}
     both = float_model is not None and quant_model is not None
     for key, model in models_to_run(float_model, quant_model):
-        r = perplexity(
-            model, ids, windows=windows, what=f"{key} wikitext2", progress=progress, keep_predictions=both
-        )
+        r = perplexity(model, ids, windows=windows, what=f"{key} wikitext2", progress=progress, keep_predictions=both)
         if both:
             preds[key] = r.pop("predictions")
         out["setup"].update(windows=r.pop("windows"), tokens_scored=r.pop("tokens"))

@@ -143,9 +143,7 @@ def relu_gaussian_moments(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.
     return torch.where(pos, m1, m.clamp_min(0.0)), torch.where(pos, var, torch.zeros_like(var))
 
 
-def expected_input_mean(
-    beta: torch.Tensor, gamma: torch.Tensor | None, activation: str = "relu"
-) -> torch.Tensor:
+def expected_input_mean(beta: torch.Tensor, gamma: torch.Tensor | None, activation: str = "relu") -> torch.Tensor:
     """Expected value of a layer's input channels when they come from a BatchNorm (then ``activation``).
 
     The BatchNorm output of channel ``c`` is modelled as ``N(beta_c, gamma_c^2)`` (Nagel et al. 2019, 4.2);
@@ -167,9 +165,7 @@ def expected_input_mean(
     return b.clone() if activation == "none" else relu_gaussian_mean(b, g)
 
 
-def expected_output_shift(
-    delta_weight: torch.Tensor, input_mean: torch.Tensor, groups: int = 1
-) -> torch.Tensor:
+def expected_output_shift(delta_weight: torch.Tensor, input_mean: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """``E[dW x]`` per output channel, for inputs with per-channel mean ``input_mean``.
 
     For a linear layer ``dW @ E[x]``; for a convolution with ``groups`` groups, output channel ``o`` of group
@@ -222,8 +218,7 @@ def correct_bias(
     """
     if weight.shape != weight_q.shape:
         raise InputError(
-            f"bias correction: float weight {tuple(weight.shape)} and quantized weight "
-            f"{tuple(weight_q.shape)} differ"
+            f"bias correction: float weight {tuple(weight.shape)} and quantized weight {tuple(weight_q.shape)} differ"
         )
     shift = expected_output_shift(_f32(weight_q) - _f32(weight), input_mean, groups)
     b = _f32(bias) if bias is not None else torch.zeros_like(shift)
@@ -314,9 +309,7 @@ def _apply(
             return None
         pad = torch.nn.functional.pad
         rel = None if x.rel_var is None else pad(x.rel_var, (before, after))
-        return Moments(
-            pad(x.mean, (before, after)), None if x.var is None else pad(x.var, (before, after)), rel
-        )
+        return Moments(pad(x.mean, (before, after)), None if x.var is None else pad(x.var, (before, after)), rel)
     if op.op == "mean":
         return Moments(x.mean, None, x.relative_variance)
     raise ConfigError(f"moment propagation models {', '.join(MOMENT_OPS)}, got '{op.op}'")

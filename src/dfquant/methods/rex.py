@@ -350,9 +350,7 @@ def total_cost(costs: Sequence[LayerCost]) -> dict[str, float]:
         "plain_bops": pl,
         "bops_vs_float": bops / fl if fl else math.nan,
         "bops_vs_plain": bops / pl if pl else math.nan,
-        "weight_bits_per_mac": sum(c.weight_bits_per_mac * c.macs for c in costs) / macs
-        if macs
-        else math.nan,
+        "weight_bits_per_mac": sum(c.weight_bits_per_mac * c.macs for c in costs) / macs if macs else math.nan,
     }
 
 

@@ -252,9 +252,7 @@ class LloydMax(Quantizer):
             "ks_gaussian": f.fit.ks_gaussian,
             "ks_laplace": f.fit.ks_laplace,
         }
-        return constant_groups(
-            x, QParams(scale=f.scale, offset=f.loc, levels=levels, info=info, table_index=index)
-        )
+        return constant_groups(x, QParams(scale=f.scale, offset=f.loc, levels=levels, info=info, table_index=index))
 
     def fit(self, x: torch.Tensor) -> QParams:
         """Fit ``m`` groups ``(m, n)``; see the class docstring for the rule."""

@@ -327,8 +327,7 @@ class LloydOptimal(Quantizer):
         weighting = self.options.get("weighting", "none")
         if weighting not in WEIGHTINGS:
             raise ConfigError(
-                f"quantizer '{self.name}': weighting must be one of {', '.join(WEIGHTINGS)}, "
-                f"got {weighting!r}"
+                f"quantizer '{self.name}': weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}"
             )
         self.weighting = str(weighting)
 

@@ -91,9 +91,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 20, num_classes: int = 10) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ModelError(
-                f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, ...), got {depth}"
-            )
+            raise ModelError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, ...), got {depth}")
         n = (depth - 2) // 6
         self.depth = depth
         self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
@@ -171,9 +169,7 @@ def default_checkpoint(depth: int) -> Path:
     p = asset_path(ASSET_DIR, fname) if fname else None
     if p is None:
         why = missing_reason(ASSET_DIR, fname) if fname else "the assets hold only ResNet-20 and ResNet-32"
-        raise ModelError(
-            f"no checkpoint for cifar-resnet{depth} ({why}); pass checkpoint=PATH (--checkpoint)"
-        )
+        raise ModelError(f"no checkpoint for cifar-resnet{depth} ({why}); pass checkpoint=PATH (--checkpoint)")
     return p
 
 

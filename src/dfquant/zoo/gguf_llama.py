@@ -156,8 +156,7 @@ def _pre_tokenizer(pre: str | None) -> Any:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre not in (None, "default", "gpt2"):
         warnings.warn(
-            f"GGUF pre-tokenizer '{pre}' is approximated by the GPT-2 byte-level split; "
-            "token counts may differ",
+            f"GGUF pre-tokenizer '{pre}' is approximated by the GPT-2 byte-level split; token counts may differ",
             stacklevel=3,
         )
     return byte_level
@@ -230,8 +229,7 @@ def _load(path: Path, name: str, source: dict[str, Any]) -> LoadedModel:
     missing = [k for k in res.missing_keys if not (tied and k == "lm_head.weight")]
     if missing or res.unexpected_keys:
         raise ModelError(
-            f"'{path}' does not fit a LLaMA model: missing {missing[:5]}, "
-            f"unexpected {res.unexpected_keys[:5]}"
+            f"'{path}' does not fit a LLaMA model: missing {missing[:5]}, unexpected {res.unexpected_keys[:5]}"
         )
     head, embed = model.get_submodule("lm_head"), model.get_submodule("model.embed_tokens")
     if tied and head.weight is not embed.weight:

