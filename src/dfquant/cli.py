@@ -154,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_models import add_commands
 
     add_commands(sub)
+    from .cli_tradeoff import add_command as add_tradeoff
+
+    add_tradeoff(sub)
+    from .report_html import add_command as add_report
+
+    add_report(sub)
+    from .cli_qat import add_command as add_qat
+
+    add_qat(sub)
     return parser
 
 

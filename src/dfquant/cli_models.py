@@ -96,6 +96,7 @@ def _build_config(args: argparse.Namespace) -> Any:
             overrides["expand"] = args.expand
         if args.sparsity is not None:
             overrides["sparsity"] = _parse_sparsity(args.sparsity)
+        overrides.update(_rex_extras(args))
         if overrides:
             d = cfg.to_dict()
             d["default"] = {**d["default"], **overrides}
@@ -111,6 +112,7 @@ def _build_config(args: argparse.Namespace) -> Any:
                 scale_dtype=args.scale_dtype or "float32",
                 expand=args.expand if args.expand is not None else 1,
                 sparsity=_parse_sparsity(args.sparsity) if args.sparsity is not None else 0.0,
+                **_rex_extras(args),
             )
         )
     if args.sparsity_split is not None:
@@ -127,6 +129,16 @@ def _build_config(args: argparse.Namespace) -> Any:
             d["strict"] = True
         cfg = QuantConfig.from_dict(d)
     return cfg
+
+
+def _rex_extras(args: argparse.Namespace) -> dict[str, Any]:
+    """``--act-bits`` and ``--outliers`` as rule fields (absent when not given)."""
+    out: dict[str, Any] = {}
+    if getattr(args, "act_bits", None) is not None:
+        out["act_bits"] = args.act_bits
+    if getattr(args, "outliers", None) is not None:
+        out["outliers"] = args.outliers
+    return out
 
 
 def _parse_sparsity(value: float) -> float:
@@ -197,6 +209,14 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .api import quantize_model
     from .graph import state_dict_bytes
 
+    if args.method == "dfmpc":
+        from .cli_dfmpc import cmd_quantize_dfmpc
+
+        return cmd_quantize_dfmpc(args)
+    from .cli_stream import cmd_stream, wants_stream
+
+    if wants_stream(args):  # a sharded .safetensors folder: quantized tensor by tensor into --out
+        return cmd_stream(args)
     default_run = args.model is None
     if default_run:
         args.model = DEFAULT_MODEL
@@ -243,7 +263,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         print(report.to_text())
         _print_summary(result)
-        if args.expand is not None:
+        if args.expand is not None or getattr(args, "act_bits", None) is not None:
             _print_cost(cost, config.default.bits)
     return result
 
@@ -358,7 +378,7 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("quantize", help="quantize a model, report per layer, evaluate, write the file")
     p.add_argument("model", nargs="?", help="zoo name (cifar-resnet20, minilm, smollm2-135m, ...) or a local path")
-    p.add_argument("--method", help=f"quantizer name (default {DEFAULT_METHOD})")
+    p.add_argument("--method", help=f"quantizer name (default {DEFAULT_METHOD}), or dfmpc (DF-MPC mixed precision)")
     p.add_argument("--bits", type=int, help=f"code bits (default {DEFAULT_BITS})")
     p.add_argument("--granularity", help="tensor | channel | group:G (default channel; the default run: group:64)")
     p.add_argument(
@@ -379,6 +399,16 @@ def add_commands(sub: Any) -> None:
         choices=("linear", "uniform"),
         help="split of the sparsity budget across layers: linear in depth, more toward the head (default), or uniform",
     )
+    p.add_argument(
+        "--act-bits",
+        type=int,
+        help="quantize each layer's input to A bits and expand it to the order of --expand (default: float inputs)",
+    )
+    p.add_argument(
+        "--outliers",
+        type=float,
+        help="fraction of largest weights kept in a sparse binary residual next to the bulk (e.g. 0.002)",
+    )
     p.add_argument("--config", help="JSON file with per-layer rules (see dfquant.config.QuantConfig)")
     p.add_argument("--eval", help="comma-separated tasks: cifar10, stsb, wikitext2, fidelity, pairs")
     p.add_argument("--eval-limit", type=int, help="evaluate on fewer items (windows, pairs, images) for a quick look")
@@ -388,6 +418,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers separate")
     p.add_argument("--no-bias-correction", action="store_true", help="skip data-free bias correction")
     p.add_argument("--strict", action="store_true", help="fail instead of warning when a layer stays float")
+    p.add_argument("--workers", type=int, help="sharded folder: worker processes (default 1)")
+    p.add_argument("--ray", metavar="ADDRESS", help="sharded folder: run shards on this Ray cluster, or 'local'")
+    p.add_argument("--threads", type=int, help="sharded folder: threads per worker (default 1; fixes the bytes)")
+    from .cli_dfmpc import add_dfmpc_arguments
+
+    add_dfmpc_arguments(p)
     _common(p)
     p.set_defaults(func=cmd_quantize)
 

@@ -39,6 +39,11 @@ them by ``sparsity_split`` (``"linear"``: kept fractions growing linearly with d
 in the paper; ``"uniform"``: the same for every layer), weighted by each layer's parameters, so that the
 fraction of dropped expansion weights over those layers is ``sparsity``.
 
+``act_bits`` (default null: float inputs) quantizes the layer's input to that many bits and expands it to the
+same order ``K`` (:mod:`dfquant.methods.rex_act`); ``outliers`` (default 0) is the fraction of largest weights
+kept in a sparse binary-valued residual next to the bulk (:mod:`dfquant.methods.outliers`);
+``residual_quantizer`` (default null: the rule's own quantizer) is the rule of expansion orders ``k >= 2``.
+
 Unknown keys anywhere raise :class:`~dfquant.errors.ConfigError` naming them. Whether a quantizer name and
 its bits exist is checked against the registry when a model is planned
 (:func:`dfquant.api.plan_quantization`), because rules may be registered after a config is read.
@@ -65,7 +70,20 @@ from .quantizers.base import SCALE_DTYPES, Granularity
 
 __all__ = ["LayerRule", "PatternRule", "QuantConfig"]
 
-_RULE_KEYS = ("quantizer", "bits", "granularity", "options", "skip", "reason", "scale_dtype", "expand", "sparsity")
+_RULE_KEYS = (
+    "quantizer",
+    "bits",
+    "granularity",
+    "options",
+    "skip",
+    "reason",
+    "scale_dtype",
+    "expand",
+    "sparsity",
+    "act_bits",
+    "outliers",
+    "residual_quantizer",
+)
 _PATTERN_KEYS = ("pattern", *_RULE_KEYS)
 _CONFIG_KEYS = ("default", "rules", "fold_bn", "bias_correction", "strict", "sparsity_split")
 #: How a rule's expansion sparsity is split across layers (see :data:`dfquant.methods.rex.SPLIT_RULES`).
@@ -121,6 +139,18 @@ def _check_sparsity(value: object, where: str) -> float:
     return float(value)
 
 
+def _check_act_bits(value: object, where: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8):
+        raise ConfigError(f"{where}: 'act_bits' (input bits) must be an integer in 2..8 or null (float), got {value!r}")
+    return value
+
+
+def _check_outliers(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 0.5:
+        raise ConfigError(f"{where}: 'outliers' (fraction of weights) must be a number in [0, 0.5], got {value!r}")
+    return float(value)
+
+
 def _check_keys(data: object, allowed: tuple[str, ...], where: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
@@ -165,6 +195,9 @@ class LayerRule:
     scale_dtype: str = "float32"
     expand: int = 1
     sparsity: float = 0.0
+    act_bits: int | None = None
+    outliers: float = 0.0
+    residual_quantizer: str | None = None
 
     def __post_init__(self) -> None:
         where = "layer rule"
@@ -178,6 +211,10 @@ class LayerRule:
         _check_scale_dtype(self.scale_dtype, where)
         _check_expand(self.expand, where)
         object.__setattr__(self, "sparsity", _check_sparsity(self.sparsity, where))
+        _check_act_bits(self.act_bits, where)
+        object.__setattr__(self, "outliers", _check_outliers(self.outliers, where))
+        if self.residual_quantizer is not None:
+            _check_str(self.residual_quantizer, "residual_quantizer", where)
 
     def __hash__(self) -> int:
         return hash(
@@ -191,6 +228,9 @@ class LayerRule:
                 self.scale_dtype,
                 self.expand,
                 self.sparsity,
+                self.act_bits,
+                self.outliers,
+                self.residual_quantizer,
             )
         )
 
@@ -220,6 +260,9 @@ class LayerRule:
             "scale_dtype": self.scale_dtype,
             "expand": self.expand,
             "sparsity": self.sparsity,
+            "act_bits": self.act_bits,
+            "outliers": self.outliers,
+            "residual_quantizer": self.residual_quantizer,
         }
 
 
@@ -243,6 +286,9 @@ class PatternRule:
     scale_dtype: str | None = None
     expand: int | None = None
     sparsity: float | None = None
+    act_bits: int | None = None
+    outliers: float | None = None
+    residual_quantizer: str | None = None
 
     def __post_init__(self) -> None:
         where = f"rule '{self.pattern}'"
@@ -270,6 +316,12 @@ class PatternRule:
             _check_expand(self.expand, where)
         if self.sparsity is not None:
             object.__setattr__(self, "sparsity", _check_sparsity(self.sparsity, where))
+        if self.act_bits is not None:
+            _check_act_bits(self.act_bits, where)
+        if self.outliers is not None:
+            object.__setattr__(self, "outliers", _check_outliers(self.outliers, where))
+        if self.residual_quantizer is not None:
+            _check_str(self.residual_quantizer, "residual_quantizer", where)
 
     def __hash__(self) -> int:
         opts = None if self.options is None else json.dumps(dict(self.options), sort_keys=True, default=repr)
@@ -285,6 +337,9 @@ class PatternRule:
                 self.scale_dtype,
                 self.expand,
                 self.sparsity,
+                self.act_bits,
+                self.outliers,
+                self.residual_quantizer,
             )
         )
 

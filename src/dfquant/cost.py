@@ -78,7 +78,8 @@ def cost_summary(report: QuantizationReport, macs: dict[str, int], act_bits: int
     Args:
         report: the quantization report (each layer's ``weight_bits_per_mac``, bits and bits per weight).
         macs: MACs per layer (:func:`layer_macs`); layers left float cost ``32 x 32`` per MAC in every column.
-        act_bits: activation bits.
+        act_bits: activation bits of the layers whose report has no input quantization of their own
+            (``LayerReport.act_bits`` < 32 wins: an input expansion, :mod:`dfquant.methods.rex_act`).
 
     Returns:
         ``{"convention": str, "act_bits": int, "layers": [LayerCost as dict], "totals": {...}}``.
@@ -89,7 +90,8 @@ def cost_summary(report: QuantizationReport, macs: dict[str, int], act_bits: int
         quantized.add(r.name)
         wb = r.weight_bits_per_mac if math.isfinite(r.weight_bits_per_mac) else float(r.bits)
         n = macs.get(r.name, 0)
-        costs.append(layer_cost(r.name, n, wb, bits=r.bits, bits_per_weight=r.bits_per_weight, act_bits=act_bits))
+        ab = r.act_bits if r.act_bits < 32 else act_bits  # a layer with its own input quantization
+        costs.append(layer_cost(r.name, n, wb, bits=r.bits, bits_per_weight=r.bits_per_weight, act_bits=ab))
     for name, n in macs.items():  # layers left float cost 32 x 32 in every column
         if name not in quantized and n:
             costs.append(layer_cost(name, n, 32.0, bits=32, bits_per_weight=32.0, act_bits=32))

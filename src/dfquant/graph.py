@@ -469,6 +469,10 @@ class LayerReport:
         weight_bits_per_mac: ``sum_k bits_k c_k / C`` over the terms (``c_k`` of ``C`` output channels): a MAC
             of the layer costs this many weight bits, so ``BOPs = MACs x weight_bits_per_mac x activation
             bits`` (see :mod:`dfquant.methods.rex`).
+        act_bits: input bits (32: float input); act: the input expansion's spec (bits, order, range mode,
+            static range and where it comes from), see :mod:`dfquant.methods.rex_act`; with an input
+            expansion a MAC costs :func:`~dfquant.methods.rex_act.pair_bits_per_mac` bit products, reported
+            as ``weight_bits_per_mac = pair bits / act_bits``. outliers: weights in the sparse outlier residual.
     """
 
     name: str
@@ -489,6 +493,9 @@ class LayerReport:
     order: int = 1
     sparsity: float = 0.0
     weight_bits_per_mac: float = math.nan
+    act_bits: int = 32
+    act: dict[str, Any] | None = None
+    outliers: int = 0
 
 
 @dataclass
@@ -627,6 +634,8 @@ class QuantizationReport:
             q = r.quantizer + (f" x{r.terms}" if r.terms > 1 else "")
             if r.order > 1:
                 q += f" (K={r.order}" + (f", {r.sparsity:.0%} sparse)" if r.sparsity > 0 else ")")
+            q += f" +{r.outliers} outliers" if r.outliers else ""
+            q += f" A{r.act_bits} {r.act['mode']}" if r.act else ""
             q += f" (tied to {r.tied_to})" if r.tied_to else ""
             shape = "x".join(str(s) for s in r.shape)
             rows.append(

@@ -84,7 +84,7 @@ from torch import nn
 
 from .errors import ConfigError, FileFormatError, InputError, ModelError
 from .graph import FoldedBatchNorm, QuantizationReport, get_module, module_names, replace_module
-from .nn import DTYPES, QUANT_MODULES, QuantModule, QuantTerm, layer_kind, oriented_weight
+from .nn import DTYPES, QUANT_MODULES, ActQuant, QuantModule, QuantTerm, layer_kind, oriented_weight
 from .quantizers.registry import quantizer_class
 
 __all__ = [
@@ -115,6 +115,8 @@ _ST_DTYPES: dict[torch.dtype, str] = {
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e8m0fnu: "F8_E8M0",
 }
 _ST_SIZES = {
     "F64": 8,
@@ -127,6 +129,8 @@ _ST_SIZES = {
     "I8": 1,
     "U8": 1,
     "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
 }
 _MANIFEST_KEYS = {
     "format",
@@ -140,6 +144,11 @@ _MANIFEST_KEYS = {
     "report",
 }
 _LAYER_KEYS = {"type", "module", "weight_shape", "dtype", "bias", "terms"}
+#: Optional layer keys (dfquant.nn_rex): a sparse outlier residual, an input (activation) expansion.
+_LAYER_OPTIONAL = {"outliers", "act"}
+#: Optional layer key (dfquant.qat): the layer's input quantizer, tensors NAME.input_quant.scale / .levels.
+_INPUT_QUANT = "input_quant"
+_LAYER_ALLOWED = _LAYER_KEYS | _LAYER_OPTIONAL | {_INPUT_QUANT}
 _TERM_KEYS_V1 = {
     "quantizer",
     "bits",
@@ -309,6 +318,10 @@ def _fail(path: Path, msg: str) -> FileFormatError:
     return FileFormatError(f"'{path.name}': {msg}")
 
 
+def _short(e: BaseException) -> str:
+    return str(e)[:200]
+
+
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The parsed safetensors header and the file size, after checking the size against the header's
     tensor offsets (contiguous, covering the data exactly)."""
@@ -326,8 +339,8 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         raise _fail(path, f"header length {n} does not fit a file of {size} bytes (truncated or not safetensors)")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"the safetensors header is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # also bad UTF-8, numbers of > 4300 digits, too deep nesting
+        raise _fail(path, f"the safetensors header is not valid JSON ({_short(e)})") from None
     if not isinstance(header, dict):
         raise _fail(path, "the safetensors header is not a JSON object")
     spans = []
@@ -365,8 +378,8 @@ def _check_manifest(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
         raise _fail(path, "no dfquant manifest in the safetensors metadata: not a file written by dfquant")
     try:
         manifest = json.loads(meta[METADATA_KEY])
-    except (TypeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"the manifest is not valid JSON ({e})") from None
+    except (TypeError, ValueError, RecursionError) as e:
+        raise _fail(path, f"the manifest is not valid JSON ({_short(e)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         got = manifest.get("format") if isinstance(manifest, dict) else None
         raise _fail(path, f"manifest format is {got!r}, expected '{FORMAT_NAME}'")
@@ -404,6 +417,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         FileFormatError: unreadable, truncated or foreign file, or a newer format version.
     """
     p = Path(path)
+    if p.is_dir():  # a sharded folder written by dfquant.stream
+        return _read_folder(p, load=False)[0]
     header, _ = _read_header(p)
     return _check_manifest(p, header)
 
@@ -435,10 +450,10 @@ def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str,
             raise _fail(path, f"folded_bn entries must be {{'layer': name, 'bn': name}}, got {fb!r}")
     for name, layer in manifest["layers"].items():
         where = f"layer '{name or '<root>'}'"
-        if not isinstance(layer, dict) or set(layer) != _LAYER_KEYS:
+        if not isinstance(layer, dict) or not _LAYER_KEYS <= set(layer) <= _LAYER_ALLOWED:
             keys = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
             raise _fail(path, f"{where}: metadata keys must be {sorted(_LAYER_KEYS)}, got {keys}")
-        if layer["type"] not in QUANT_MODULES:
+        if not isinstance(layer["type"], str) or layer["type"] not in QUANT_MODULES:
             raise _fail(path, f"{where}: unknown layer type {layer['type']!r}; known: {', '.join(QUANT_MODULES)}")
         if not isinstance(layer["dtype"], str) or layer["dtype"] not in DTYPES:
             raise _fail(path, f"{where}: unknown dtype {layer['dtype']!r}; allowed: {', '.join(DTYPES)}")
@@ -473,12 +488,17 @@ def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str,
                         path,
                         f"tensor '{key}' is {desc}; the term's metadata need {_ST_DTYPES[dtype]} {list(shape)}",
                     )
-        if layer["bias"] is True:
+        _check_rex_extras(path, where, p, layer, entry)
+        _check_input_quant(path, where, p, layer, entry)
+        if not isinstance(layer["bias"], bool):  # a bias is allocated from weight_shape: only true/false
+            raise _fail(path, f"{where}: 'bias' must be true or false, got {layer['bias']!r}")
+        if layer["bias"]:
             got = entry(f"{p}bias")
             ws = layer["weight_shape"]
             want_dt = _ST_DTYPES[DTYPES[layer["dtype"]]]
             if got is None or not isinstance(ws, list) or not ws or got["shape"] != [ws[0]] or got["dtype"] != want_dt:
-                raise _fail(path, f"{where}: bias tensor missing, or not {want_dt} of shape [{ws[0] if ws else '?'}]")
+                out = ws[0] if isinstance(ws, list) and ws else "?"
+                raise _fail(path, f"{where}: bias tensor missing, or not {want_dt} of shape [{out}]")
 
 
 def _build_quant_layers(
@@ -500,6 +520,10 @@ def _build_quant_layers(
             mod.load_state_dict(own, strict=True, assign=True)
             for term in mod.quant_terms:
                 term.validate(mod.weight_shape)
+            if mod.outliers is not None:
+                mod.outliers.validate()
+            if mod.input_quant is not None:
+                mod.input_quant.validate()
         except (RuntimeError, InputError) as e:
             raise _fail(path, f"{where}: {str(e).splitlines()[0]}") from None
         for i, term in enumerate(mod.quant_terms):  # tied layers: share the very same term modules again
@@ -511,8 +535,129 @@ def _build_quant_layers(
     return out
 
 
+def _read_tensors(p: Path, size: int) -> dict[str, torch.Tensor]:
+    """All tensors of a checked safetensors file of ``size`` bytes."""
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise FileFormatError(f"cannot read '{p}': {e.strerror or e}") from None
+    if len(data) != size:
+        raise _fail(p, f"the file changed while it was read ({size} then {len(data)} bytes)")
+    data, e8m0 = _e8m0_as_bytes(data)
+    try:
+        out = st_load(data)
+    except SafetensorError as e:
+        raise _fail(p, f"safetensors could not read the tensors ({e})") from None
+    for key in e8m0:
+        out[key] = out[key].view(torch.float8_e8m0fnu)
+    return out
+
+
+def _e8m0_as_bytes(data: bytes) -> tuple[bytes, list[str]]:
+    """The file's bytes with its F8_E8M0 tensors (MXFP4 scales) relabelled U8, and their keys: safetensors'
+    in-memory reader does not know that dtype; the caller views them back. The header was checked before."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    keys = [k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F8_E8M0"]
+    if not keys:
+        return data, keys
+    for k in keys:
+        header[k]["dtype"] = "U8"
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n :], keys
+
+
+def _read_folder(path: Path, load: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A sharded output folder (see :mod:`dfquant.stream`): ``model.safetensors.index.json`` holds the manifest
+    (``metadata.dfquant``) and which shard holds each tensor (``weight_map``). Every shard's header gets the
+    single-file checks; together they must hold exactly the tensors the index lists, each where it says, and
+    then they are checked against the manifest as one file's header would be. With ``load``, the tensors of
+    all shards are read."""
+    index = path / "model.safetensors.index.json"
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise _fail(path, f"not a quantized file nor a folder with a readable '{index.name}' ({_short(e)})") from None
+    meta = data.get("metadata") if isinstance(data, dict) else None
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(meta, dict) or not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+        raise _fail(path, f"'{index.name}' needs a 'metadata' object and a 'weight_map' of tensor -> shard file")
+    header: dict[str, Any] = {"__metadata__": {METADATA_KEY: meta[METADATA_KEY]}} if METADATA_KEY in meta else {}
+    shards = sorted(set(wmap.values()))
+    sizes = []
+    for name in shards:
+        if Path(name).name != name or not name.endswith(".safetensors"):
+            raise _fail(path, f"the index names shard {name!r}; allowed: a .safetensors file in the folder")
+        shard_header, size = _read_header(path / name)
+        sizes.append(size)
+        for key, entry in shard_header.items():
+            if key != "__metadata__" and (wmap.get(key) != name or key in header):
+                raise _fail(path, f"tensor '{key}' of shard '{name}' is not where the index says ({wmap.get(key)!r})")
+            if key != "__metadata__":
+                header[key] = entry
+    lost = sorted(set(wmap) - set(header))
+    if lost:
+        raise _fail(path, f"the index lists tensors no shard holds: {lost[:5]}")
+    manifest = _check_manifest(path, header)
+    _check_tensors(path, header, manifest)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, size in zip(shards, sizes, strict=True) if load else ():
+        tensors.update(_read_tensors(path / name, size))
+    return manifest, tensors
+
+
+def _check_input_quant(path: Path, where: str, prefix: str, layer: Mapping[str, Any], entry: Any) -> None:
+    """The optional ``input_quant`` entry of a layer (:class:`dfquant.nn.ActQuant`): valid metadata and its two
+    F32 tensors, ``scale [1]`` and ``levels [num_levels]``."""
+    meta = layer.get(_INPUT_QUANT)
+    if meta is None:
+        return
+    try:
+        ActQuant.from_meta(meta)
+    except ConfigError as e:
+        raise _fail(path, f"{where}: {e}") from None
+    for buf, shape in (("scale", [1]), ("levels", [meta["num_levels"]])):
+        key = f"{prefix}{_INPUT_QUANT}.{buf}"
+        got = entry(key)
+        if got is None or got["dtype"] != "F32" or got["shape"] != shape:
+            desc = "missing" if got is None else f"{got['dtype']} {got['shape']}"
+            raise _fail(path, f"tensor '{key}' is {desc}; the input_quant metadata need F32 {shape}")
+
+
 def _is_own_key(rest: str) -> bool:
-    return rest == "bias" or (rest.startswith("terms.") and rest.count(".") == 2)
+    return (
+        rest == "bias"
+        or (rest.startswith("terms.") and rest.count(".") == 2)
+        or (rest.startswith("outliers.") and rest.count(".") == 1)
+        or (rest.startswith(f"{_INPUT_QUANT}.") and rest.count(".") == 1)
+    )
+
+
+def _check_rex_extras(
+    path: Path, where: str, prefix: str, layer: Mapping[str, Any], entry: Callable[[str], Any]
+) -> None:
+    """The optional ``outliers`` / ``act`` entries of a layer (see :mod:`dfquant.nn_rex`)."""
+    from .methods.rex_act import InputSpec
+    from .nn_rex import SparseTerm
+
+    try:
+        if layer.get("act") is not None:
+            InputSpec.from_dict(layer["act"])
+        if layer.get("outliers") is None:
+            return
+        ws = layer["weight_shape"]
+        if not isinstance(ws, list) or not ws or not all(isinstance(s, int) and s > 0 for s in ws):
+            raise ConfigError(f"weight_shape must be positive integers, got {ws!r}")
+        specs = SparseTerm.buffer_specs(layer["outliers"], ws)
+    except ConfigError as e:
+        raise _fail(path, f"{where}: {e}") from None
+    for buf, (dtype, shape) in specs.items():
+        key = f"{prefix}outliers.{buf}"
+        got = entry(key)
+        if got is None or got["dtype"] != _ST_DTYPES[dtype] or tuple(got["shape"]) != shape:
+            desc = "missing" if got is None else f"{got['dtype']} {got['shape']}"
+            raise _fail(path, f"tensor '{key}' is {desc}; the outlier metadata need {_ST_DTYPES[dtype]} {list(shape)}")
 
 
 def load_quantized(
@@ -521,7 +666,7 @@ def load_quantized(
     """Load a file written by :func:`save_quantized`.
 
     Args:
-        path: the ``.safetensors`` file.
+        path: the ``.safetensors`` file, or a sharded output folder of :mod:`dfquant.stream`.
         build: makes the float skeleton from ``manifest["source"]``; default
             :func:`dfquant.zoo.build_architecture` (the model zoo).
         cache_weight: passed to the quantized layers (see :mod:`dfquant.nn`).
@@ -535,20 +680,13 @@ def load_quantized(
         ModelError: ``build`` cannot build the model named in the source.
     """
     p = Path(path)
-    header, size = _read_header(p)
-    manifest = _check_manifest(p, header)
-    _check_tensors(p, header, manifest)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise FileFormatError(f"cannot read '{p}': {e.strerror or e}") from None
-    if len(data) != size:
-        raise _fail(p, f"the file changed while it was read ({size} then {len(data)} bytes)")
-    try:
-        tensors = st_load(data)
-    except SafetensorError as e:
-        raise _fail(p, f"safetensors could not read the tensors ({e})") from None
-    del data
+    if p.is_dir():  # a sharded folder written by dfquant.stream: the same checks over its index and shards
+        manifest, tensors = _read_folder(p)
+    else:
+        header, size = _read_header(p)
+        manifest = _check_manifest(p, header)
+        _check_tensors(p, header, manifest)
+        tensors = _read_tensors(p, size)
     for alias, target in manifest["aliases"].items():
         tensors[alias] = tensors[target]
     qlayers = _build_quant_layers(p, manifest, tensors, cache_weight)

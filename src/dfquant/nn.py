@@ -49,6 +49,8 @@ from .quantizers.base import SCALE_DTYPES, Granularity, QTensor
 __all__ = [
     "DTYPES",
     "QUANT_MODULES",
+    "STORED_SCALE_DTYPES",
+    "ActQuant",
     "QuantConv1d",
     "QuantConv2d",
     "QuantEmbedding",
@@ -71,6 +73,15 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
+}
+
+
+#: Dtypes a term's scales may be stored in: the rule-selectable :data:`SCALE_DTYPES` plus the 8-bit block scales
+#: of MXFP4 (E8M0) and NVFP4 (E4M3), which only their rules produce (:mod:`dfquant.quantizers.blockscaled`).
+STORED_SCALE_DTYPES: dict[str, torch.dtype] = {
+    **SCALE_DTYPES,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e8m0fnu": torch.float8_e8m0fnu,
 }
 
 
@@ -272,7 +283,7 @@ class QuantTerm(nn.Module):
                 raise InputError(f"a term of shape {qt.shape} cannot cover {ch.numel()} channels")
         levels = qt.levels.detach().to(torch.float32).contiguous().clone()
         sdt = qt.scale.dtype
-        if sdt not in SCALE_DTYPES.values() or (qt.offset is not None and qt.offset.dtype != sdt):
+        if sdt not in STORED_SCALE_DTYPES.values() or (qt.offset is not None and qt.offset.dtype != sdt):
             sdt = torch.float32  # exact: every storage dtype converts to float32 without loss
         index = None
         if levels.dim() == 2:
@@ -369,7 +380,7 @@ class QuantTerm(nn.Module):
             "granularity": self.granularity,
             "shape": list(self.shape),
             "offset": self.offset is not None,
-            "scale_dtype": dtype_name(self.scale.dtype),
+            "scale_dtype": next(k for k, v in STORED_SCALE_DTYPES.items() if v == self.scale.dtype),
             "num_levels": int(self.levels.shape[-1]),
             "num_tables": None if self.levels.dim() == 1 else self.num_tables,
             "channels": None if self.channels is None else int(self.channels.numel()),
@@ -396,9 +407,9 @@ class QuantTerm(nn.Module):
         if not _is_int(L) or not 1 <= L <= 2**bits:
             raise ConfigError(f"num_levels must be an integer in 1..{2**bits} for {bits} bits, got {L!r}")
         sd_name = meta.get("scale_dtype", "float32")
-        sdt = SCALE_DTYPES.get(sd_name) if isinstance(sd_name, str) else None
+        sdt = STORED_SCALE_DTYPES.get(sd_name) if isinstance(sd_name, str) else None
         if sdt is None:
-            raise ConfigError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {sd_name!r}")
+            raise ConfigError(f"scale_dtype must be one of {', '.join(STORED_SCALE_DTYPES)}, got {sd_name!r}")
         specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
             "packed": (torch.uint8, (packed_nbytes(math.prod(shape), bits),)),
             "scale": (sdt, (rows, groups)),
@@ -458,9 +469,9 @@ class QuantTerm(nn.Module):
         """
         for key in ("scale", "offset", "levels"):
             t = getattr(self, key)
-            if t is not None and not bool(torch.isfinite(t).all()):
+            if t is not None and not bool(torch.isfinite(t.to(torch.float32)).all()):
                 raise InputError(f"term {key} holds NaN or infinite values")
-        if bool((self.scale < 0).any()):
+        if bool((self.scale.to(torch.float32) < 0).any()):
             raise InputError("term scale holds negative values")
         n_levels = int(self.levels.shape[-1])
         if n_levels < (1 << self.bits):
@@ -490,6 +501,95 @@ def _store_index(index: torch.Tensor, tables: int) -> torch.Tensor:
     if nb <= 8:
         return pack(index.to(torch.int64).reshape(-1), nb)
     return index.to(torch.int32).contiguous().clone()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Input quantization (quantization-aware training)
+
+
+class ActQuant(nn.Module):
+    """Fake quantization of a layer's input, applied before the layer computes (quantization-aware training
+    records it: :func:`dfquant.qat.convert`; the layer metadata's ``input_quant`` entry).
+
+    Two kinds:
+
+    * static (``block`` None): one per-tensor ``scale`` and the grid's unit ``levels``;
+      ``x_hat = nearest_level(x / scale) * scale``;
+    * block-scaled (``fmt`` ``mxfp4`` / ``nvfp4``, ``block`` 32 / 16): scales computed from each block of the
+      input along ``axis`` at run time (:func:`dfquant.quantizers.blockscaled.fake_quantize_blocks`); for NVFP4
+      ``scale`` holds the calibrated FP32 tensor scale ``g``.
+
+    Buffers: ``scale`` float32 ``(1,)`` and ``levels`` float32 ``(L,)``, increasing.
+
+    Args:
+        fmt: the grid name (static) or ``mxfp4`` / ``nvfp4``.
+        scale: ``(1,)`` scale (static) or NVFP4 tensor scale (1 for MXFP4).
+        levels: the unit levels.
+        block: block size of a block-scaled format, else None.
+        axis: the input dimension blocks run along (1 for convolutions, -1 for linear layers).
+    """
+
+    scale: torch.Tensor
+    levels: torch.Tensor
+
+    def __init__(
+        self, *, fmt: str, scale: torch.Tensor, levels: torch.Tensor, block: int | None = None, axis: int = -1
+    ) -> None:
+        super().__init__()
+        from .quantizers.blockscaled import BLOCK_FORMATS
+
+        if block is not None and (fmt not in BLOCK_FORMATS or BLOCK_FORMATS[fmt][0] != block):
+            allowed = ", ".join(f"{k} (block {v[0]})" for k, v in BLOCK_FORMATS.items())
+            raise ConfigError(f"input format '{fmt}' with block {block!r} is not known; block formats: {allowed}")
+        self.fmt = str(fmt)
+        self.block = block
+        self.axis = int(axis)
+        self.register_buffer("scale", scale.detach().to(torch.float32).reshape(1).clone())
+        self.register_buffer("levels", levels.detach().to(torch.float32).reshape(-1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .quantizers.blockscaled import fake_quantize_blocks, round_to_levels
+
+        if self.block is not None:
+            return fake_quantize_blocks(x, self.fmt, self.axis, tensor_scale=self.scale)
+        s = self.scale.to(x.dtype)
+        return round_to_levels(x / s, self.levels) * s
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-ready description (the layer metadata's ``input_quant`` entry)."""
+        return {"format": self.fmt, "block": self.block, "axis": self.axis, "num_levels": int(self.levels.numel())}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> ActQuant:
+        """An empty input quantizer (zero buffers) to load a state dict into.
+
+        Raises:
+            ConfigError: metadata that do not describe one.
+        """
+        if not isinstance(meta, Mapping) or set(meta) != {"format", "block", "axis", "num_levels"}:
+            raise ConfigError(f"input_quant metadata keys must be axis, block, format, num_levels; got {meta!r}")
+        L, block, axis = meta["num_levels"], meta["block"], meta["axis"]
+        if not _is_int(L) or not 2 <= L <= 256:
+            raise ConfigError(f"input_quant num_levels must be an integer in 2..256, got {L!r}")
+        if not _is_int(axis) or (block is not None and not _is_int(block)) or not isinstance(meta["format"], str):
+            raise ConfigError(f"input_quant format, block, axis must be a name, an integer or null, an integer: {meta}")
+        return cls(fmt=meta["format"], scale=torch.ones(1), levels=torch.zeros(L), block=block, axis=axis)
+
+    def validate(self) -> None:
+        """Check loaded values: finite positive scale, finite increasing levels.
+
+        Raises:
+            InputError: naming what is wrong.
+        """
+        if not bool(torch.isfinite(self.scale).all()) or not bool((self.scale > 0).all()):
+            raise InputError(f"input_quant scale must be finite and > 0, got {self.scale.tolist()}")
+        lv = self.levels
+        if not bool(torch.isfinite(lv).all()) or not bool((lv[1:] > lv[:-1]).all()):
+            raise InputError("input_quant levels must be finite and increasing")
+
+    def extra_repr(self) -> str:
+        blk = f", block={self.block}, axis={self.axis}" if self.block is not None else ""
+        return f"{self.fmt}{blk}, scale={float(self.scale):.6g}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -527,6 +627,8 @@ class QuantModule(nn.Module):
     #: Whether the layer type can have a bias (an embedding cannot).
     has_bias: ClassVar[bool] = True
     bias: nn.Parameter | None
+    outliers: Any  # a dfquant.nn_rex.SparseTerm or None
+    input_quant: ActQuant | None
 
     def __init__(
         self,
@@ -543,6 +645,10 @@ class QuantModule(nn.Module):
         self.cache_weight = cache_weight
         self.terms = nn.ModuleList()
         self._cached: torch.Tensor | None = None
+        # REx extras (see dfquant.nn_rex): a sparse outlier residual and an input expansion, absent by default
+        self.register_module("outliers", None)
+        self.input_spec: Any = None
+        self.register_module("input_quant", None)  # an ActQuant set by quantization-aware training (dfquant.qat)
         for t in terms:
             self.add_term(t)
         if bias is not None:
@@ -573,6 +679,7 @@ class QuantModule(nn.Module):
     def clear_cache(self) -> None:
         """Drop the cached dequantized weight (it is rebuilt from the terms on the next use)."""
         self._cached = None
+        self.__dict__.pop("_order_cache", None)
 
     def dequantize_weight(self) -> torch.Tensor:
         """``sum_k term_k`` in oriented layout, summed in float32 in term order, then cast to
@@ -582,6 +689,8 @@ class QuantModule(nn.Module):
         w = torch.zeros(self.weight_shape, dtype=torch.float32, device=device)
         for t in terms:
             w = t.add_to(w)
+        if self.outliers is not None:
+            w = self.outliers.add_to(w)
         return w.to(self.dtype)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -625,12 +734,14 @@ class QuantModule(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cached"] = None  # a deep copy or pickle never carries the cache
+        state.pop("_order_cache", None)
         return state
 
     # -- accounting -----------------------------------------------------------------------------------------
     def storage_bits(self) -> int:
         """Bits of all terms as :meth:`QTensor.storage_bits` counts them."""
-        return sum(t.storage_bits() for t in self.quant_terms)
+        extra = self.outliers.storage_bits() if self.outliers is not None else 0
+        return sum(t.storage_bits() for t in self.quant_terms) + extra
 
     def bits_per_weight(self) -> float:
         """Storage bits of all terms over the number of weights."""
@@ -638,7 +749,8 @@ class QuantModule(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes the terms occupy in a file (packed codes, scales, offsets, levels, indices)."""
-        return sum(t.nbytes() for t in self.quant_terms)
+        extra = self.outliers.nbytes() if self.outliers is not None else 0
+        return sum(t.nbytes() for t in self.quant_terms) + extra
 
     # -- description ----------------------------------------------------------------------------------------
     def module_args(self) -> dict[str, Any]:
@@ -647,7 +759,7 @@ class QuantModule(nn.Module):
 
     def layer_meta(self) -> dict[str, Any]:
         """JSON-ready description of this layer for a file's manifest."""
-        return {
+        meta = {
             "type": self.layer_type,
             "module": self.module_args(),
             "weight_shape": list(self.weight_shape),
@@ -655,6 +767,13 @@ class QuantModule(nn.Module):
             "bias": self.bias is not None,
             "terms": [t.meta() for t in self.quant_terms],
         }
+        if self.outliers is not None:  # optional keys (dfquant.nn_rex); absent in plain layers
+            meta["outliers"] = self.outliers.meta()
+        if self.input_spec is not None:
+            meta["act"] = self.input_spec.to_dict()
+        if self.input_quant is not None:
+            meta["input_quant"] = self.input_quant.meta()
+        return meta
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], *, cache_weight: bool = True) -> QuantModule:
@@ -679,6 +798,16 @@ class QuantModule(nn.Module):
             )
         for tm in meta["terms"]:
             mod.add_term(QuantTerm.from_meta(tm))
+        if meta.get("outliers") is not None or meta.get("act") is not None:
+            from .methods.rex_act import InputSpec
+            from .nn_rex import SparseTerm
+
+            if meta.get("outliers") is not None:
+                mod.outliers = SparseTerm.from_meta(meta["outliers"], mod.weight_shape)
+            if meta.get("act") is not None:
+                mod.input_spec = InputSpec.from_dict(meta["act"])
+        if meta.get("input_quant") is not None:
+            mod.input_quant = ActQuant.from_meta(meta["input_quant"])
         if meta["bias"] and not sub.has_bias:
             raise ConfigError(f"a {kind} layer has no bias, but the metadata say it has one")
         if meta["bias"]:
@@ -720,6 +849,12 @@ class QuantModule(nn.Module):
         return layer_kind(layer) == self.layer_type and type(self).args_of(layer) == self.module_args()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        if self.input_spec is not None:
+            from .nn_rex import input_expanded_forward
+
+            return input_expanded_forward(self, x)
         return self._forward(x, self.quantized_weight())
 
     def _forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,8 @@ def test_never_worse_than_any_other_rule(bits: int) -> None:
     for rule in available():
         if rule == "lloyd-optimal" or bits not in quantizer_class(rule).supported_bits:
             continue
+        if hasattr(quantizer_class(rule), "block_granularity"):
+            continue  # block-scaled formats (mxfp4, nvfp4) store one scale per block of 16/32: more than one codebook
         other = _group_sse(rule, bits, x)
         assert bool((mine <= other * (1 + 1e-5) + 1e-9).all()), rule
 

@@ -6,4 +6,7 @@ tensors (through :mod:`dfquant.graph`) and applies them.
 * :mod:`dfquant.methods.bn`: BatchNorm folding and data-free analytic bias correction (Nagel et al. 2019).
 * :mod:`dfquant.methods.rex`: residual quantization error expansion, group-sparse, its BOPs and its error bound
   (Yvinec et al. 2023).
+* :mod:`dfquant.methods.dfmpc`: data-free mixed-precision compensation of a low-bit layer by the next high-bit
+  layer, with data-free re-derived BatchNorm statistics (Chen et al. 2023); run on a model by
+  :func:`dfquant.compensation.compensate_model`.
 """

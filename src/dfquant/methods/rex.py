@@ -120,6 +120,7 @@ def expand(
     sparsity: float = 0.0,
     name: str = "weight",
     scale_dtype: str | torch.dtype = torch.float32,
+    residual_quantizer: Quantizer | None = None,
 ) -> list[ExpansionTerm]:
     """Residual expansion of ``weight`` to ``order`` terms (Yvinec et al. 2023, eq. of the expansion).
 
@@ -135,6 +136,8 @@ def expand(
         sparsity: fraction of output channels dropped from each order ``k >= 2`` (0 = dense).
         name: used in error messages.
         scale_dtype: storage dtype of the scales (see :meth:`Quantizer.quantize`).
+        residual_quantizer: the rule of orders ``k >= 2`` (default ``quantizer``): e.g. an error-minimizing
+            rule for the first order and ``minmax`` (whose top level bounds the residual) for the others.
 
     Returns:
         The terms in order; ``sum`` of their dequantized values (scattered) approximates ``weight``.
@@ -164,13 +167,14 @@ def expand(
         n_keep = C if k == 1 or sparsity == 0 or w.dim() == 0 else kept_channels(C, 1.0 - sparsity)
         if n_keep == 0:
             continue
+        q = quantizer if k == 1 or residual_quantizer is None else residual_quantizer
         if n_keep == C:
-            qt = quantizer.quantize(res, gran, name=where, scale_dtype=scale_dtype)
+            qt = q.quantize(res, gran, name=where, scale_dtype=scale_dtype)
             term = ExpansionTerm(qt, k, None)
         else:
             norms = res.reshape(C, -1).norm(dim=1)
             idx = torch.sort(torch.topk(norms, n_keep, sorted=False).indices).values
-            qt = quantizer.quantize(res[idx].contiguous(), gran, name=where, scale_dtype=scale_dtype)
+            qt = q.quantize(res[idx].contiguous(), gran, name=where, scale_dtype=scale_dtype)
             term = ExpansionTerm(qt, k, idx)
         approx = term.add_to(approx)
         terms.append(term)

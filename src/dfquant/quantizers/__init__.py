@@ -8,6 +8,8 @@ from . import codebook  # noqa: F401  (registers nf4, apot)
 from . import aciq  # noqa: F401  (registers aciq)
 from . import statq  # noqa: F401  (registers statq)
 from . import optimal  # noqa: F401  (registers lloyd-optimal)
+from . import ternary  # noqa: F401  (registers ternary, dorefa)
+from . import blockscaled  # noqa: F401  (registers mxfp4, nvfp4)
 
 # isort: on
 from .base import Granularity, QParams, QTensor, Quantizer

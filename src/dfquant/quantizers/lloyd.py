@@ -229,7 +229,8 @@ class LloydMax(Quantizer):
         ``(2 + k, L)`` of the Gaussian and Laplace tables plus one table per fallback group, with each group's
         table index."""
         n = x.shape[1]
-        fallback = f.ks > self.fallback_threshold(n)
+        # a constant group (zero scale) keeps its analytic table: it decodes exactly to its offset whatever the levels
+        fallback = (f.ks > self.fallback_threshold(n)) & (x.amax(dim=1) > x.amin(dim=1))
         code = torch.where(fallback, torch.full_like(f.choice, DIST_CODES["empirical"]), f.choice)
         if not bool(fallback.any()) and bool((f.choice == f.choice[0]).all()):
             return self._tables[int(f.choice[0])], code, None
@@ -328,6 +329,7 @@ class LloydEmpirical(LloydMax):
         xs, sums = f.sorted_x, prefix_sums(f.sorted_x)
         err_new = group_sq_error(xs, unit * safe + f.loc[:, None], sums)
         worse = err_new > group_sq_error(xs, start * safe + f.loc[:, None], sums)
+        worse |= x.amax(dim=1) == x.amin(dim=1)  # constant groups: any increasing levels decode them exactly
         unit = torch.where(worse[:, None], start, unit)
         return self._params(x, f, unit.contiguous(), code)
 

@@ -7,7 +7,11 @@ asymmetric min/max variant with a zero point.
 * ``minmax`` (Krishnamoorthi 2018, "Quantizing deep convolutional networks for efficient inference"): the
   extreme levels sit on the group's absolute maximum (or its min and max for ``uint``): no value is clipped.
 * ``mse``: the clip ``c * max|x|`` with ``c`` chosen per group by minimizing the measured squared error, first on
-  a coarse grid of ratios, then on a fine grid around the best coarse ratio.
+  a coarse grid of ratios, then on a fine grid around the best coarse ratio. With ``weighting="input-variance"``
+  the error minimized is ``sum_i a_i (x_i - x_hat_i)^2``, ``a_i`` the variance of the input channel that weight
+  ``i`` multiplies (supplied by :func:`dfquant.api.quantize_model` from the BatchNorm statistics; see
+  :class:`dfquant.quantizers.optimal.LloydOptimal` for the derivation). ``grid="nf4"`` searches the clip of the
+  NF4 codebook instead of an integer grid.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from ..distributions import absmax_expected_mse, cell_mse, optimal_scale
 from ..errors import ConfigError
 from ..grids import INT_FAMILIES, Grid, make_grid
 from .base import QParams, Quantizer, constant_groups
+from .optimal import WEIGHTINGS
 from .registry import register
 
 
@@ -94,26 +99,55 @@ class MSEClip(UniformRule):
     """Uniform quantization with the clip minimizing the measured squared error of each group."""
 
     name = "mse"
-    description = "uniform, clip searched per group to minimize the measured MSE"
-    options_allowed: ClassVar[tuple[str, ...]] = ("grid", "coarse", "fine")
+    description = "uniform (or NF4), clip searched per group to minimize the measured (weighted) MSE"
+    options_allowed: ClassVar[tuple[str, ...]] = ("grid", "coarse", "fine", "weighting")
+    supports_importance = True
+
+    def __init__(self, bits: int, **options: Any) -> None:
+        grid = options.get("grid")
+        if grid == "nf4":
+            if bits != 4:
+                raise ConfigError(f"quantizer 'mse': grid 'nf4' is 4 bits wide, got bits={bits}")
+            Quantizer.__init__(self, bits, **options)
+            self._grid = make_grid("nf4")
+        else:
+            super().__init__(bits, **options)
+        weighting = self.options.get("weighting", "none")
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"quantizer 'mse': weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+        self.weighting = str(weighting)
+
+    @property
+    def wants_importance(self) -> bool:
+        """True with ``weighting="input-variance"``."""
+        return self.weighting != "none"
 
     def fit(self, x: torch.Tensor) -> QParams:
+        return self._fit(x, None)
+
+    def fit_weighted(self, x: torch.Tensor, importance: torch.Tensor) -> QParams:
+        """Clip per group minimizing ``sum_i importance_i (x_i - x_hat_i)^2``."""
+        return self._fit(x, importance)
+
+    def _fit(self, x: torch.Tensor, importance: torch.Tensor | None) -> QParams:
         if self.asymmetric:
-            raise ConfigError("quantizer 'mse' searches a symmetric clip; use grid int-mr, int or int-sym")
+            raise ConfigError("quantizer 'mse' searches a symmetric clip; use grid int-mr, int, int-sym or nf4")
         amax = x.abs().amax(dim=1)
         coarse = int(self.options.get("coarse", 24))
         fine = int(self.options.get("fine", 16))
         ratios = torch.linspace(1.0 / coarse, 1.0, coarse)
-        best_r, best_err = self._search(x, amax, ratios[None, :].expand(x.shape[0], -1))
+        best_r, best_err = self._search(x, amax, ratios[None, :].expand(x.shape[0], -1), importance)
         step = 1.0 / coarse
         fine_r = best_r[:, None] + torch.linspace(-step, step, fine)[None, :]
         fine_r = fine_r.clamp(min=1e-3, max=1.0)
-        r2, e2 = self._search(x, amax, fine_r)
+        r2, e2 = self._search(x, amax, fine_r, importance)
         r = torch.where(e2 < best_err, r2, best_r)
         return constant_groups(x, self.params_for_clip(x, amax * r))
 
-    def _search(self, x: torch.Tensor, amax: torch.Tensor, ratios: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per group, the ratio (column of ``ratios``) with the smallest squared error, and that error."""
+    def _search(
+        self, x: torch.Tensor, amax: torch.Tensor, ratios: torch.Tensor, importance: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group, the ratio (column of ``ratios``) with the smallest (weighted) squared error, and that error."""
         best_err = torch.full((x.shape[0],), float("inf"))
         best_r = torch.ones(x.shape[0])
         top = self.sym_top
@@ -121,7 +155,8 @@ class MSEClip(UniformRule):
             r = ratios[:, j]
             scale = (amax * r / top).clamp_min(1e-30)
             xq = self._grid.round(x / scale[:, None]) * scale[:, None]
-            err = ((xq - x) ** 2).sum(dim=1)
+            sq = (xq - x) ** 2
+            err = (sq if importance is None else sq * importance).sum(dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_r = torch.where(better, r, best_r)

@@ -1,0 +1,138 @@
+"""Helpers shared by the peer benchmarks: atomic writes, the machine's description, the load average, and the
+weights each benchmark quantizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: The models of the peer benchmarks (zoo names) and two synthetic references.
+REAL_MODELS = ("cifar-resnet20", "cifar-resnet32", "minilm", "smollm2-135m")
+SYNTHETIC = ("gaussian", "laplace")
+NOTES = {
+    "smollm2-135m": "weights dequantized from a 4-bit GGUF: in blocks of 32 they already lie on a 4-bit grid "
+    "per block, which favours any 4-bit rule whose groups align with those blocks",
+    "cifar-resnet20": "conv and linear weights as trained (BatchNorm not folded, for every method alike)",
+    "cifar-resnet32": "conv and linear weights as trained (BatchNorm not folded, for every method alike)",
+    "minilm": "the linear layers of the 6 encoder blocks (embeddings left out)",
+    "gaussian": "i.i.d. N(0, 1) tensor, seed 0",
+    "laplace": "i.i.d. Laplace(0, 1) tensor, seed 0",
+}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (what ``uptime`` prints), or [] where unknown."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine() -> dict[str, Any]:
+    """The machine a figure was measured on."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": mem,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": load_average(),
+    }
+
+
+def quantizable_weights(model: nn.Module, *, convs: bool = True) -> dict[str, torch.Tensor]:
+    """``{layer name: weight}`` of every ``nn.Linear`` (and conv when ``convs``) in ``model``; embeddings, norms
+    and an output head tied to the embedding (``lm_head``) left out."""
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d) if convs else (nn.Linear,)
+    return {
+        n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, kinds) and not n.endswith("lm_head")
+    }
+
+
+def subsample_rows(weights: dict[str, torch.Tensor], max_params: int | None) -> tuple[dict[str, torch.Tensor], int]:
+    """Keep evenly spaced output rows of every weight so that the total is about ``max_params``.
+
+    Per-channel and per-group rules (groups along a row) see whole rows, so a row subset is a subset of the
+    groups every setting would form on the full tensor. The row count is a multiple of 8 (at least 8) so that
+    libraries packing several groups per word (HQQ packs 2-bit groups four at a time) accept the subset
+    whenever they accept the full tensor. Returns the weights and the rows kept per tensor (0: all rows).
+    """
+    total = sum(w.numel() for w in weights.values())
+    if max_params is None or total <= max_params:
+        return weights, 0
+    row_len = sum(w[0].numel() for w in weights.values())
+    rows = max(8, max_params // row_len // 8 * 8)
+    out = {}
+    for name, w in weights.items():
+        k = min(rows, w.shape[0])
+        idx = torch.linspace(0, w.shape[0] - 1, k).round().long().unique()
+        out[name] = w[idx].contiguous()
+    return out, rows
+
+
+def load_weights(name: str, max_params: int | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights of a zoo model or a synthetic tensor, and a description of what was taken."""
+    if name in SYNTHETIC:
+        g = torch.Generator().manual_seed(0)
+        shape = (256, 2048)
+        if name == "gaussian":
+            w = torch.randn(shape, generator=g)
+        else:
+            u = torch.rand(shape, generator=g).clamp(1e-7, 1 - 1e-7) - 0.5
+            w = -torch.sign(u) * torch.log1p(-2 * u.abs())
+        return {name: w}, {"tensors": 1, "params": w.numel(), "shape": list(shape), "note": NOTES[name]}
+    from dfquant.zoo import load_model
+
+    loaded = load_model(name)
+    weights = quantizable_weights(loaded.model)
+    full = sum(w.numel() for w in weights.values())
+    weights, rows = subsample_rows(weights, max_params)
+    info = {
+        "tensors": len(weights),
+        "params": sum(w.numel() for w in weights.values()),
+        "params_full": full,
+        "rows_per_tensor": rows or "all",
+        "note": NOTES.get(name, ""),
+    }
+    return weights, info

@@ -1,0 +1,119 @@
+"""DF-MPC on CIFAR-10 ResNet-20 and ResNet-32: mixed precision with and without compensation, against plain W4.
+
+For each model: float; MP2/6 (ternary low layers, minmax 6-bit elsewhere) without compensation and with it
+under each BatchNorm-statistics rule, bias correction on and off; the same with a 4-level 2-bit low rule
+(``mse``, mid-rise grid); MP3/6 (``mse`` and ``dorefa`` 3-bit low layers) likewise; plain W4 per channel
+(``minmax`` and ``mse``) at a similar size. Columns: top-1 on the 1017 exact test images, top-1 agreement with
+the float model on the 10,000-image JPEG copy (for the float model, the no-compensation and default DF-MPC
+rows of MP2/6 ternary and MP3/6 mse, and W4 minmax: a 10,000-image pass costs about a minute on one thread),
+the file size in bytes and the bits per quantized weight.
+
+Layers outside a pair (the stem ``conv1`` and the final ``linear``; the option-A shortcuts have no weights)
+get the high rule (6 bits): they are not followed by a layer that could compensate them, and the stem reads
+the image directly.
+
+Usage:
+    python benchmarks/dfmpc_table.py [--models 20,32] [--no-agreement] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfquant.api import quantize_model
+from dfquant.compensation import compensate_model, dfmpc_config
+from dfquant.config import LayerRule, QuantConfig
+from dfquant.eval.cifar10 import EXACT_FILE, JPEG_FILE, load_cifar10, predict
+from dfquant.io import save_quantized
+from dfquant.pairs import find_compensation_pairs
+from dfquant.zoo import load_model
+
+HIGH = LayerRule("minmax", 6)
+LOWS = {
+    "MP2/6 ternary": LayerRule("ternary", 2),
+    "MP2/6 mse-4lvl": LayerRule("mse", 2),
+    "MP3/6 mse": LayerRule("mse", 3),
+    "MP3/6 dorefa": LayerRule("dorefa", 3),
+}
+PLAIN = {"W4 minmax": LayerRule("minmax", 4), "W4 mse": LayerRule("mse", 4)}
+
+
+def _row(
+    name: str, model: torch.nn.Module, loaded: Any, data: dict[str, Any], report: Any = None, agree: bool = False
+) -> dict[str, Any]:
+    x, y = data["exact"]
+    top1 = 100.0 * float((predict(model, x) == y).float().mean())
+    row: dict[str, Any] = {"config": name, "top1": round(top1, 2)}
+    if agree and data.get("jpeg") is not None:
+        pj = predict(model, data["jpeg"])
+        row["agreement"] = round(100.0 * float((pj == data["float_jpeg"]).float().mean()), 2)
+    if report is not None:
+        with tempfile.TemporaryDirectory() as d:
+            path = save_quantized(model, Path(d) / "m.safetensors", source=loaded.source, report=report)
+            row["file_bytes"] = path.stat().st_size
+        row["bits_per_weight"] = round(report.bits_per_weight, 3)
+    return row
+
+
+def run(depth: int, agreement: bool) -> list[dict[str, Any]]:
+    loaded = load_model(f"cifar-resnet{depth}")
+    model = loaded.model.eval()
+    data: dict[str, Any] = {"exact": load_cifar10(EXACT_FILE), "jpeg": None}
+    if agreement:
+        data["jpeg"] = load_cifar10(JPEG_FILE)[0]
+        data["float_jpeg"] = predict(model, data["jpeg"])
+    rows = [_row("float", model, loaded, data)]
+    rows[0]["bits_per_weight"] = 32.0
+    lows = [p.low for p in find_compensation_pairs(model)]
+    for label, low in LOWS.items():
+        for bc in (True, False):
+            tag = "BC on" if bc else "BC off"
+            q, rep = quantize_model(model, dfmpc_config(lows, low, HIGH, bias_correction=bc))
+            key = label.startswith(("MP2/6 ternary", "MP3/6 mse")) and bc
+            rows.append(_row(f"{label}, no compensation, {tag}", q, loaded, data, rep, agree=key))
+            for stats in ("float", "projection", "moments"):
+                q, rep, drep = compensate_model(model, low=low, high=HIGH, stats=stats, bias_correction=bc)
+                row = _row(f"{label}, DF-MPC {stats}, {tag}", q, loaded, data, rep, agree=key and stats == "projection")
+                row["c_mean"] = round(sum(p.c_mean for p in drep.pairs) / len(drep.pairs), 3)
+                row["max_dev"] = max(max(p.weight_dev, p.bias_dev) for p in drep.pairs)
+                rows.append(row)
+            print(f"  resnet{depth} {label} {tag} done", flush=True)
+    for label, rule in PLAIN.items():
+        q, rep = quantize_model(model, QuantConfig(rule))
+        rows.append(_row(f"{label} per channel, BC on", q, loaded, data, rep, agree=label == "W4 minmax"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="20,32")
+    ap.add_argument("--no-agreement", action="store_true", help="skip the 10,000-image JPEG agreement")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {}
+    for depth in (int(d) for d in args.models.split(",")):
+        t0 = time.time()
+        rows = run(depth, not args.no_agreement)
+        out[f"resnet{depth}"] = rows
+        print(f"\nResNet-{depth} ({time.time() - t0:.0f} s)")
+        print("| config | top-1 exact (%) | agreement 10k (%) | file bytes | bits/weight | mean c |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['config']} | {r['top1']:.2f} | {r.get('agreement', '-')} | {r.get('file_bytes', '-')} | "
+                f"{r.get('bits_per_weight', '-')} | {r.get('c_mean', '-')} |"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

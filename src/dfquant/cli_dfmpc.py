@@ -1,0 +1,121 @@
+"""``dfquant quantize MODEL --method dfmpc``: data-free mixed-precision compensation from the command line.
+
+``--low-bits`` (default 2) and ``--high-bits`` (default 6) set the two precisions; the low rule is ``ternary``
+at 2 bits and ``mse`` otherwise (``--low-quantizer`` overrides it), the high rule ``minmax``
+(``--high-quantizer``). Every layer outside a pair (stem, downsample, final layer) gets the high rule. The
+report lists every pair with its ``c`` statistics and the whole model's bits per weight; ``--out`` writes an
+ordinary quantized file (mixed precision is per-layer rules).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["add_dfmpc_arguments", "cmd_quantize_dfmpc"]
+
+METHOD = "dfmpc"
+
+
+def add_dfmpc_arguments(p: argparse.ArgumentParser) -> None:
+    """The DF-MPC options of ``quantize`` (used only with ``--method dfmpc``)."""
+    g = p.add_argument_group("DF-MPC (--method dfmpc)")
+    g.add_argument("--low-bits", type=int, help="bits of the low layers of each pair (default 2)")
+    g.add_argument("--high-bits", type=int, help="bits of every other layer (default 6)")
+    g.add_argument("--low-quantizer", help="rule of the low layers (default ternary at 2 bits, else mse)")
+    g.add_argument("--high-quantizer", help="rule of every other layer (default minmax)")
+    g.add_argument("--lambda1", type=float, help="weight of the bias term of the DF-MPC loss (default 0.5)")
+    g.add_argument("--lambda2", type=float, help="ridge weight of the DF-MPC loss (default 0)")
+    g.add_argument(
+        "--bn-stats",
+        choices=("projection", "moments", "float"),
+        help="data-free re-derivation of the low layers' BatchNorm statistics (default projection)",
+    )
+
+
+def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .config import LayerRule
+    from .quantizers import quantizer_class
+
+    for flag, value in (("--bits", args.bits), ("--config", args.config), ("--expand", args.expand)):
+        if value is not None:
+            raise ConfigError(f"--method dfmpc takes --low-bits/--high-bits and per-pair rules, not {flag}")
+    if args.sparsity is not None or args.no_fold_bn:
+        raise ConfigError("--method dfmpc folds BatchNorms and quantizes plainly: drop --sparsity / --no-fold-bn")
+    low_bits = args.low_bits if args.low_bits is not None else 2
+    high_bits = args.high_bits if args.high_bits is not None else 6
+    low_q = args.low_quantizer or ("ternary" if low_bits == 2 else "mse")
+    high_q = args.high_quantizer or "minmax"
+    quantizer_class(low_q)
+    quantizer_class(high_q)
+    gran = args.granularity or "channel"
+    sdt = args.scale_dtype or "float32"
+    return LayerRule(low_q, low_bits, gran, scale_dtype=sdt), LayerRule(high_q, high_bits, gran, scale_dtype=sdt)
+
+
+def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``quantize --method dfmpc``; returns the JSON-ready result."""
+    from .cli_models import (
+        _check_limit,
+        _check_out,
+        _check_tasks,
+        _evaluate,
+        _load,
+        _parse_tasks,
+        _print_summary,
+        _Progress,
+    )
+    from .compensation import compensate_model
+    from .graph import state_dict_bytes
+
+    if args.model is None:
+        raise ConfigError("--method dfmpc needs a MODEL (for example cifar-resnet20)")
+    low, high = _rules(args)
+    tasks = _parse_tasks(args.eval)
+    _check_limit(args.eval_limit)
+    if args.out:
+        _check_out(Path(args.out))
+    progress = _Progress(not (args.quiet or args.json))
+    loaded = _load(args)
+    _check_tasks(tasks, loaded)
+    qmodel, report, dreport = compensate_model(
+        loaded.model,
+        low=low,
+        high=high,
+        lambda1=args.lambda1 if args.lambda1 is not None else 0.5,
+        lambda2=args.lambda2 if args.lambda2 is not None else 0.0,
+        stats=args.bn_stats or "projection",
+        bias_correction=not args.no_bias_correction,
+        progress=progress.layers,
+    )
+    progress.done()
+    evals = _evaluate(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
+    size_bytes = None
+    if args.out:
+        from .io import save_quantized
+
+        size_bytes = save_quantized(qmodel, args.out, source=loaded.source, report=report).stat().st_size
+    result = {
+        "model": loaded.name,
+        "method": METHOD,
+        "bits": [low.bits, high.bits],
+        "granularity": low.granularity,
+        "bits_per_weight": report.bits_per_weight,
+        "size_bytes": size_bytes if size_bytes is not None else report.model_bytes,
+        "size_is_file": size_bytes is not None,
+        "float_size_bytes": state_dict_bytes(loaded.model),
+        "out": str(args.out) if args.out else None,
+        "eval": evals,
+        "dfmpc": dreport.to_dict(),
+        "layers": report.to_dict()["layers"],
+        "report": report.to_dict(),
+    }
+    if not args.json:
+        print(report.to_text())
+        print()
+        print(dreport.to_text())
+        _print_summary(result)
+    return result

@@ -1,0 +1,96 @@
+"""DF-MPC on the real ResNet-20 (exact 1017 test images only, to stay short; the full table with agreement on
+the 10,000-image JPEG copy comes from ``benchmarks/dfmpc_table.py``).
+
+Measured (default settings: projection statistics, bias correction on, 6-bit minmax high layers): MP3/6 with
+3-bit ``mse`` low layers 91.35 % (float 91.64 %); MP2/6 ternary 55.75 % against 35.99 % without compensation.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import require_asset
+from dfquant.api import quantize_model
+from dfquant.cli import main
+from dfquant.compensation import compensate_model, dfmpc_config
+from dfquant.config import LayerRule
+from dfquant.eval.cifar10 import EXACT_FILE, load_cifar10, predict
+from dfquant.io import load_quantized
+from dfquant.zoo import build_architecture
+from dfquant.zoo.cifar_resnet import load_cifar_resnet
+
+pytestmark = [pytest.mark.assets, pytest.mark.slow]
+
+FLOAT_TOP1 = 91.64
+
+
+@pytest.fixture(scope="module")
+def setup() -> dict[str, object]:
+    ckpt = require_asset("cifar10-resnet", "resnet20-12fca82f.th")
+    require_asset("cifar10-test", EXACT_FILE)
+    x, y = load_cifar10(EXACT_FILE)
+    return {"model": load_cifar_resnet(20, ckpt).model.eval(), "x": x, "y": y}
+
+
+def _top1(model: torch.nn.Module, setup: dict[str, object]) -> float:
+    x, y = setup["x"], setup["y"]
+    assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+    return 100.0 * float((predict(model, x) == y).float().mean())
+
+
+def test_mp3_6_within_one_point_of_float(setup: dict[str, object]) -> None:
+    model = setup["model"]
+    assert isinstance(model, torch.nn.Module)
+    q, report, dreport = compensate_model(model, low=LayerRule("mse", 3))
+    assert len(dreport.pairs) == 9
+    assert max(max(p.weight_dev, p.bias_dev) for p in dreport.pairs) < 1e-5
+    assert _top1(q, setup) >= FLOAT_TOP1 - 1.0
+    assert 4.6 < report.bits_per_weight < 4.8
+
+
+def test_mp2_6_compensation_beats_no_compensation(setup: dict[str, object]) -> None:
+    model = setup["model"]
+    assert isinstance(model, torch.nn.Module)
+    q, _, dreport = compensate_model(model)
+    lows = [p.low for p in dreport.pairs]
+    plain, _ = quantize_model(model, dfmpc_config(lows, LayerRule("ternary", 2), LayerRule("minmax", 6)))
+    assert _top1(q, setup) >= _top1(plain, setup) + 10.0
+
+
+def test_cli_writes_an_ordinary_file(setup: dict[str, object], tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "r20.safetensors"
+    rc = main(
+        [
+            "quantize",
+            "cifar-resnet20",
+            "--method",
+            "dfmpc",
+            "--low-bits",
+            "2",
+            "--high-bits",
+            "6",
+            "--lambda1",
+            "0.5",
+            "--lambda2",
+            "0",
+            "--out",
+            str(out),
+            "--json",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    pairs = result["dfmpc"]["pairs"]
+    assert len(pairs) == 9 and all(0.0 <= p["c_min"] <= p["c_mean"] <= p["c_max"] for p in pairs)
+    assert result["bits"] == [2, 6] and 4.2 < result["bits_per_weight"] < 4.3
+    loaded, _ = load_quantized(out, build=lambda src: build_architecture(src))
+    model = setup["model"]
+    assert isinstance(model, torch.nn.Module)
+    q, _, _ = compensate_model(model)
+    x = setup["x"]
+    assert isinstance(x, torch.Tensor)
+    assert torch.equal(predict(loaded, x), predict(q, x))
