@@ -18,12 +18,11 @@ import csv
 import io
 import itertools
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .io import write_atomic
 
 __all__ = ["add_command", "cmd_tradeoff", "headline", "pareto_verdict"]
 
@@ -130,19 +129,6 @@ def _interpolate(plain: list[dict[str, Any]], bops: float) -> float | None:
     if plain and plain[0]["bops"] == bops:
         return float(plain[0]["value"])
     return None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 _COLUMNS = ("kind", "bits", "order", "sparsity", "bops", "bops_vs_float", "bits_per_weight", "metric", "value")
@@ -291,11 +277,11 @@ def cmd_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
     title = f"{loaded.name}: {method} W{args.bits} expansions vs plain, {task}"
     files: list[str] = []
     if out_dir is not None:
-        _atomic_write(out_dir / "tradeoff.csv", _table_csv(points).encode())
-        _atomic_write(out_dir / "tradeoff.md", _table_md(points, verdict, title).encode())
+        write_atomic(out_dir / "tradeoff.csv", _table_csv(points).encode())
+        write_atomic(out_dir / "tradeoff.md", _table_md(points, verdict, title).encode())
         files += [str(out_dir / "tradeoff.csv"), str(out_dir / "tradeoff.md")]
         if not args.no_plot:
-            _atomic_write(out_dir / "tradeoff.png", _plot(points, title))
+            write_atomic(out_dir / "tradeoff.png", _plot(points, title))
             files.append(str(out_dir / "tradeoff.png"))
     if not args.json:
         print(_table_md(points, verdict, title))

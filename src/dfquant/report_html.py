@@ -29,7 +29,6 @@ import html
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from .errors import DfquantError, FileFormatError, InputError
+from .io import write_atomic
 
 __all__ = ["add_command", "build_page", "render_report", "write_atomic"]
 
@@ -552,32 +552,6 @@ def render_report(path: str | os.PathLike[str], layers: Sequence[str] | None = N
         plots += 1
     out.append(f"<script>{SORT_JS}</script></body></html>")
     return "".join(out), {"rows": len(page["rows"]), "histograms": len(page["histograms"]), "plots": plots}
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename; on any failure
-    (disk full included) no file, complete or partial, is left behind.
-
-    Raises:
-        FileFormatError: the folder is missing or the write fails.
-    """
-    if not path.parent.is_dir():
-        raise FileFormatError(f"cannot write '{path}': folder '{path.parent}' does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise FileFormatError(f"cannot write '{path}': {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------------------------------------------

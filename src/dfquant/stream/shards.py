@@ -27,24 +27,13 @@ import torch
 from safetensors import safe_open
 
 from ..errors import FileFormatError, InputError
-from ..io import _read_header
+from ..io import _ST_DTYPES, _ST_SIZES, _read_header
 
 __all__ = ["Checkpoint", "InputShard", "ShardWriter", "read_checkpoint", "read_tensor"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
-_ITEM_SIZES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+_ITEM_SIZES = _ST_SIZES
+_DTYPES = _ST_DTYPES
 _COPY_CHUNK = 16 << 20
 
 
