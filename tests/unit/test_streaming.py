@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,17 @@ def _float_llama(folder: Path) -> torch.nn.Module:
     state = _float_tensors(folder)
     model.load_state_dict({k: v for k, v in state.items()}, strict=True)
     return model.to(torch.bfloat16)
+
+
+def test_synthetic_laplace_is_finite_at_the_edges() -> None:
+    from dfquant.stream.synthetic import laplace_from_uniform
+
+    u = torch.tensor([0.0, 1e-9, 0.25, 0.5, 0.75, 1 - 2**-24])
+    x = laplace_from_uniform(u, 0.02)
+    assert bool(torch.isfinite(x).all())
+    assert float(x.abs().max()) < 12 * 0.02
+    # the inverse cdf in the bulk: u = 1/4 -> -log(2) * sigma / sqrt(2)
+    assert float(x[2]) == pytest.approx(-math.log(2) * 0.02 / math.sqrt(2), rel=1e-6)
+    torch.manual_seed(0)
+    big = laplace_from_uniform(torch.rand(1_000_000), 1.0)
+    assert float(big.std()) == pytest.approx(1.0, rel=0.01)

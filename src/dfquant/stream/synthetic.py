@@ -91,6 +91,14 @@ def layers_for_size(target_bytes: int, spec: SyntheticSpec) -> int:
     return max(1, round((target_bytes - base) / per))
 
 
+def laplace_from_uniform(u: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Laplace samples of standard deviation ``sigma`` from uniforms ``u`` in [0, 1) by the inverse cdf,
+    ``x = -sign(u - 1/2) * log(1 - 2|u - 1/2|) * sigma / sqrt(2)``. ``torch.rand`` can return exactly 0, whose
+    log would be infinite: ``2|u - 1/2|`` is kept below 1 (the largest magnitude is then ~11.8 sigma)."""
+    tail = (2 * (u - 0.5).abs()).clamp(max=1 - 2**-24)
+    return -torch.sign(u - 0.5) * torch.log1p(-tail) * (sigma / math.sqrt(2))
+
+
 def _draw(name: str, shape: tuple[int, ...], depth: float) -> torch.Tensor:
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     if len(shape) == 1:
@@ -108,7 +116,7 @@ def _draw(name: str, shape: tuple[int, ...], depth: float) -> torch.Tensor:
         r1 = min(rows, r0 + step)
         x = torch.randn(r1 - r0, cols, generator=g) * sigma
         u = torch.rand(r1 - r0, cols, generator=g)
-        lap = -torch.sign(u - 0.5) * torch.log1p(-2 * (u - 0.5).abs()) * (sigma / math.sqrt(2))
+        lap = laplace_from_uniform(u, sigma)
         x = torch.where(torch.rand(r1 - r0, cols, generator=g) < p_laplace, lap, x)
         spikes = torch.rand(r1 - r0, cols, generator=g) < 1e-4
         x = torch.where(spikes, sigma * (8 + 12 * torch.rand(r1 - r0, cols, generator=g)) * torch.sign(x), x)
