@@ -1,7 +1,11 @@
 """``dfquant qat MODEL``: quantization-aware training from the command line (:mod:`dfquant.qat`).
 
-Trains an image classifier of the zoo (the CIFAR-10 ResNets) on the JPEG copy's images 1017..9999 and evaluates
-top-1 on the exact test images 0..1016, which are never trained on. Prints a progress line on stderr, an
+Trains an image classifier of the zoo (the CIFAR-10 ResNets, ``--data cifar10``) on the JPEG copy's images
+1017..9999 and evaluates top-1 on the exact test images 0..1016, which are never trained on; or a causal language
+model of the zoo (``smollm2-135m``, ``--data wikitext2``) on random ``--seq``-token windows of WikiText-2 valid and
+evaluates perplexity on the first ``--eval-windows`` 1024-token windows of WikiText-2 test
+(:mod:`dfquant.qat_lm`; Linear layers are fake-quantized, token embeddings and, by default, the tied output head
+``lm_head`` stay float). Prints a progress line on stderr, an
 evaluation line every ``--eval-every`` steps, keeps a resumable checkpoint (``--checkpoint``, default
 ``OUT.ckpt``, rewritten atomically; a rerun with the same file continues from it), writes the converted model
 to ``--out`` (the post-training file format) and ends with a report comparing the trained model with
@@ -13,12 +17,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
 __all__ = ["add_command", "cmd_qat"]
+
+#: Per-task defaults: learning rate, batch, layers left float.
+_DEFAULTS: dict[str, tuple[float, int, str]] = {
+    "cifar10": (5e-4, 64, "conv1,linear"),
+    "wikitext2": (2e-5, 2, "lm_head"),
+}
 
 
 def add_command(sub: Any) -> None:
@@ -28,12 +39,16 @@ def add_command(sub: Any) -> None:
     p.add_argument("--format", required=True, help="weight format: int2, int4, fp4, nf4, mxfp4, nvfp4, grid names")
     p.add_argument("--act-format", help="input format of every quantized layer (default: inputs stay float)")
     p.add_argument("--method", default="statq", choices=["statq", "minmax", "lsq"])
-    p.add_argument("--data", default="cifar10", help="training task (cifar10)")
+    p.add_argument("--data", default="cifar10", help="training task: cifar10 or wikitext2")
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--lr", type=float, default=5e-4, help="peak Adam learning rate (cosine schedule)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, help="peak Adam learning rate, cosine schedule (cifar10 5e-4, wikitext2 2e-5)")
+    p.add_argument("--batch", type=int, help="batch size (cifar10 64 images, wikitext2 2 windows)")
+    p.add_argument("--seq", type=int, default=256, help="wikitext2: tokens per training window")
+    p.add_argument("--eval-windows", type=int, default=4, help="wikitext2: 1024-token test windows evaluated")
     p.add_argument("--granularity", default="channel", help="weight scales: channel | group:G")
-    p.add_argument("--keep-float", default="conv1,linear", help="comma-separated globs of layers left float")
+    p.add_argument(
+        "--keep-float", help="comma-separated globs of layers left float (cifar10 conv1,linear; wikitext2 lm_head)"
+    )
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--checkpoint", help="resumable checkpoint file (default OUT.ckpt)")
     p.add_argument("--threads", type=int, default=2)
@@ -49,21 +64,25 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
 
     from .api import quantize_model
     from .config import LayerRule, PatternRule, QuantConfig
-    from .eval.cifar10 import EXACT_FILE, JPEG_FILE, load_cifar10, predict
     from .io import save_quantized
     from .qat import QATConfig, convert, parse_format, prepare_qat
-    from .qat_train import TRAIN_FIRST, cifar_train_batches, train_qat
+    from .qat_train import train_qat
     from .zoo import load_model
 
-    if args.data != "cifar10":
-        raise ConfigError(f"--data '{args.data}' is not supported by 'qat'; allowed: cifar10")
-    if args.steps < 1 or args.batch < 1 or not args.lr > 0:
-        raise ConfigError(f"--steps and --batch must be >= 1 and --lr > 0, got {args.steps}, {args.batch}, {args.lr}")
+    if args.data not in _DEFAULTS:
+        raise ConfigError(f"--data '{args.data}' is not supported by 'qat'; allowed: {', '.join(_DEFAULTS)}")
+    lr0, batch0, keep0 = _DEFAULTS[args.data]
+    lr = lr0 if args.lr is None else args.lr
+    batch = batch0 if args.batch is None else args.batch
+    if args.steps < 1 or batch < 1 or not lr > 0:
+        raise ConfigError(f"--steps and --batch must be >= 1 and --lr > 0, got {args.steps}, {batch}, {lr}")
+    if args.data == "wikitext2" and (args.seq < 2 or args.eval_windows < 1):
+        raise ConfigError(f"--seq must be >= 2 and --eval-windows >= 1, got {args.seq}, {args.eval_windows}")
     out = Path(args.out)
     if not out.parent.is_dir():
         raise ConfigError(f"--out '{out}': folder '{out.parent}' does not exist")
     torch.set_num_threads(max(1, args.threads))
-    keep = tuple(k for k in args.keep_float.split(",") if k)
+    keep = tuple(k for k in (keep0 if args.keep_float is None else args.keep_float).split(",") if k)
     cfg = QATConfig(
         method=args.method,
         format=args.format,
@@ -72,14 +91,37 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
         keep_float=keep,
     )
     loaded = load_model(args.model)
-    if loaded.task != "cifar10":
-        raise ConfigError(f"model '{args.model}' has task '{loaded.task}'; 'qat' trains cifar10 classifiers only")
-    ex, ey = load_cifar10(EXACT_FILE)
-    jx, jy = load_cifar10(JPEG_FILE)
-    batches = cifar_train_batches(jx[TRAIN_FIRST:], jy[TRAIN_FIRST:], args.batch)
+    if loaded.task != args.data:
+        raise ConfigError(
+            f"model '{args.model}' has task '{loaded.task}', not '{args.data}'; 'qat' trains cifar10 classifiers "
+            "(--data cifar10) and causal LMs (--data wikitext2)"
+        )
+    metric, unit = ("top1", "%") if args.data == "cifar10" else ("ppl", "")
+    loss_fn: Any = None
+    evaluate: Callable[[torch.nn.Module], dict[str, Any]]
+    if args.data == "cifar10":
+        from .eval.cifar10 import EXACT_FILE, JPEG_FILE, load_cifar10, predict
+        from .qat_train import TRAIN_FIRST, cifar_train_batches
 
-    def evaluate(m: torch.nn.Module) -> dict[str, Any]:
-        return {"top1": round(100.0 * float((predict(m, ex) == ey).float().mean()), 2)}
+        ex, ey = load_cifar10(EXACT_FILE)
+        jx, jy = load_cifar10(JPEG_FILE)
+        batches = cifar_train_batches(jx[TRAIN_FIRST:], jy[TRAIN_FIRST:], batch)
+
+        def evaluate(m: torch.nn.Module) -> dict[str, Any]:
+            return {"top1": round(100.0 * float((predict(m, ex) == ey).float().mean()), 2)}
+
+    else:
+        from .qat_lm import causal_lm_loss, lm_perplexity, lm_train_batches, wikitext2_ids
+
+        if loaded.tokenizer is None:
+            raise ConfigError(f"--data wikitext2 needs the model's tokenizer; '{args.model}' has none")
+        batches = lm_train_batches(wikitext2_ids(loaded.tokenizer, "valid"), args.seq, batch)
+        test_ids = wikitext2_ids(loaded.tokenizer, "test")
+        loss_fn = causal_lm_loss
+
+        def evaluate(m: torch.nn.Module) -> dict[str, Any]:
+            r = lm_perplexity(m, test_ids, args.eval_windows)
+            return {"ppl": round(r["ppl"], 4), "windows": r["windows"], "tokens": r["tokens"]}
 
     say = (lambda s: None) if args.quiet else (lambda s: sys.stderr.write(s))
     t0 = time.time()
@@ -90,7 +132,7 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
         say(f"\r[{bar:<30}] {step}/{args.steps} loss {loss:.3f} {time.time() - t0:.0f}s")
 
     def on_eval(step: int, res: dict[str, Any]) -> None:
-        say(f"\nstep {step}: top-1 {res['top1']:.2f} %\n")
+        say(f"\nstep {step}: {metric} {res[metric]:.2f} {unit}\n")
 
     qat = prepare_qat(loaded.model, cfg)
     ckpt = args.checkpoint or f"{out}.ckpt"
@@ -98,44 +140,78 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
         qat,
         batches,
         steps=args.steps,
-        lr=args.lr,
+        lr=lr,
         evaluate=evaluate,
         eval_every=args.eval_every,
         checkpoint=ckpt,
         on_step=on_step,
         on_eval=on_eval,
+        loss_fn=loss_fn,
     )
     model = convert(qat)
     save_quantized(model, out, source=loaded.source)
-    qat_top1 = evaluate(model)["top1"]
+    qat_res = evaluate(model)
+    float_res = evaluate(loaded.model)
     result: dict[str, Any] = {
         "model": args.model,
+        "data": args.data,
         "method": args.method,
         "format": cfg.format,
         "act_format": cfg.act_format,
+        "keep_float": list(keep),
         "steps": state.step,
+        "lr": lr,
+        "batch": batch,
         "evals": state.evals,
-        "qat_top1": qat_top1,
-        "float_top1": evaluate(loaded.model)["top1"],
+        f"qat_{metric}": qat_res[metric],
+        f"float_{metric}": float_res[metric],
         "out": str(out),
         "checkpoint": ckpt,
     }
+    if args.data == "wikitext2":
+        result["setup"] = {
+            "train": "wikitext2/wiki.valid.tokens, random windows",
+            "seq": args.seq,
+            "test": "wikitext2/wiki.test.tokens",
+            "eval_windows": qat_res["windows"],
+            "window": 1024,
+            "tokens_scored": qat_res["tokens"],
+            "float_layers": "token embeddings, " + ", ".join(keep),
+        }
+    # PTQ at the same format leaves the same layers float (embeddings too: QAT never quantizes them)
+    skip = tuple(PatternRule(k, skip=True) for k in keep) + tuple(
+        PatternRule(n, skip=True) for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Embedding)
+    )
     _, grid = parse_format(cfg.format)
-    if grid is not None and cfg.act_format is None:
-        rule = LayerRule("statq", grid.bits, cfg.granularity, options={"format": grid.name})
-        ptq, _ = quantize_model(loaded.model, QuantConfig(rule, rules=tuple(PatternRule(k, skip=True) for k in keep)))
-        result["ptq_top1"] = evaluate(ptq)["top1"]
-    elif grid is None and cfg.act_format is None:
-        ptq, _ = quantize_model(
-            loaded.model, QuantConfig(LayerRule(cfg.format, 4), rules=tuple(PatternRule(k, skip=True) for k in keep))
+    ptq_rule = None
+    if cfg.act_format is None:
+        ptq_rule = (
+            LayerRule("statq", grid.bits, cfg.granularity, options={"format": grid.name})
+            if grid is not None
+            else LayerRule(cfg.format, 4)
         )
-        result["ptq_top1"] = evaluate(ptq)["top1"]
+    if ptq_rule is not None:
+        ptq, _ = quantize_model(loaded.model, QuantConfig(ptq_rule, rules=skip))
+        result[f"ptq_{metric}"] = evaluate(ptq)[metric]
+    if ptq_rule is not None and grid is not None and args.data == "wikitext2":
+        # the rule StatQAT's weights start from (analytic scale, Gaussian fit), as a post-training baseline
+        ana = LayerRule("statq", grid.bits, cfg.granularity, options={"format": grid.name, "rule": "analytic"})
+        ptq, _ = quantize_model(loaded.model, QuantConfig(ana, rules=skip))
+        result[f"ptq_analytic_{metric}"] = evaluate(ptq)[metric]
     if not args.json:
+        name = "top-1" if metric == "top1" else "ppl  "
         print(f"\n{args.model} {args.method} QAT, weights {cfg.format}, inputs {cfg.act_format or 'float'}:")
-        print(f"  float        top-1 {result['float_top1']:.2f} %")
-        if "ptq_top1" in result:
-            print(f"  PTQ (statq)  top-1 {result['ptq_top1']:.2f} %")
+        if args.data == "wikitext2":
+            print(
+                f"  (WikiText-2 test perplexity, {qat_res['windows']} x 1024 tokens; trained on valid, seq {args.seq};"
+                f" float: token embeddings, {', '.join(keep)})"
+            )
+        print(f"  float        {name} {result[f'float_{metric}']:.2f} {unit}")
+        if f"ptq_{metric}" in result:
+            print(f"  PTQ (statq)  {name} {result[f'ptq_{metric}']:.2f} {unit}")
+        if f"ptq_analytic_{metric}" in result:
+            print(f"  PTQ (statq, analytic rule) {name} {result[f'ptq_analytic_{metric}']:.2f} {unit}")
         else:
             print("  PTQ          not compared (post-training quantization quantizes weights only)")
-        print(f"  QAT          top-1 {qat_top1:.2f} %  -> {out}")
+        print(f"  QAT          {name} {result[f'qat_{metric}']:.2f} {unit}  -> {out}")
     return result

@@ -106,6 +106,7 @@ def train_qat(
     checkpoint_every: int = 50,
     on_step: Callable[[int, float], None] | None = None,
     on_eval: Callable[[int, dict[str, Any]], None] | None = None,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainState:
     """Train a :func:`~dfquant.qat.prepare_qat` model with Adam and a cosine learning rate
     ``lr * (1 + cos(pi t / steps)) / 2``, cross-entropy on ``batches(step)``.
@@ -119,6 +120,8 @@ def train_qat(
         checkpoint: a file to resume from when it exists, rewritten atomically every ``checkpoint_every`` steps
             (model, optimizer, step, evaluations).
         on_step / on_eval: callbacks after each step ``(step, loss)`` / each evaluation ``(step, result)``.
+        loss_fn: ``loss_fn(model, inputs, labels) -> scalar``; default cross-entropy of ``model(inputs)``
+            (a causal LM uses :func:`dfquant.qat_lm.causal_lm_loss`).
 
     Returns:
         The :class:`TrainState` at the end.
@@ -161,7 +164,7 @@ def train_qat(
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         x, y = batches(step)
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x), y) if loss_fn is None else loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -4,7 +4,7 @@ Input: a folder in the Hugging Face layout, ``*.safetensors.index.json`` (``{"me
 {tensor: shard file}}``) plus its shards, or a folder holding ``.safetensors`` files and no index (each file is a
 shard). Only the headers are read up front (:func:`read_checkpoint`, checked with the same rules as
 :func:`dfquant.io.load_quantized`: contiguous tensors covering the data exactly); a tensor's bytes are read when
-it is processed, through ``safetensors.safe_open`` (memory-mapped, one tensor copied out at a time).
+it is processed, with positioned reads of that tensor's bytes only (:class:`ShardReader`).
 
 Output: :class:`ShardWriter` appends each tensor's bytes to a scratch file as soon as it is made (so only the
 tensor in hand is in memory), then :meth:`ShardWriter.finish` writes the safetensors file: an 8-byte header
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..errors import FileFormatError, InputError
 from ..io import _ST_DTYPES, _ST_SIZES, _read_header
@@ -130,14 +129,73 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     return Checkpoint(root, shards, index)
 
 
-def read_tensor(handle: Any, key: str) -> torch.Tensor:
-    """One tensor from an open ``safe_open`` handle (memory-mapped; only this tensor is copied out)."""
+class ShardReader:
+    """Reads single tensors of one safetensors shard with positioned reads (``os.pread``).
+
+    A memory map would do the same with less code, but every page of the shard that has been read stays in the
+    process's resident set (file-backed pages count towards RSS until the kernel needs them), so a worker that
+    walks a 2 GB shard ends at 2 GB resident whatever it keeps. Positioned reads put only the current tensor's
+    bytes in the process; the page cache holds the rest outside it. The header is validated by
+    :func:`dfquant.io._read_header` (offsets inside the file, sizes matching dtypes and shapes).
+
+    Use as a context manager; :meth:`get_tensor` returns a tensor that owns its memory.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        header, _ = _read_header(self.path)
+        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._base = 8 + int.from_bytes(os.pread(self._fd, 8, 0), "little")
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` (a fresh CPU tensor of the stored dtype and shape).
+
+        Raises:
+            InputError: no such tensor, or a dtype dfquant does not read.
+            FileFormatError: the file changed or a read came back short.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            raise InputError(f"tensor '{key}' is not in '{self.path.name}'")
+        dt = str(entry["dtype"])
+        dtype = next((d for d, name in _DTYPES.items() if name == dt), None)
+        if dtype is None:
+            raise InputError(f"tensor '{key}' in '{self.path.name}' has dtype {dt}, which dfquant does not read")
+        start, end = (int(x) for x in entry["data_offsets"])
+        shape = [int(x) for x in entry["shape"]]
+        buf = bytearray(end - start)
+        view = memoryview(buf)
+        done = 0
+        while done < len(buf):
+            got = os.preadv(self._fd, [view[done:]], self._base + start + done)
+            if got <= 0:
+                raise FileFormatError(f"'{self.path}': short read of tensor '{key}' (the file changed?)")
+            done += got
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def read_tensor(handle: ShardReader, key: str) -> torch.Tensor:
+    """One tensor from an open :class:`ShardReader` (only this tensor's bytes are read into memory)."""
     return handle.get_tensor(key)
 
 
-def open_shard(path: Path) -> Any:
-    """``safe_open`` on a shard, for :func:`read_tensor`."""
-    return safe_open(str(path), framework="pt", device="cpu")
+def open_shard(path: Path) -> ShardReader:
+    """A :class:`ShardReader` on a shard, for :func:`read_tensor`."""
+    return ShardReader(path)
 
 
 class ShardWriter:
