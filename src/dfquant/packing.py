@@ -14,6 +14,9 @@ import torch
 
 from .errors import ConfigError, InputError
 
+#: Blocks of 8 codes packed per step by :func:`pack` (bounds its temporaries to a few tens of MB).
+_PACK_BLOCKS = 1 << 19
+
 
 def packed_nbytes(numel: int, bits: int) -> int:
     """Bytes of the packed stream of ``numel`` codes at ``bits`` each."""
@@ -46,14 +49,19 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise InputError(f"codes must lie in [0, {2**bits - 1}] for {bits}-bit packing, found [{lo}, {hi}]")
     if bits == 8:
         return flat.to(torch.uint8).clone()
+    # Blocks of 8 codes become `bits` bytes each, independently: pack a bounded number of blocks at a time so
+    # that the int64 working copies stay small (a 131M-code tensor would otherwise need 2 GB of temporaries).
     blocks = -(-n // 8)
-    c = torch.zeros(blocks * 8, dtype=torch.int64)
-    c[:n] = flat.to(torch.int64)
-    c = c.view(blocks, 8)
+    out = torch.empty(blocks * bits, dtype=torch.uint8)
     shifts = torch.arange(8, dtype=torch.int64) * bits
-    word = (c << shifts).sum(dim=1)  # at most 64 bits; codes occupy disjoint bit ranges
     byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    out = ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    for b0 in range(0, blocks, _PACK_BLOCKS):
+        b1 = min(blocks, b0 + _PACK_BLOCKS)
+        part = flat[b0 * 8 : min(n, b1 * 8)].to(torch.int64)
+        c = torch.zeros((b1 - b0) * 8, dtype=torch.int64)
+        c[: part.numel()] = part
+        word = (c.view(-1, 8) << shifts).sum(dim=1)  # at most 64 bits; codes occupy disjoint bit ranges
+        out[b0 * bits : b1 * bits] = ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
     return out[: packed_nbytes(n, bits)].contiguous()
 
 
@@ -77,13 +85,16 @@ def unpack(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return flat.clone()
     blocks = -(-numel // 8)
-    b = torch.zeros(blocks * bits, dtype=torch.int64)
-    b[:need] = flat.to(torch.int64)
-    b = b.view(blocks, bits)
+    codes = torch.empty(blocks * 8, dtype=torch.uint8)
     byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    word = (b << byte_shifts).sum(dim=1)
     shifts = torch.arange(8, dtype=torch.int64) * bits
-    codes = ((word[:, None] >> shifts) & (2**bits - 1)).to(torch.uint8).reshape(-1)
+    for b0 in range(0, blocks, _PACK_BLOCKS):  # bounded int64 temporaries, as in pack()
+        b1 = min(blocks, b0 + _PACK_BLOCKS)
+        part = flat[b0 * bits : min(need, b1 * bits)].to(torch.int64)
+        b = torch.zeros((b1 - b0) * bits, dtype=torch.int64)
+        b[: part.numel()] = part
+        word = (b.view(-1, bits) << byte_shifts).sum(dim=1)
+        codes[b0 * 8 : b1 * 8] = ((word[:, None] >> shifts) & (2**bits - 1)).to(torch.uint8).reshape(-1)
     return codes[:numel].contiguous()
 
 
