@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 
 import dfquant
+from bench_common import write_atomic
 from dfquant.api import quantize_model
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.eval.cifar10 import EXACT_FILE, JPEG_FILE, load_cifar10, predict
@@ -61,19 +60,6 @@ RECOMMENDED = "lloyd-optimal+iv"
 TARGETS = {
     "cifar-resnet20": {4: (91.0, 93.0), 3: (89.0, 85.0)},
 }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cell(entry: dict[str, Any] | None, key: str) -> str:

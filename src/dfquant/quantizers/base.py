@@ -234,6 +234,10 @@ def group_batches(rows: torch.Tensor, group_size: int | None) -> list[tuple[torc
 # Quantizer
 
 
+#: Values of the ``weighting`` option of rules that take importance weights.
+WEIGHTINGS = ("none", "input-variance")
+
+
 class Quantizer(ABC):
     """A named rule that fits per-group scale/offset/levels for a tensor.
 
@@ -263,6 +267,16 @@ class Quantizer(ABC):
             raise ConfigError(f"quantizer '{self.name}' got unknown option(s) {unknown}; allowed: {allowed_opts}")
         self.bits = bits
         self.options = dict(options)
+        #: ``"input-variance"``: the rule minimizes the importance-weighted error the pipeline supplies (only
+        #: for rules that set :attr:`supports_importance`, which then accept the ``weighting`` option).
+        self.weighting = "none"
+        if self.supports_importance:
+            weighting = self.options.get("weighting", "none")
+            if weighting not in WEIGHTINGS:
+                raise ConfigError(
+                    f"quantizer '{self.name}': weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}"
+                )
+            self.weighting = str(weighting)
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in sorted(self.options.items()))
@@ -281,8 +295,9 @@ class Quantizer(ABC):
     @property
     def wants_importance(self) -> bool:
         """Whether this configured rule asks the pipeline for importance weights of the weight's elements
-        (:func:`dfquant.api.quantize_model` supplies them where the layer's input statistics are known)."""
-        return False
+        (:func:`dfquant.api.quantize_model` supplies them where the layer's input statistics are known): rules
+        that support them, configured with ``weighting="input-variance"``."""
+        return self.supports_importance and self.weighting != "none"
 
     @property
     def grid(self) -> Grid | None:

@@ -51,7 +51,7 @@ import torch
 
 from ..errors import ConfigError
 from ..lloyd_max import lloyd_empirical
-from .base import QParams, Quantizer, constant_groups
+from .base import WEIGHTINGS, QParams, Quantizer, constant_groups
 from .lloyd import LloydEmpirical, group_sq_error, prefix_sums
 from .registry import register
 
@@ -61,8 +61,6 @@ __all__ = ["WEIGHTINGS", "LloydOptimal", "optimal_levels"]
 BLOCK_ELEMS = 1 << 18
 #: Largest ``L * a`` (levels times atoms) solved per group: 16 levels over 4096 atoms, 256 over 256.
 WORK_PER_GROUP = 1 << 16
-#: Values of the ``weighting`` option.
-WEIGHTINGS = ("none", "input-variance")
 
 
 def _atoms(xs: torch.Tensor, w: torch.Tensor, max_atoms: int) -> tuple[torch.Tensor, ...]:
@@ -324,17 +322,6 @@ class LloydOptimal(Quantizer):
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
             raise ConfigError(f"quantizer '{self.name}': iters must be an integer >= 0, got {iters!r}")
         self.iters = iters
-        weighting = self.options.get("weighting", "none")
-        if weighting not in WEIGHTINGS:
-            raise ConfigError(
-                f"quantizer '{self.name}': weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}"
-            )
-        self.weighting = str(weighting)
-
-    @property
-    def wants_importance(self) -> bool:
-        """True with ``weighting="input-variance"``."""
-        return self.weighting != "none"
 
     def fit(self, x: torch.Tensor) -> QParams:
         """Fit ``m`` groups ``(m, n)``: the optimal levels, around the mid range in half-range units."""

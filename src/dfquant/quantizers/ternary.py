@@ -21,6 +21,7 @@ quantization commutes with BatchNorm folding (DF-MPC relies on it).
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -81,20 +82,7 @@ class CodeRule(Quantizer):
         for batch, cols in group_batches(rows, split):
             assigned = self.assign(batch.contiguous()).to(torch.uint8)
             codes[:, cols] = assigned.reshape(R, cols.stop - cols.start)
-        return QTensor(
-            codes=codes,
-            scale=qt.scale,
-            offset=qt.offset,
-            levels=qt.levels,
-            bits=qt.bits,
-            shape=qt.shape,
-            granularity=gran,
-            dtype=qt.dtype,
-            quantizer=qt.quantizer,
-            grid=qt.grid,
-            info=qt.info,
-            table_index=qt.table_index,
-        )
+        return replace(qt, codes=codes, granularity=gran)
 
 
 @register

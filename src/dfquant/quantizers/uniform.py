@@ -25,7 +25,6 @@ from ..distributions import absmax_expected_mse, cell_mse, optimal_scale
 from ..errors import ConfigError
 from ..grids import INT_FAMILIES, Grid, make_grid
 from .base import QParams, Quantizer, constant_groups
-from .optimal import WEIGHTINGS
 from .registry import register
 
 
@@ -112,15 +111,6 @@ class MSEClip(UniformRule):
             self._grid = make_grid("nf4")
         else:
             super().__init__(bits, **options)
-        weighting = self.options.get("weighting", "none")
-        if weighting not in WEIGHTINGS:
-            raise ConfigError(f"quantizer 'mse': weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-        self.weighting = str(weighting)
-
-    @property
-    def wants_importance(self) -> bool:
-        """True with ``weighting="input-variance"``."""
-        return self.weighting != "none"
 
     def fit(self, x: torch.Tensor) -> QParams:
         return self._fit(x, None)
