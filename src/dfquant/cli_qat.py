@@ -39,6 +39,13 @@ def add_command(sub: Any) -> None:
     p.add_argument("--format", required=True, help="weight format: int2, int4, fp4, nf4, mxfp4, nvfp4, grid names")
     p.add_argument("--act-format", help="input format of every quantized layer (default: inputs stay float)")
     p.add_argument("--method", default="statq", choices=["statq", "minmax", "lsq"])
+    p.add_argument(
+        "--weight-rule",
+        default="analytic",
+        choices=["analytic", "iterative"],
+        help="statq weight scales: analytic (sigma x optimal clip, each step) or iterative (from the PTQ scale, "
+        "one least-squares step per training step)",
+    )
     p.add_argument("--data", default="cifar10", help="training task: cifar10 or wikitext2")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--lr", type=float, help="peak Adam learning rate, cosine schedule (cifar10 5e-4, wikitext2 2e-5)")
@@ -89,6 +96,7 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
         granularity=args.granularity,
         act_format=args.act_format,
         keep_float=keep,
+        weight_rule=args.weight_rule,
     )
     loaded = load_model(args.model)
     if loaded.task != args.data:
@@ -156,6 +164,7 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "data": args.data,
         "method": args.method,
+        "weight_rule": cfg.weight_rule,
         "format": cfg.format,
         "act_format": cfg.act_format,
         "keep_float": list(keep),

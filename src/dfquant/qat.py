@@ -71,6 +71,7 @@ from .quantizers.statq import round_to_grid
 __all__ = [
     "ALIASES",
     "METHODS",
+    "WEIGHT_RULES",
     "ActFakeQuant",
     "QATConfig",
     "QATLayer",
@@ -82,6 +83,8 @@ __all__ = [
 ]
 
 METHODS = ("statq", "minmax", "lsq")
+#: Weight-scale rules of the ``statq`` method.
+WEIGHT_RULES = ("analytic", "iterative")
 #: Short format names accepted besides grid names.
 ALIASES = {"fp4": "fp4_e2m1", "fp6": "fp6_e2m3", "fp8": "fp8_e4m3", "int2": "int2-mr", "int3": "int3-mr"}
 _KINDS = ("linear", "conv1d", "conv2d")
@@ -116,6 +119,8 @@ class QATConfig:
         granularity: weight scales: ``channel`` (default) or ``group:G`` (block formats fix their own blocks).
         act_format: the input format of every quantized layer, or None (inputs stay float).
         dist: the source the analytic weight rule assumes, ``gaussian`` (default) or ``laplace``.
+        weight_rule: ``statq`` weights: ``analytic`` (default, the scale from sigma each step) or ``iterative``
+            (warm-started from the post-training scale, one least-squares step per training forward).
         act_momentum: weight of the newest batch in the running input scale.
         keep_float: globs of layer names left float (for example the first convolution and the classifier).
         fold_bn: fold BatchNorms into the layer before them first (default True).
@@ -126,6 +131,7 @@ class QATConfig:
     granularity: str = "channel"
     act_format: str | None = None
     dist: str = "gaussian"
+    weight_rule: str = "analytic"
     act_momentum: float = 0.1
     keep_float: tuple[str, ...] = field(default_factory=tuple)
     fold_bn: bool = True
@@ -138,6 +144,16 @@ class QATConfig:
             parse_format(self.act_format, "act_format")
         if self.dist not in ("gaussian", "laplace"):
             raise ConfigError(f"dist must be 'gaussian' or 'laplace', got '{self.dist}'")
+        if self.weight_rule not in WEIGHT_RULES:
+            raise ConfigError(f"weight_rule must be one of {', '.join(WEIGHT_RULES)}, got '{self.weight_rule}'")
+        if self.weight_rule == "iterative" and self.method != "statq":
+            raise ConfigError(f"weight_rule 'iterative' is a statq rule; method '{self.method}' has its own scales")
+        if self.weight_rule == "iterative":
+            _, grid = parse_format(self.format)
+            if grid is None or grid.family == "uint":
+                raise ConfigError(
+                    f"weight_rule 'iterative' needs a symmetric grid (int, int-mr, fp, nf4), got '{self.format}'"
+                )
         if not 0 < self.act_momentum <= 1:
             raise ConfigError(f"act_momentum must be in (0, 1], got {self.act_momentum}")
         Granularity.parse(self.granularity)
@@ -192,10 +208,12 @@ class WeightFakeQuant(nn.Module):
         fmt: the format name (:func:`parse_format`).
         granularity: ``channel`` or ``group:G`` (block formats use their own blocks).
         dist: the analytic rule's source.
-        init: the weight, to initialise LSQ's step sizes.
+        init: the weight, to initialise LSQ's step sizes and the iterative rule's scales.
+        weight_rule: ``analytic`` or ``iterative`` (``statq`` only; see the module docstring).
     """
 
     levels: torch.Tensor
+    wscale: torch.Tensor | None
 
     def __init__(
         self,
@@ -205,6 +223,7 @@ class WeightFakeQuant(nn.Module):
         granularity: str,
         dist: str,
         init: torch.Tensor,
+        weight_rule: str = "analytic",
     ) -> None:
         super().__init__()
         self.method = method
@@ -231,6 +250,14 @@ class WeightFakeQuant(nn.Module):
             groups, _ = self._groups(rows)
             s0 = 2 * groups.abs().sum(dim=1) / self._counts(rows.shape[0]) / math.sqrt(self.ymax)
             self.step = nn.Parameter(s0.clamp(min=1e-8))
+        self.iterative = method == "statq" and weight_rule == "iterative" and not self.block
+        self.register_buffer("wscale", None)
+        if self.iterative:
+            from .quantizers import get_quantizer
+
+            ptq = get_quantizer("statq", self.grid.bits, format=self.grid.name, rule="iterative")
+            qt = ptq.quantize(init.detach().to(torch.float32), str(self.gran))
+            self.wscale = qt.scale.to(torch.float32).reshape(-1).clone()
 
     def _groups(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``(R * ngr, glen)`` groups (zero-padded tail) and the padding."""
@@ -258,7 +285,12 @@ class WeightFakeQuant(nn.Module):
                 s = block_scales(groups, self.fmt, tensor_scale=g)
                 ss = s * g
             else:
-                if self.method == "statq":
+                if self.iterative:
+                    assert self.wscale is not None
+                    if self.training and torch.is_grad_enabled():
+                        self.wscale.copy_(self._ls_step(groups, self.wscale))
+                    s = self.wscale.clone()
+                elif self.method == "statq":
                     sigma = (groups * groups).sum(dim=1).div(self._counts(rows.shape[0])).sqrt()
                     s = sigma * self.clip_ratio
                 elif self.method == "minmax":
@@ -271,6 +303,15 @@ class WeightFakeQuant(nn.Module):
             q = round_to_levels(groups / safe, self.levels)
             q = torch.where(ss[:, None] > 0, q, torch.zeros_like(q))
         return q, s, g
+
+    def _ls_step(self, groups: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """One step of the iterative rule per group: ``q = round(w / s)``, ``s <- <w, q> / <q, q>`` (a group
+        whose codes are all zero keeps its scale)."""
+        safe = torch.where(s > 0, s, torch.ones_like(s))[:, None]
+        q = round_to_levels(groups / safe, self.levels)
+        qq = (q * q).sum(dim=1)
+        s_ls = (groups * q).sum(dim=1) / torch.where(qq > 0, qq, torch.ones_like(qq))
+        return torch.where((qq > 0) & (s_ls > 0), s_ls, s)
 
     def _to_weight(self, groups_vals: torch.Tensor, R: int) -> torch.Tensor:
         vals = groups_vals.reshape(R, self.ngr * self.glen)[:, : self.n]
@@ -318,7 +359,8 @@ class WeightFakeQuant(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"{self.method}, {self.fmt}, {self.gran}"
+        rule = ", iterative" if self.iterative else ""
+        return f"{self.method}{rule}, {self.fmt}, {self.gran}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -446,7 +488,9 @@ class QATLayer(nn.Module):
         self.kind = kind
         self.layer = layer
         w = oriented_weight(layer)
-        self.wq = WeightFakeQuant(tuple(w.shape), config.method, config.format, config.granularity, config.dist, w)
+        self.wq = WeightFakeQuant(
+            tuple(w.shape), config.method, config.format, config.granularity, config.dist, w, config.weight_rule
+        )
         axis = 1 if kind in ("conv1d", "conv2d") else -1
         self.aq = (
             ActFakeQuant(config.method, config.act_format, axis, config.act_momentum)
@@ -471,7 +515,8 @@ class QATLayer(nn.Module):
             qt = self.wq.qtensor(oriented_weight(self.layer).detach())
         options: dict[str, Any] = {"format": self.wq.fmt, "qat": self.wq.method}
         if not self.wq.block:
-            options["rule"] = "analytic" if self.wq.method == "statq" else self.wq.method
+            rule = "iterative" if self.wq.iterative else "analytic"
+            options["rule"] = rule if self.wq.method == "statq" else self.wq.method
         mod = QuantModule.from_float(self.layer, [QuantTerm.from_qtensor(qt, options=options)])
         if self.aq is not None:
             mod.input_quant = self.aq.export()

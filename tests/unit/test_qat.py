@@ -15,6 +15,7 @@ from dfquant.io import load_quantized, read_manifest, save_quantized
 from dfquant.nn import ActQuant, QuantModule
 from dfquant.qat import ActFakeQuant, QATConfig, QATLayer, WeightFakeQuant, convert, prepare_qat
 from dfquant.qat_train import train_qat
+from dfquant.quantizers.blockscaled import round_to_levels
 
 
 def _net() -> nn.Module:
@@ -111,6 +112,47 @@ def test_trained_model_converts_saves_reloads_identically(method: str, fmt: str,
         assert torch.equal(loaded(x), fake)
 
 
+@pytest.mark.parametrize("gran", ["channel", "group:16"])
+def test_iterative_weight_rule_starts_at_ptq_and_takes_least_squares_steps(gran: str, tmp_path: Path) -> None:
+    from dfquant.api import quantize_model
+    from dfquant.config import LayerRule, QuantConfig
+
+    x, y = _data()
+    net = _net()
+    qat = prepare_qat(net, QATConfig(format="int3", granularity=gran, weight_rule="iterative")).eval()
+    rule = LayerRule("statq", 3, gran, options={"format": "int3-mr"})
+    ptq, _ = quantize_model(net, QuantConfig(rule, bias_correction=False))
+    with torch.no_grad():
+        assert torch.equal(qat(x), ptq(x))  # the start is the post-training result, exactly
+    # one training forward = one step s <- <w, q> / <q, q>, which never raises a group's squared error
+    wq = qat[6].wq
+    w = qat[6].layer.weight.detach()
+    rows = w.reshape(-1, wq.glen)
+    s0 = wq.wscale.clone()
+
+    def sq_err(s: torch.Tensor) -> torch.Tensor:
+        q = round_to_levels(rows / s[:, None], wq.levels)
+        return ((rows - q * s[:, None]) ** 2).sum(dim=1)
+
+    qat.train()
+    qat(x).sum().backward()
+    q0 = round_to_levels(rows / s0[:, None], wq.levels)
+    expect = (rows * q0).sum(dim=1) / (q0 * q0).sum(dim=1)
+    torch.testing.assert_close(wq.wscale, expect)
+    assert bool((sq_err(wq.wscale) <= sq_err(s0) + 1e-12).all())
+    # trained: converts, saves and reloads to the same outputs; the manifest names the rule
+    train_qat(qat, lambda step: (x, y), steps=3, lr=1e-2)
+    conv = convert(qat)
+    with torch.no_grad():
+        fake = qat(x)
+        assert torch.equal(conv(x), fake)
+    path = save_quantized(conv, tmp_path / "it.safetensors", source={"toy": 1})
+    assert read_manifest(path)["layers"]["6"]["terms"][0]["options"]["rule"] == "iterative"
+    loaded, _ = load_quantized(path, build=lambda src: _net())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fake)
+
+
 def test_files_without_input_quantizers_have_no_new_key(tmp_path: Path) -> None:
     from dfquant.api import quantize_model
 
@@ -152,6 +194,12 @@ def test_bad_configs_name_the_value() -> None:
         QATConfig(method="adam")
     with pytest.raises(ModelError, match="keep_float"):
         prepare_qat(_net(), QATConfig(keep_float=("*",)))
+    with pytest.raises(ConfigError, match="'newton'"):
+        QATConfig(weight_rule="newton")
+    with pytest.raises(ConfigError, match="'lsq'"):
+        QATConfig(method="lsq", weight_rule="iterative")
+    with pytest.raises(ConfigError, match="'uint4'"):
+        QATConfig(format="uint4", weight_rule="iterative")
     with pytest.raises(ModelError, match="LayerNorm"):
         QATLayer(nn.LayerNorm(4), QATConfig())
     with pytest.raises(ModelError, match="prepare_qat"):
