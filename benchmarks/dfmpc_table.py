@@ -1,19 +1,22 @@
 """DF-MPC on CIFAR-10 ResNet-20 and ResNet-32: mixed precision with and without compensation, against plain W4.
 
 For each model: float; MP2/6 (ternary low layers, minmax 6-bit elsewhere) without compensation and with it
-under each BatchNorm-statistics rule, bias correction on and off; the same with a 4-level 2-bit low rule
-(``mse``, mid-rise grid); MP3/6 (``mse`` and ``dorefa`` 3-bit low layers) likewise; plain W4 per channel
-(``minmax`` and ``mse``) at a similar size. Columns: top-1 on the 1017 exact test images, top-1 agreement with
-the float model on the 10,000-image JPEG copy (for the float model, the no-compensation and default DF-MPC
-rows of MP2/6 ternary and MP3/6 mse, and W4 minmax: a 10,000-image pass costs about a minute on one thread),
-the file size in bytes and the bits per quantized weight.
+under each BatchNorm-statistics rule, bias correction on and off; the same with 4-level 2-bit low rules
+(``mse`` on the mid-rise grid; ``lloyd-optimal``, the exact 4-level per-channel codebook, plain and with each
+weight's error weighted by its input channel's variance from the previous BatchNorm, ``+iv``); MP3/6 (``mse``
+and ``dorefa`` 3-bit low layers) likewise; plain W4 per channel (``minmax`` and ``mse``) at a similar size.
+Columns: top-1 on the 1017 exact test images, top-1 agreement with the float model on the 10,000-image JPEG
+copy (for the float model, the no-compensation and default DF-MPC rows of MP2/6 ternary, MP2/6
+lloyd-optimal+iv and MP3/6 mse, and W4 minmax: a 10,000-image pass costs about a minute on one thread), the
+file size in bytes and the bits per quantized weight.
 
 Layers outside a pair (the stem ``conv1`` and the final ``linear``; the option-A shortcuts have no weights)
 get the high rule (6 bits): they are not followed by a layer that could compensate them, and the stem reads
 the image directly.
 
 Usage:
-    python benchmarks/dfmpc_table.py [--models 20,32] [--no-agreement] [--json out.json]
+    python benchmarks/dfmpc_table.py [--models 20,32] [--lows "MP2/6 ternary,MP3/6 mse"] [--no-agreement]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ HIGH = LayerRule("minmax", 6)
 LOWS = {
     "MP2/6 ternary": LayerRule("ternary", 2),
     "MP2/6 mse-4lvl": LayerRule("mse", 2),
+    "MP2/6 lloyd-optimal": LayerRule("lloyd-optimal", 2),
+    "MP2/6 lloyd-optimal+iv": LayerRule("lloyd-optimal", 2, options={"weighting": "input-variance"}),
     "MP3/6 mse": LayerRule("mse", 3),
     "MP3/6 dorefa": LayerRule("dorefa", 3),
 }
@@ -62,7 +67,7 @@ def _row(
     return row
 
 
-def run(depth: int, agreement: bool) -> list[dict[str, Any]]:
+def run(depth: int, agreement: bool, lows: dict[str, LayerRule] = LOWS) -> list[dict[str, Any]]:
     loaded = load_model(f"cifar-resnet{depth}")
     model = loaded.model.eval()
     data: dict[str, Any] = {"exact": load_cifar10(EXACT_FILE), "jpeg": None}
@@ -71,12 +76,12 @@ def run(depth: int, agreement: bool) -> list[dict[str, Any]]:
         data["float_jpeg"] = predict(model, data["jpeg"])
     rows = [_row("float", model, loaded, data)]
     rows[0]["bits_per_weight"] = 32.0
-    lows = [p.low for p in find_compensation_pairs(model)]
-    for label, low in LOWS.items():
+    low_layers = [p.low for p in find_compensation_pairs(model)]
+    for label, low in lows.items():
         for bc in (True, False):
             tag = "BC on" if bc else "BC off"
-            q, rep = quantize_model(model, dfmpc_config(lows, low, HIGH, bias_correction=bc))
-            key = label.startswith(("MP2/6 ternary", "MP3/6 mse")) and bc
+            q, rep = quantize_model(model, dfmpc_config(low_layers, low, HIGH, bias_correction=bc))
+            key = label in ("MP2/6 ternary", "MP2/6 lloyd-optimal+iv", "MP3/6 mse") and bc
             rows.append(_row(f"{label}, no compensation, {tag}", q, loaded, data, rep, agree=key))
             for stats in ("float", "projection", "moments"):
                 q, rep, drep = compensate_model(model, low=low, high=HIGH, stats=stats, bias_correction=bc)
@@ -96,12 +101,19 @@ def main() -> None:
     ap.add_argument("--models", default="20,32")
     ap.add_argument("--no-agreement", action="store_true", help="skip the 10,000-image JPEG agreement")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--lows", help=f"comma-separated low rules to run (default all: {'; '.join(LOWS)})")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out: dict[str, Any] = {}
     for depth in (int(d) for d in args.models.split(",")):
         t0 = time.time()
-        rows = run(depth, not args.no_agreement)
+        lows = LOWS
+        if args.lows:
+            unknown = [k for k in args.lows.split(",") if k not in LOWS]
+            if unknown:
+                ap.error(f"unknown --lows {unknown}; allowed: {', '.join(LOWS)}")
+            lows = {k: LOWS[k] for k in args.lows.split(",")}
+        rows = run(depth, not args.no_agreement, lows)
         out[f"resnet{depth}"] = rows
         print(f"\nResNet-{depth} ({time.time() - t0:.0f} s)")
         print("| config | top-1 exact (%) | agreement 10k (%) | file bytes | bits/weight | mean c |")

@@ -7,8 +7,11 @@ MODEL is ``minilm`` (STS-B test, 1379 pairs) or ``smollm2-135m`` (WikiText-2 tes
 tokens). Variants: ``plain`` (minmax W3 per channel), ``clip-sign`` (the outlier mode: bulk fitted with the
 0.2 % largest weights clipped, one magnitude per sign), ``clip-row`` (one magnitude per output channel),
 ``plain-sign`` (bulk = plain W3, residual on the same positions), ``mse`` (plain with the MSE-clipping rule),
-``mse-clip-sign`` (the outlier mode over the mse rule). The gap closed is
-``(q_outliers - q_plain) / (float - q_plain)``.
+``mse-clip-sign`` (the outlier mode over the mse rule), ``lloyd`` / ``lloyd-clip-sign`` / ``lloyd-clip-row`` (the
+same over ``lloyd-empirical``, a per-channel 2^B-level codebook). The gap closed is
+``(q_outliers - q_plain) / (float - q_plain)`` against the ``plain`` row, and for each variant ``X-clip-*``
+also against its own bulk ``X`` (``gap_closed_own``); for perplexity it is also given on log-perplexity
+(``gap_closed_log``), the scale on which a model that is broken by millions still counts as broken.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import time
 
 import torch
@@ -33,6 +37,9 @@ VARIANTS = {
     "plain-sign": ("minmax", 0.002, "plain", "sign"),
     "mse": ("mse", 0.0, "clip", "sign"),
     "mse-clip-sign": ("mse", 0.002, "clip", "sign"),
+    "lloyd": ("lloyd-empirical", 0.0, "clip", "sign"),
+    "lloyd-clip-sign": ("lloyd-empirical", 0.002, "clip", "sign"),
+    "lloyd-clip-row": ("lloyd-empirical", 0.002, "clip", "row"),
 }
 
 
@@ -75,12 +82,26 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), f"({time.time() - t0:.0f} s)", flush=True)
-    plain = next((r[key] for r in rows if r["variant"] == "plain"), None)
-    if plain is not None:
-        for r in rows:
-            r["gap_closed"] = (r[key] - plain) / (fl - plain) if fl != plain else float("nan")
-            bpw, gap = r["bits_per_weight"], r["gap_closed"]
-            print(f"{r['variant']:<14} {key} {r[key]:.3f}  bits/w {bpw:.3f}  gap closed {gap:.2f}")
+    by_name = {r["variant"]: r for r in rows}
+
+    def closed(q: float, ref: float, log: bool) -> float:
+        f = (lambda v: math.log(v)) if log else (lambda v: v)
+        return (f(q) - f(ref)) / (f(fl) - f(ref)) if f(fl) != f(ref) else float("nan")
+
+    for r in rows:
+        name = r["variant"]
+        own = "plain" if name.startswith("clip-") or name == "plain-sign" else name.rsplit("-clip-", 1)[0]
+        refs = {"gap_closed": by_name.get("plain"), "gap_closed_own": by_name.get(own) if own != name else None}
+        line = f"{name:<16} {key} {r[key]:.3f}  bits/w {r['bits_per_weight']:.3f}"
+        for field, ref in refs.items():
+            if ref is None:
+                continue
+            r[field] = closed(r[key], ref[key], log=False)
+            line += f"  {field} {r[field]:.2f}"
+            if key == "ppl":
+                r[field + "_log"] = closed(r[key], ref[key], log=True)
+                line += f" (log {r[field + '_log']:.2f})"
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "task": task, "limit": limit, "float": fl, "rows": rows}, f, indent=1)
