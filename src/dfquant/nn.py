@@ -18,9 +18,9 @@ run along the embedding dimension, the same layout as a ``Linear`` output head t
 Memory: by default a layer keeps its dequantized weight after the first forward (``cache_weight=True``), which
 makes later forwards as fast as the float layer but costs the float weight's memory again (32 bits per weight
 for float32) on top of the packed codes. With ``cache_weight=False`` each forward unpacks and decodes the
-terms (slower, only the transient weight in memory). The cache is dropped whenever the terms change (loading a
-state dict, :meth:`QuantModule.add_term`, moving the module with ``.to()``), or by
-:meth:`QuantModule.clear_cache`.
+terms (slower, only the transient weight in memory; an embedding decodes only the rows it looks up). The
+cache is dropped whenever the terms change (loading a state dict, :meth:`QuantModule.add_term`, moving the
+module with ``.to()``), or by :meth:`QuantModule.clear_cache`.
 
 Example:
     >>> import torch
@@ -44,7 +44,7 @@ from torch import nn
 
 from .errors import ConfigError, InputError
 from .packing import pack, packed_nbytes, unpack
-from .quantizers.base import SCALE_DTYPES, Granularity, QTensor
+from .quantizers.base import SCALE_DTYPES, Granularity, QTensor, from_rows
 
 __all__ = [
     "DTYPES",
@@ -326,7 +326,7 @@ class QuantTerm(nn.Module):
         """Unpack into a :class:`QTensor` (codes ``(rows, cols)`` uint8) whose ``dequantize`` gives
         ``dtype``."""
         rows, cols, _ = term_layout(self.shape, self.granularity)
-        codes = unpack(self.packed.cpu(), self.bits, self.numel).view(rows, cols).to(self.scale.device)
+        codes = unpack(self.packed, self.bits, self.numel).view(rows, cols).to(self.scale.device)
         return QTensor(
             codes=codes,
             scale=self.scale,
@@ -342,8 +342,72 @@ class QuantTerm(nn.Module):
         )
 
     def dequantize(self) -> torch.Tensor:
-        """The term's values, float32, in its own shape (``levels[table][code] * scale + offset``)."""
-        return self.to_qtensor(torch.float32).dequantize(torch.float32)
+        """The term's values, float32, in its own shape (``levels[table][code] * scale + offset``).
+
+        Decoded straight from the packed codes (:func:`decode_codes`), bit for bit the values of
+        ``to_qtensor().dequantize(torch.float32)``.
+        """
+        return self._decode(from_zero=False)
+
+    def _decode(self, *, from_zero: bool) -> torch.Tensor:
+        """:meth:`dequantize`, or ``0 + dequantize()`` (``from_zero``: the first step of a sum started from a
+        zero tensor, which turns ``-0.0`` into ``+0.0``), applied to the decode table instead of the values."""
+        gran = Granularity.parse(self.granularity)
+        rows, cols, _ = term_layout(self.shape, gran)
+        codes = unpack(self.packed, self.bits, self.numel).view(rows, cols).to(self.scale.device)
+        vals = decode_codes(
+            codes,
+            self.scale,
+            self.offset,
+            self.levels,
+            self.table_indices(),
+            gran.group_size or cols,
+            from_zero=from_zero,
+        )
+        return from_rows(vals, self.shape, gran)
+
+    def dequantize_rows(self, rows: torch.Tensor, *, from_zero: bool = False) -> torch.Tensor | None:
+        """``dequantize()[rows]`` without decoding the other rows: float32 ``(k, *shape[1:])`` for int64
+        indices ``rows`` ``(k,)`` along axis 0 (in range; any order, repeats allowed).
+
+        Exact (same values bit for bit) because every element decodes on its own,
+        ``levels[table[r, g]][code] * scale[r, g] + offset[r, g]``, with the parameters of its group: for
+        ``channel`` / ``group:G`` granularity along axis 0 a row of the tensor is a row of groups, so the
+        selected rows' codes, scales, offsets and table indices are decoded as a smaller term; for ``tensor``
+        granularity every row uses the single group's parameters. When ``cols * bits`` is a multiple of 8 each
+        row's codes are whole bytes of the stream and only the selected rows are unpacked, else all codes are
+        unpacked (not decoded). ``from_zero``: as in :meth:`_decode`.
+
+        Returns:
+            The rows' values, or None for a granularity whose rows do not run along axis 0 (``channel:1``,
+            ``group:G:1``, ...), which only a full :meth:`dequantize` decodes.
+        """
+        gran = Granularity.parse(self.granularity)
+        if not self.shape or (gran.kind != "tensor" and gran.axis != 0):
+            return None
+        n0 = self.shape[0]
+        cols = self.numel // n0
+        rows = rows.to(device=self.packed.device, dtype=torch.int64).reshape(-1)
+        k = rows.numel()
+        if cols * self.bits % 8 == 0:
+            row_bytes = self.packed.view(n0, cols * self.bits // 8).index_select(0, rows)
+            codes = unpack(row_bytes, self.bits, k * cols).view(k, cols)
+        else:
+            codes = unpack(self.packed, self.bits, self.numel).view(n0, cols).index_select(0, rows)
+        codes = codes.to(self.scale.device)
+        idx = self.table_indices()
+        if gran.kind == "tensor":  # one group: every row of the tensor uses its parameters
+            scale, offset = self.scale.expand(k, 1), None if self.offset is None else self.offset.expand(k, 1)
+            table = None if idx is None else idx.expand(k, 1)
+            group_len = cols
+        else:
+            at = rows.to(self.scale.device)
+            scale = self.scale.index_select(0, at)
+            offset = None if self.offset is None else self.offset.index_select(0, at)
+            table = None if idx is None else idx.index_select(0, at)
+            group_len = gran.group_size or cols
+        vals = decode_codes(codes, scale, offset, self.levels, table, group_len, from_zero=from_zero)
+        return vals.reshape(k, *self.shape[1:])
 
     def add_to(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` (float32, oriented) plus this term (scattered into its channels for a subset term)."""
@@ -492,6 +556,90 @@ class QuantTerm(nn.Module):
         sub = f", channels={self.channels.numel()}" if self.channels is not None else ""
         tables = f", tables={self.num_tables}" if self.levels.dim() > 1 else ""
         return f"{self.quantizer}, bits={self.bits}, shape={self.shape}, granularity={self.granularity}{tables}{sub}"
+
+
+#: Largest decode table (``rows * groups * L`` entries) indexed with int32 rather than int64 offsets.
+_INT32_INDEX_LIMIT = 2**31 - 1
+#: :func:`decode_codes` builds the per-group decode table when it has at most this many entries per code
+#: (``L <= ratio * group_len``; measured on one CPU core: the table is faster for ``group_len >= 3L``, the
+#: direct gather for ``group_len <= 2L``).
+_TABLE_RATIO = 0.5
+
+
+def decode_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    levels: torch.Tensor,
+    table_index: torch.Tensor | None,
+    group_len: int,
+    *,
+    from_zero: bool = False,
+) -> torch.Tensor:
+    """Decode ``(R, n)`` uint8 codes in groups of ``group_len``: float32 ``(R, n)`` values
+    ``x[r, j] = levels[t[r, g]][code[r, j]] * scale[r, g] + offset[r, g]`` with ``g = j // group_len``.
+
+    Bit for bit :meth:`QTensor.dequantize` (float32 math, the product rounded, then the sum), computed in one of
+    two orders chosen by size, both evaluating exactly that expression for every element:
+
+    * ``2 L <= group_len`` (codes outnumber levels, the usual case: 16 levels, groups of 64): the decode table
+      ``D[r, g, c] = levels[t[r, g]][c] * scale[r, g] + offset[r, g]`` of ``R * groups * L`` entries, then one
+      gather ``x[r, j] = D[r, g, code[r, j]]`` through int32 offsets ``(r * groups + g) * L + code``;
+    * else: gather ``levels[t[r, g]][code]`` (offsets ``t * L + code``), then scale and shift in place.
+
+    Args:
+        codes: uint8 ``(R, n)``. scale, offset: ``(R, groups)`` in any float dtype (read as float32); offset
+            None means zero. levels: float32 ``(L,)`` or stacked ``(T, L)``. table_index: ``(R, groups)``
+            integer table of each group (stacked levels only).
+        group_len: elements per group (the last group of a row may be shorter: ``groups * group_len >= n``).
+        from_zero: return ``0.0 + x`` (what a sum started from a zero tensor holds after this term: ``-0.0``
+            becomes ``+0.0``), added to the table rather than to the values.
+
+    Raises:
+        InputError: stacked levels without a table index.
+    """
+    R, n = codes.shape
+    ngr = scale.shape[1]
+    L = int(levels.shape[-1])
+    lv = levels.to(torch.float32)
+    s = scale.to(torch.float32)[..., None]
+    off = None if offset is None else offset.to(torch.float32)[..., None]
+    if lv.dim() > 1 and table_index is None:
+        raise InputError("stacked level tables need a table index")
+    pad = ngr * group_len - n
+    if pad:
+        codes = F.pad(codes, (0, pad))
+    codes = codes.reshape(R, ngr, group_len)
+    # Offsets are built as codes.to(int) followed by an in-place add of the per-group base: a mixed-dtype
+    # broadcast add (uint8 + int32) takes a slow non-vectorized path, several times the cost of the two steps.
+    if L / group_len <= _TABLE_RATIO:
+        if lv.dim() == 1:
+            table = lv
+        else:
+            tix = cast(torch.Tensor, table_index).to(device=lv.device, dtype=torch.int64).reshape(-1)
+            table = lv.index_select(0, tix).view(R, ngr, L)
+        dec = table * s  # (R, ngr, L)
+        if off is not None:
+            dec = dec + off
+        if from_zero:
+            dec = dec + 0.0
+        itype = torch.int32 if dec.numel() <= _INT32_INDEX_LIMIT else torch.int64
+        base = torch.arange(R * ngr, dtype=itype, device=codes.device).view(R, ngr, 1) * L
+        idx = codes.to(itype).add_(base)
+        vals = dec.reshape(-1).index_select(0, idx.view(-1))
+    else:
+        itype = torch.int32 if lv.numel() <= _INT32_INDEX_LIMIT else torch.int64
+        idx = codes.to(itype)
+        if lv.dim() > 1:
+            idx.add_((cast(torch.Tensor, table_index).to(itype) * L)[..., None])
+        vals = lv.reshape(-1).index_select(0, idx.view(-1)).view(R, ngr, group_len)
+        vals.mul_(s)
+        if off is not None:
+            vals.add_(off)
+        if from_zero:
+            vals.add_(0.0)
+    vals = vals.view(R, ngr * group_len)
+    return vals[:, :n] if pad else vals
 
 
 def _store_index(index: torch.Tensor, tables: int) -> torch.Tensor:
@@ -682,15 +830,79 @@ class QuantModule(nn.Module):
         self.__dict__.pop("_order_cache", None)
 
     def dequantize_weight(self) -> torch.Tensor:
-        """``sum_k term_k`` in oriented layout, summed in float32 in term order, then cast to
-        :attr:`dtype`."""
+        """``sum_k term_k`` in oriented layout, summed in float32 in term order starting from zero, then cast
+        to :attr:`dtype`.
+
+        A first term covering every channel is decoded straight into the sum as ``0.0 + term`` (no zero
+        tensor, no extra pass; same values bit for bit).
+        """
         terms = self.quant_terms
         device = terms[0].scale.device if terms else torch.device("cpu")
-        w = torch.zeros(self.weight_shape, dtype=torch.float32, device=device)
+        if terms and terms[0].channels is None:
+            w = terms[0]._decode(from_zero=True).contiguous()
+            terms = terms[1:]
+        else:
+            w = torch.zeros(self.weight_shape, dtype=torch.float32, device=device)
         for t in terms:
             w = t.add_to(w)
         if self.outliers is not None:
             w = self.outliers.add_to(w)
+        return w.to(self.dtype)
+
+    def dequantize_weight_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """``dequantize_weight()[rows]`` decoding only those rows (axis 0: output channels, or tokens of an
+        embedding): int64 indices ``(k,)`` in range, in any order; the result is ``(k, *weight_shape[1:])`` in
+        :attr:`dtype`, the same values bit for bit.
+
+        Every element of the weight is ``0 + term_1 + ... + term_K (+ outlier)``, each term element decoded
+        from its own group's parameters (:meth:`QuantTerm.dequantize_rows`); a channel-subset term adds its
+        values to the rows it covers (``index_add``, as the full sum does) and the outlier residual adds the
+        outliers that fall in the rows.
+
+        Returns:
+            The rows, or None when a term's granularity does not run along axis 0 (only the full weight can be
+            decoded then).
+        """
+        terms = self.quant_terms
+        n0 = self.weight_shape[0]
+        device = terms[0].scale.device if terms else rows.device
+        rows = rows.to(device=device, dtype=torch.int64).reshape(-1)
+        uniq, inverse = torch.unique(rows, return_inverse=True)
+        if uniq.numel() < rows.numel():  # decode each row once
+            once = self.dequantize_weight_rows(uniq)
+            return None if once is None else once.index_select(0, inverse)
+        k = rows.numel()
+        w: torch.Tensor | None = None
+        for t in terms:
+            if t.channels is None:
+                vals = t.dequantize_rows(rows, from_zero=w is None)
+                if vals is None:
+                    return None
+                w = vals if w is None else w + vals
+                continue
+            if w is None:
+                w = torch.zeros((k, *self.weight_shape[1:]), dtype=torch.float32, device=device)
+            channels = t.channels.to(device)
+            pos = torch.full((n0,), -1, dtype=torch.int64, device=device)
+            pos[channels] = torch.arange(channels.numel(), device=device)
+            at = pos[rows]  # each requested row's position in the term, -1 where the term does not cover it
+            hit = (at >= 0).nonzero().reshape(-1)
+            vals = t.dequantize_rows(at[hit])
+            if vals is None:
+                return None
+            w = w.index_add(0, hit, vals)
+        if w is None:
+            w = torch.zeros((k, *self.weight_shape[1:]), dtype=torch.float32, device=device)
+        if self.outliers is not None:
+            res = self.outliers.to_residual()
+            cols = math.prod(self.weight_shape[1:])
+            slot = torch.full((n0,), -1, dtype=torch.int64, device=device)
+            slot[rows] = torch.arange(k, device=device)
+            src = res.index.to(device)
+            at = slot[src // cols]  # the requested row each outlier falls in, -1 for the others
+            sel = (at >= 0).nonzero().reshape(-1)
+            flat = w.reshape(-1).index_add(0, at[sel] * cols + src[sel] % cols, res.values().to(device)[sel])
+            w = flat.view(w.shape)
         return w.to(self.dtype)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -941,7 +1153,9 @@ class QuantEmbedding(QuantModule):
     The table ``(num_embeddings, embedding_dim)`` is quantized as stored: ``channel`` gives one scale per
     token row, ``group:G`` groups of ``G`` along the embedding dimension of each row. With the default
     ``cache_weight=True`` the whole table is dequantized once and kept (``num_embeddings * embedding_dim``
-    floats); with ``cache_weight=False`` every forward decodes the whole table again. ``padding_idx`` is kept
+    floats); with ``cache_weight=False`` every forward decodes only the rows of the distinct ids it looks up
+    (:meth:`QuantModule.dequantize_weight_rows`; a term with rows not along the tokens, e.g. ``channel:1``,
+    makes it decode the whole table). ``padding_idx`` is kept
     (it only matters for gradients, which quantized layers do not take); ``max_norm`` layers are not quantized
     (see :func:`layer_kind`). :attr:`weight` is the dequantized table, so an output head tied to it reads the
     same values.
@@ -988,6 +1202,23 @@ class QuantEmbedding(QuantModule):
             dtype=dtype,
             cache_weight=cache_weight,
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``W_hat[x]``. Without a weight cache (``cache_weight=False``) only the looked-up rows are decoded:
+        ``u, inv = unique(x)``, ``y = dequantize_weight_rows(u)[inv]`` (the same values as indexing the full
+        table; ``padding_idx`` does not change forward values). Ids out of range, non-integer input, an input
+        quantizer, or a term whose granularity does not run along the tokens take the full-table path."""
+        cached = self.cache_weight or self._cached is not None
+        plain_ids = x.numel() > 0 and x.dtype in (torch.int32, torch.int64)
+        if cached or not plain_ids or self.input_quant is not None or self.input_spec is not None:
+            return super().forward(x)
+        uniq, inverse = torch.unique(x, return_inverse=True)  # sorted
+        if int(uniq[0]) < 0 or int(uniq[-1]) >= self.num_embeddings:
+            return super().forward(x)  # F.embedding raises its own error
+        rows = self.dequantize_weight_rows(uniq)
+        if rows is None:
+            return super().forward(x)
+        return F.embedding(inverse, rows)
 
     def _forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, w, self.padding_idx)

@@ -66,7 +66,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: the first ``numel`` codes of the stream, as uint8.
+    """Inverse of :func:`pack`: the first ``numel`` codes of the stream, as uint8 (on ``data``'s device).
+
+    For ``bits`` in 1, 2, 4 a byte holds ``p = 8 / bits`` whole codes: code ``i`` is
+    ``(byte[i // p] >> (bits * (i % p))) & (2^bits - 1)`` (for 4 bits: the low nibble is code ``2j``, the high
+    nibble code ``2j + 1``), computed with uint8 shifts and masks only. 8 bits is a copy; 3, 5, 6, 7 bits take
+    the general path (blocks of 8 codes = ``bits`` bytes assembled into 64-bit words).
 
     Raises:
         ConfigError: bits outside 1..8.
@@ -81,17 +86,44 @@ def unpack(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
             f"got {flat.numel()} of {flat.dtype}"
         )
     if numel == 0:
-        return torch.zeros(0, dtype=torch.uint8)
+        return torch.zeros(0, dtype=torch.uint8, device=flat.device)
     if bits == 8:
         return flat.clone()
+    if bits in (1, 2, 4):
+        return _unpack_whole_bytes(flat, bits, numel)
+    return _unpack_general(flat, bits, numel)
+
+
+def _unpack_whole_bytes(flat: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """:func:`unpack` for ``bits`` dividing 8: column ``j`` of ``(bytes, 8 / bits)`` codes is
+    ``(byte >> (bits * j)) & (2^bits - 1)``."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    codes = torch.empty(flat.numel(), per, dtype=torch.uint8, device=flat.device)
+    for j in range(per):
+        shifted = flat >> (bits * j) if j else flat
+        if j == per - 1:
+            codes[:, j] = shifted  # the top code of a byte needs no mask
+        else:
+            torch.bitwise_and(shifted, mask, out=codes[:, j])
+    out = codes.view(-1)
+    return out if out.numel() == numel else out[:numel].clone()
+
+
+def _unpack_general(flat: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """:func:`unpack` for any ``bits`` in 1..7: each block of 8 codes is ``bits`` bytes, read as one
+    little-endian word ``w = sum_b byte_b << 8b``; code ``j`` of the block is ``(w >> bits*j) & (2^bits - 1)``
+    (int64 temporaries, bounded by :data:`_PACK_BLOCKS` blocks at a time)."""
+    need = flat.numel()
+    dev = flat.device
     blocks = -(-numel // 8)
-    codes = torch.empty(blocks * 8, dtype=torch.uint8)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    shifts = torch.arange(8, dtype=torch.int64) * bits
+    codes = torch.empty(blocks * 8, dtype=torch.uint8, device=dev)
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=dev) * 8
+    shifts = torch.arange(8, dtype=torch.int64, device=dev) * bits
     for b0 in range(0, blocks, _PACK_BLOCKS):  # bounded int64 temporaries, as in pack()
         b1 = min(blocks, b0 + _PACK_BLOCKS)
         part = flat[b0 * bits : min(need, b1 * bits)].to(torch.int64)
-        b = torch.zeros((b1 - b0) * bits, dtype=torch.int64)
+        b = torch.zeros((b1 - b0) * bits, dtype=torch.int64, device=dev)
         b[: part.numel()] = part
         word = (b.view(-1, bits) << byte_shifts).sum(dim=1)
         codes[b0 * 8 : b1 * 8] = ((word[:, None] >> shifts) & (2**bits - 1)).to(torch.uint8).reshape(-1)
