@@ -6,10 +6,9 @@ quantize`` does by default), saved with :func:`dfquant.io.save_quantized` and, i
 configuration, loaded back with :func:`dfquant.io.load_quantized`:
 
 * ``float``: the float32 model from the zoo;
-* ``quantized, cache_weight=True`` (the default): each layer keeps its dequantized float weight after the first
-  forward;
-* ``quantized, cache_weight=False``: each forward unpacks and decodes the weight (an embedding only the rows it
-  looks up), only packed codes stay.
+* ``quantized, cache_weight=True``: each layer keeps its dequantized float weight after the first forward;
+* ``quantized, cache_weight=False`` (``load_quantized``'s default): each forward unpacks and decodes the weight
+  (an embedding only the rows it looks up), only packed codes stay.
 
 Reported per configuration: the bytes of every tensor the model holds (parameters, buffers and the layers'
 cached dequantized weights) after loading and after the forwards, the process RSS at the same points, and the

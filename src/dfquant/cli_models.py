@@ -292,7 +292,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     tasks = _parse_tasks(args.eval or "fidelity")
     _check_limit(args.eval_limit)
     extra: dict[str, Any] = {"builder": args.builder} if args.builder else {}
-    qmodel, manifest = load_quantized(args.file, build=lambda src: build_architecture(src, **extra))
+    qmodel, manifest = load_quantized(
+        args.file, build=lambda src: build_architecture(src, **extra), cache_weight=args.cache_weights
+    )
     source = manifest.get("source", {})
     loaded = load_from_source(source, **extra)
     _check_tasks(tasks, loaded)
@@ -435,6 +437,12 @@ def add_commands(sub: Any) -> None:
         "--builder",
         help="module:callable building the architecture, for a file made from a .safetensors state dict "
         "(dfquant never imports code named in a file)",
+    )
+    p.add_argument(
+        "--cache-weights",
+        action="store_true",
+        help="keep each dequantized weight after its first use (float speed, float memory); default: decode per "
+        "forward, only the packed codes stay resident",
     )
     _common(p)
     p.set_defaults(func=cmd_eval)
