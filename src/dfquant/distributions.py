@@ -16,8 +16,12 @@ model need: a cell's probability, its conditional mean ``M_1 / M_0`` and its squ
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from functools import cache
 from typing import Literal
 
@@ -208,20 +212,297 @@ class GroupFit:
         return torch.where(lap, self.median, self.mean), torch.where(lap, self.laplace_sigma, self.std)
 
 
-def fit_groups(x: torch.Tensor, sorted_x: torch.Tensor | None = None) -> GroupFit:
+#: torch's reduction grain (``at::internal::GRAIN_SIZE``): torch splits a lone reduced row at least this long across
+#: threads, so the float32 sums of such rows depend on how rows are blocked (see :func:`fit_groups`).
+_GRAIN = 32768
+#: Values per block of rows in :func:`fit_groups`: the block's temporaries stay in the L2 cache.
+_BLOCK = 1 << 16
+#: Values per worker thread (at least) in :func:`split_threads`.
+_MIN_SPLIT = 1 << 18
+_UNIT_ROUNDOFF = 2.0**-53
+
+
+@contextmanager
+def serial_torch() -> Iterator[None]:
+    """Inside the block torch runs every op on one intra-op thread; the caller's setting is restored after.
+
+    The blocked loops of :func:`fit_groups` and :func:`dfquant.quantizers.lloyd.encode_rows_fast` run ops on a
+    few ten thousand values, which a second thread hardly speeds up while each parallel region costs a
+    synchronisation: on a loaded machine (another process on the other core) that wait takes milliseconds, and
+    the loops ran 4x slower with two threads than with one. They split their rows over threads themselves
+    (:func:`run_split`). ``torch.set_num_threads`` is process-wide: other threads running torch meanwhile see
+    one thread too.
+    """
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
+def run_split(m: int, work: Callable[[int, int], None], threads: int) -> None:
+    """Call ``work(start, stop)`` on ``threads`` contiguous parts of ``range(m)`` at once, each on its own Python
+    thread (torch and NumPy release the GIL inside their kernels); ``work(0, m)`` when ``threads < 2``."""
+    if threads < 2 or m < 2:
+        work(0, m)
+        return
+    cuts = [m * k // threads for k in range(threads + 1)]
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(work, a, b) for a, b in itertools.pairwise(cuts) if b > a]:
+            f.result()
+
+
+def split_threads(numel: int) -> int:
+    """Worker threads for blocked work on ``numel`` values: torch's thread count (at most 2 per
+    ``_MIN_SPLIT`` values), read before :func:`serial_torch` sets it to 1."""
+    return max(1, min(torch.get_num_threads(), numel // _MIN_SPLIT))
+
+
+def sort_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` sorted along dim 1 (values only): the values of ``torch.sort(x, dim=1).values``.
+
+    CPU float32 matrices go through NumPy's vectorized sort (x86-simd-sort, AVX-512 where the CPU has it: about
+    10x ``torch.sort`` on rows of 64 values), on torch's thread count (NumPy releases the GIL while sorting). Rows
+    holding a ``-0.0`` are sorted by torch (the two zeros compare equal; NumPy's sort may order them otherwise or
+    even write one for the other), so the result is torch's bit for bit.
+    """
+    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad or x.numel() < 2:
+        return torch.sort(x, dim=1).values
+    xc = x.detach().contiguous()
+    src = xc.numpy()
+    out = src.copy()
+
+    def part(a: int, b: int) -> None:
+        out[a:b].sort(axis=1)
+
+    run_split(out.shape[0], part, split_threads(out.size))
+    res = torch.from_numpy(out)
+    # -0.0 == +0.0: NumPy's vectorized sort may write either zero for the other, and torch's order of the two is
+    # its own; rows holding a -0.0 are sorted by torch
+    neg_zero = torch.from_numpy((np.signbit(src) & (src == 0)).any(axis=1)).nonzero().squeeze(1)
+    if neg_zero.numel():
+        res[neg_zero] = torch.sort(xc[neg_zero], dim=1).values
+    return res
+
+
+def _exact_std(x: torch.Tensor, sd: torch.Tensor, mu: torch.Tensor, buf: torch.Tensor) -> None:
+    """Population standard deviation of each row of ``x`` in float64, written to ``sd``; ``mu`` receives the float64
+    means. Squares of float32 values are exact in float64, so ``M2 = sum x^2 - (sum x)^2 / n`` only carries the
+    float64 rounding of the sums, relatively ``O(n u kappa^2)`` (see :func:`_uncertain_std`, which turns ``sd`` into
+    ``x.std(dim=1, correction=0)``)."""
+    n = x.shape[1]
+    d = buf[: x.shape[0]]
+    d.copy_(x)
+    torch.sum(d, dim=1, out=mu)
+    torch.linalg.vecdot(d, d, out=sd)
+    mu.div_(n)
+    sd.sub_(mu * mu * n).clamp_min_(0).div_(n).sqrt_()
+
+
+def _uncertain_std(sd: torch.Tensor, mu: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows whose float64 standard deviation ``sd`` (:func:`_exact_std`) might round to another float32 than torch's.
+
+    torch accumulates the float32 rows in float64 (Welford's update) and rounds ``sqrt(M2 / n)`` to float32 once.
+    Both float64 variances are within ``delta = 16 n u (var + mean^2) + 4 u var`` of the exact one (``u = 2^-53``;
+    float64 sums of ``n`` terms err by at most ``n u`` times the sum of their magnitudes, ``n (var + mean^2)``
+    here, and Welford's update by ``O(n u kappa)`` relative, Chan, Golub and LeVeque 1983). So torch's value lies
+    in ``[sqrt(var - delta), sqrt(var + delta)]``, and rounds to ``float32(sd)`` unless that interval reaches a
+    rounding boundary (the midpoint between ``float32(sd)`` and a neighbour): about one row in ``1 / (n * 1e-5)``
+    on well-conditioned data, every row whose spread is tiny against its mean. Returns their indices.
+    """
+    s32 = sd.to(torch.float32)
+    s = s32.to(torch.float64)
+    up = torch.nextafter(s32, torch.full_like(s32, math.inf)).to(torch.float64)
+    down = torch.nextafter(s32, torch.full_like(s32, -math.inf)).to(torch.float64)
+    var = sd * sd
+    delta = (16 * n * _UNIT_ROUNDOFF) * (var + mu * mu) + (4 * _UNIT_ROUNDOFF) * var
+    low = (var - delta).clamp_min(0).sqrt()
+    high = (var + delta).sqrt()
+    near = (low <= (s + down) * 0.5) | (high >= (s + up) * 0.5)
+    return near.nonzero().squeeze(1)
+
+
+def _cdf_grid(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empirical CDF steps ``i / n`` and ``(i - 1) / n``, ``i = 1..n`` (float32, ``(1, n)``)."""
+    i = torch.arange(1, n + 1, dtype=torch.float32)
+    return (i / n)[None, :], ((i - 1) / n)[None, :]
+
+
+def _ks_gaussian(xs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KS statistic of the Gaussian fit of sorted rows (plain formula; zero-spread rows are the caller's)."""
+    hi, lo = _cdf_grid(xs.shape[1])
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))
+    Fg = torch.special.ndtr((xs - mean[:, None]) / safe_std[:, None])
+    return torch.maximum((hi - Fg).amax(dim=1), (Fg - lo).amax(dim=1))
+
+
+def fit_groups(x: torch.Tensor, sorted_x: torch.Tensor | None = None, block: int | None = None) -> GroupFit:
     """Fit Gaussian (mean, std) and Laplace (median, mean absolute deviation) to each row of ``x``.
 
     The Kolmogorov-Smirnov statistic of each fit is
     ``D = max_i max(i/n - F(x_(i)), F(x_(i)) - (i-1)/n)`` over the sorted sample ``x_(1) <= ... <= x_(n)``
     (Kolmogorov 1933; Smirnov 1948), with ``F`` the fitted CDF. A lower ``D`` is the better fit.
 
+    Every output is bit-identical to the plain float32 formulas (:func:`fit_groups_reference`). Rows shorter than
+    32768 values are done in one pass over blocks of about 65536 values that stay in cache, split over torch's
+    threads (:func:`run_split`, :func:`serial_torch`):
+
+    * each block is sorted there (NumPy) unless ``sorted_x`` is given; the median is read off it (rows whose
+      median is a zero next to a ``-0.0`` take its sign from ``torch.sort``, :func:`_signed_zero_medians`);
+    * the CDFs are evaluated once per sorted value, ``F_G = Phi((x_(i) - mean) / std)`` and the Laplace
+      ``F_L = e / 2`` below the median, ``1 - e / 2`` above it, with ``e = exp(-|x_(i) - median| / b)``. The
+      sorted values below the median are the first ``floor(n / 2)`` (the median is their midpoint or the middle
+      value), so the side is a column split, not a per-value test;
+    * the standard deviation comes from float64 sums of ``x`` and ``x^2`` (:func:`_exact_std`) instead of torch's
+      scalar Welford loop, rounded to float32; the few rows where that rounding is uncertain are recomputed by
+      torch (:func:`_uncertain_std`) together with their Gaussian statistic;
+    * mean and mean absolute deviation are torch's float32 row means of the unsorted values, as before.
+
     Args:
         x: float32 tensor ``(m, n)``, finite.
-        sorted_x: ``x`` sorted along dim 1, if already computed.
+        sorted_x: ``x`` sorted along dim 1, if already computed (:func:`sort_rows`).
+        block: rows of ``n >= 32768`` values only: torch splits a lone row this long across threads, so their
+            float32 sums (and Welford standard deviation) depend on whether a block holds one row or more. They
+            are fitted by the plain formulas in blocks of ``max(1, block // n)`` rows (the whole matrix at once
+            when None), as earlier versions did; so are tensors on other devices than the CPU.
 
     Returns:
         A :class:`GroupFit`. Groups with zero spread get ``std = 0`` and KS statistics of 0.
     """
+    x = x.detach().to(torch.float32)
+    m, n = x.shape
+    if n >= _GRAIN or m == 0 or x.device.type != "cpu":
+        rows = m if block is None else max(1, block // n)
+        xs = sort_rows(x) if sorted_x is None else sorted_x
+        if rows >= m:
+            return fit_groups_reference(x, xs)
+        parts = [fit_groups_reference(x[i : i + rows], xs[i : i + rows]) for i in range(0, m, rows)]
+        return GroupFit(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(GroupFit)))
+    threads = split_threads(x.numel())
+    with serial_torch():
+        return _fit_short(x.contiguous(), sorted_x, threads)
+
+
+def _fit_short(x: torch.Tensor, sorted_x: torch.Tensor | None, threads: int) -> GroupFit:
+    """:func:`fit_groups` of rows shorter than ``_GRAIN`` values (blocked, on ``threads`` threads)."""
+    m, n = x.shape
+    out = {k: torch.empty(m) for k in ("mean", "std", "median", "mad", "ks_g", "ks_l")}
+    sd, mu = torch.empty(m, dtype=torch.float64), torch.empty(m, dtype=torch.float64)
+    rows = max(1, min(m, _BLOCK // n))
+
+    def work(a: int, b: int) -> None:
+        _fit_rows(x, sorted_x, a, b, rows, out, sd, mu)
+
+    run_split(m, work, threads)
+    mean, std, median, mad, ks_g, ks_l = (out[k] for k in ("mean", "std", "median", "mad", "ks_g", "ks_l"))
+    if sorted_x is None:
+        _signed_zero_medians(x, median)
+    idx = _uncertain_std(sd, mu, n)
+    if idx.numel():
+        exact = x[idx].std(dim=1, correction=0)
+        changed = idx[exact != std[idx]]
+        std[idx] = exact
+        if changed.numel():
+            xs_c = sort_rows(x[changed]) if sorted_x is None else sorted_x[changed]
+            ks_g[changed] = _ks_gaussian(xs_c, mean[changed], std[changed])
+    lap_sigma = mad * math.sqrt(2.0)
+    flat = std == 0
+    ks_g = torch.where(flat, torch.zeros_like(ks_g), ks_g)
+    ks_l = torch.where(flat | (mad == 0), torch.where(flat, torch.zeros_like(ks_l), torch.ones_like(ks_l)), ks_l)
+    return GroupFit(mean, std, median, lap_sigma, ks_g, ks_l)
+
+
+def _signed_zero_medians(x: torch.Tensor, median: torch.Tensor) -> None:
+    """Give zero medians the sign ``torch.sort`` gives them.
+
+    ``-0.0`` and ``+0.0`` compare equal, so NumPy's sort may order them otherwise than torch's (or write one for the
+    other), and a median taken between zeros may come out as the other zero (the same value, another bit pattern,
+    which would show in stored offsets). Rows with a zero median and a ``-0.0`` are sorted again by torch. Elsewhere
+    the sign of a sorted zero does not matter: ``Phi`` and ``exp`` of ``+-0`` are equal.
+    """
+    idx = (median == 0).nonzero().squeeze(1)
+    if not idx.numel():
+        return
+    sub = x[idx]
+    idx = idx[(torch.signbit(sub) & (sub == 0)).any(dim=1)]
+    if idx.numel():
+        xs = torch.sort(x[idx], dim=1).values
+        n = x.shape[1]
+        median[idx] = xs[:, (n - 1) // 2] if n % 2 == 1 else 0.5 * (xs[:, n // 2 - 1] + xs[:, n // 2])
+
+
+def _fit_rows(
+    x: torch.Tensor,
+    sorted_x: torch.Tensor | None,
+    start: int,
+    stop: int,
+    rows: int,
+    out: dict[str, torch.Tensor],
+    sd: torch.Tensor,
+    mu: torch.Tensor,
+) -> None:
+    """The blocked pass of :func:`fit_groups` over rows ``start:stop``, ``rows`` rows per block."""
+    n = x.shape[1]
+    hi, lo = _cdf_grid(n)
+    unit = torch.ones(1, 1)
+    k0 = n // 2  # x_(i) <= median for i < k0, x_(i) >= median from k0 on
+    F, d = torch.empty(rows, n), torch.empty(rows, n)
+    dbuf = torch.empty(rows, n, dtype=torch.float64)
+    safe, t, ones = torch.empty(rows), torch.empty(rows), torch.ones(rows)
+    if sorted_x is None:
+        x_np = x.numpy()
+        sort_np = np.empty((rows, n), dtype=np.float32)
+        sort_t = torch.from_numpy(sort_np)
+    mean, std, median, mad, ks_g, ks_l = (out[k] for k in ("mean", "std", "median", "mad", "ks_g", "ks_l"))
+    for s in range(start, stop, rows):
+        e = min(s + rows, stop)
+        c = e - s
+        xc = x[s:e]
+        if sorted_x is None:
+            np.copyto(sort_np[:c], x_np[s:e])
+            sort_np[:c].sort(axis=1)
+            xsc = sort_t[:c]
+        else:
+            xsc = sorted_x[s:e]
+        med = median[s:e]
+        if n % 2:
+            med.copy_(xsc[:, k0])
+        else:
+            torch.add(xsc[:, k0 - 1], xsc[:, k0], out=med).mul_(0.5)
+        torch.mean(xc, dim=1, out=mean[s:e])
+        _exact_std(xc, sd[s:e], mu[s:e], dbuf)
+        std[s:e].copy_(sd[s:e])
+        Fc, dc, sc, tc, one = F[:c], d[:c], safe[:c], t[:c], ones[:c]
+        torch.sub(xc, med[:, None], out=Fc)
+        torch.mean(Fc.abs_(), dim=1, out=mad[s:e])
+        # Gaussian: F = Phi((x - mean) / std)
+        torch.where(std[s:e] > 0, std[s:e], one, out=sc)
+        torch.sub(xsc, mean[s:e, None], out=Fc)
+        Fc.div_(sc[:, None])
+        torch.special.ndtr(Fc, out=Fc)
+        torch.amax(torch.sub(hi, Fc, out=dc), dim=1, out=ks_g[s:e])
+        torch.amax(torch.sub(Fc, lo, out=dc), dim=1, out=tc)
+        torch.maximum(ks_g[s:e], tc, out=ks_g[s:e])
+        # Laplace: -|x - median| / b is (x - median) / b below the median and (median - x) / b above it (exact),
+        # e = exp(.), F = e/2 below, 1 - e/2 above: one rounding either way, as e/2 is exact (for a subnormal e,
+        # where it is not, 1 - e/2 rounds to 1 anyway)
+        torch.where(mad[s:e] > 0, mad[s:e], one, out=sc)
+        torch.sub(xsc[:, :k0], med[:, None], out=Fc[:, :k0])
+        torch.sub(med[:, None], xsc[:, k0:], out=Fc[:, k0:])
+        Fc.div_(sc[:, None]).exp_()
+        Fc[:, :k0].mul_(0.5)
+        torch.add(unit, Fc[:, k0:], alpha=-0.5, out=Fc[:, k0:])
+        torch.amax(torch.sub(hi, Fc, out=dc), dim=1, out=ks_l[s:e])
+        torch.amax(torch.sub(Fc, lo, out=dc), dim=1, out=tc)
+        torch.maximum(ks_l[s:e], tc, out=ks_l[s:e])
+
+
+def fit_groups_reference(x: torch.Tensor, sorted_x: torch.Tensor | None = None) -> GroupFit:
+    """The plain formulas of :func:`fit_groups` on the whole matrix at once (slow; the definition it is tested
+    against)."""
     x = x.to(torch.float32)
     n = x.shape[1]
     xs = torch.sort(x, dim=1).values if sorted_x is None else sorted_x

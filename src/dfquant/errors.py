@@ -41,7 +41,16 @@ def check_finite(x: object, name: str) -> None:
 
     if not isinstance(x, torch.Tensor):
         raise InputError(f"'{name}' must be a torch.Tensor, got {type(x).__name__}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if not x.numel():
+        return
+    if x.is_floating_point():
+        # one reduction pass instead of a boolean temporary: min and max propagate NaN, and are infinite when
+        # any element is
+        lo, hi = torch.aminmax(x.detach())
+        ok = bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    else:
+        ok = bool(torch.isfinite(x).all())
+    if not ok:
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise InputError(

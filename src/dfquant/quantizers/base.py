@@ -385,7 +385,7 @@ class Quantizer(ABC):
                 info.setdefault(k, torch.empty(R, ngr))[:, g0:g1] = v.reshape(R, g1 - g0).to(torch.float32)
         scale, offset = round_params(scale, offset, sdtype, name)
         levels, table_index = merge_tables(parts, R, ngr)
-        codes = encode_rows(rows, scale.to(torch.float32), offset.to(torch.float32), levels, glen, table_index)
+        codes = self.encode(rows, scale.to(torch.float32), offset.to(torch.float32), levels, glen, table_index)
         off = offset if bool((offset != 0).any()) else None
         return QTensor(
             codes=codes,
@@ -401,6 +401,19 @@ class Quantizer(ABC):
             info=info,
             table_index=table_index,
         )
+
+    def encode(
+        self,
+        rows: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor,
+        levels: torch.Tensor,
+        glen: int,
+        table_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Codes of ``(R, n)`` rows for the fitted float32 ``(R, ngr)`` scales/offsets (:func:`encode_rows`). A rule
+        may override it with a faster path that gives the same codes."""
+        return encode_rows(rows, scale, offset, levels, glen, table_index)
 
     def _importance_batches(
         self,
