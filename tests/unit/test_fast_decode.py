@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dfquant.nn as dfquant_nn
+import dfquant.quantizers.base as qbase
 from dfquant import packing
 from dfquant.methods.outliers import split_outliers
 from dfquant.nn import QuantEmbedding, QuantLinear, QuantModule, QuantTerm, decode_codes, oriented_weight
 from dfquant.nn_rex import SparseTerm
 from dfquant.quantizers import Granularity, QTensor, get_quantizer
+from dfquant.quantizers.base import from_rows, gather_levels
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -91,10 +92,10 @@ def test_term_decode_matches_qtensor_dequantize(
     except Exception as exc:  # a rule that refuses a shape/granularity is not what this test is about
         pytest.skip(f"{rule} refuses {shape} at {gran}: {exc}")
     term = QuantTerm.from_qtensor(qt)
-    ref = term.to_qtensor(torch.float32).dequantize(torch.float32)
+    ref = _reference_dequantize(term.to_qtensor(torch.float32))
     got = term.dequantize()
     assert _bits_equal(got, ref)
-    assert _bits_equal(got, qt.dequantize(torch.float32))
+    assert _bits_equal(qt.dequantize(torch.float32), _reference_dequantize(qt))
     # the layer's weight: the float32 sum started from zero (0 + term), no zero tensor built
     zero_sum = torch.zeros(shape) + ref
     assert _bits_equal(term._decode(from_zero=True), zero_sum)
@@ -102,6 +103,17 @@ def test_term_decode_matches_qtensor_dequantize(
         lin = nn.Linear(shape[1], shape[0])
         mod = QuantModule.from_float(lin, [term], cache_weight=False)
         assert _bits_equal(mod.dequantize_weight(), zero_sum)
+
+
+def _reference_dequantize(qt: QTensor) -> torch.Tensor:
+    """The plain decode ``levels[t][code] * scale + offset`` (int64 gather, then two broadcast passes)."""
+    rows, n = qt.codes.shape
+    G, ngr = qt.group_len, qt.scale.shape[1]
+    codes = F.pad(qt.codes.long(), (0, ngr * G - n)).view(rows, ngr, G)
+    vals = gather_levels(qt.levels, qt.table_index, codes) * qt.scale.to(torch.float32)[..., None]
+    if qt.offset is not None:
+        vals = vals + qt.offset.to(torch.float32)[..., None]
+    return from_rows(vals.reshape(rows, ngr * G)[:, :n], qt.shape, qt.granularity)
 
 
 def _qtensor(codes: torch.Tensor, scale: torch.Tensor, levels: torch.Tensor, gran: str, **kw: object) -> QTensor:
@@ -147,7 +159,7 @@ def test_decode_codes_table_and_direct_paths(monkeypatch: pytest.MonkeyPatch) ->
     expect4 = [[-1.5, -0.5, 0.5, 1.5, 5.0], [-1.0, -1.0, -2.0, 0.0, 1.25]]
     shared4 = [[-1.5, -0.5, 0.5, 1.5, 6.0], [-1.0, -1.0, -3.0, 1.0, 0.75]]
     for ratio in (0.0, 1.0):  # gather the levels then scale and shift / per-group decode table then gather
-        monkeypatch.setattr(dfquant_nn, "_TABLE_RATIO", ratio)
+        monkeypatch.setattr(qbase, "_TABLE_RATIO", ratio)
         assert decode_codes(codes, scale, offset, levels, table, 3).tolist() == expect3
         assert decode_codes(codes, scale, offset, levels, table, 4).tolist() == expect4
         assert decode_codes(codes, scale, None, levels[1], None, 4).tolist() == shared4
@@ -167,7 +179,7 @@ def test_decode_codes_both_orders_bit_identical(
     offset = torch.randn(R, ngr, generator=g).to(torch.bfloat16)
     out = []
     for ratio in (0.0, 1e9):
-        monkeypatch.setattr(dfquant_nn, "_TABLE_RATIO", ratio)
+        monkeypatch.setattr(qbase, "_TABLE_RATIO", ratio)
         out += [decode_codes(codes, scale, None, levels, index, group_len, from_zero=z) for z in (False, True)]
         out.append(decode_codes(codes, scale, offset, levels, index, group_len))
     for a, b in zip(out[:3], out[3:], strict=True):

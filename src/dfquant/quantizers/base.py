@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ConfigError, InputError, check_finite
 from ..grids import Grid
@@ -142,19 +143,7 @@ class QTensor:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Reconstruct ``levels[code] * scale + offset`` in the original shape (float32 math, cast to ``dtype``,
         by default the original dtype)."""
-        rows, n = self.codes.shape
-        G = self.group_len
-        ngr = self.scale.shape[1]
-        codes = self.codes.long()
-        pad = ngr * G - n
-        if pad:
-            codes = torch.nn.functional.pad(codes, (0, pad))
-        codes = codes.view(rows, ngr, G)
-        vals = gather_levels(self.levels, self.table_index, codes)
-        vals = vals * self.scale.to(torch.float32)[..., None]
-        if self.offset is not None:
-            vals = vals + self.offset.to(torch.float32)[..., None]
-        vals = vals.reshape(rows, ngr * G)[:, :n]
+        vals = decode_codes(self.codes, self.scale, self.offset, self.levels, self.table_index, self.group_len)
         out = from_rows(vals, self.shape, self.granularity)
         return out.to(dtype or self.dtype)
 
@@ -524,6 +513,91 @@ def gather_levels(levels: torch.Tensor, table_index: torch.Tensor | None, codes:
     if table_index is None:
         raise InputError("stacked level tables need a table index")
     return lv[table_index.to(torch.int64)[..., None], codes]
+
+
+#: Largest decode table (``rows * groups * L`` entries) indexed with int32 rather than int64 offsets.
+_INT32_INDEX_LIMIT = 2**31 - 1
+#: :func:`decode_codes` builds the per-group decode table when it has at most this many entries per code
+#: (``L <= ratio * group_len``; measured on one CPU core: the table is faster for ``group_len >= 3L``, the
+#: direct gather for ``group_len <= 2L``).
+_TABLE_RATIO = 0.5
+
+
+def decode_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    levels: torch.Tensor,
+    table_index: torch.Tensor | None,
+    group_len: int,
+    *,
+    from_zero: bool = False,
+) -> torch.Tensor:
+    """Decode ``(R, n)`` uint8 codes in groups of ``group_len``: float32 ``(R, n)`` values
+    ``x[r, j] = levels[t[r, g]][code[r, j]] * scale[r, g] + offset[r, g]`` with ``g = j // group_len``.
+
+    Float32 math, the product rounded, then the sum (what :meth:`QTensor.dequantize` returns; packed layers
+    decode with it too), computed in one of two orders chosen by size, both evaluating exactly that expression
+    for every element:
+
+    * ``2 L <= group_len`` (codes outnumber levels, the usual case: 16 levels, groups of 64): the decode table
+      ``D[r, g, c] = levels[t[r, g]][c] * scale[r, g] + offset[r, g]`` of ``R * groups * L`` entries, then one
+      gather ``x[r, j] = D[r, g, code[r, j]]`` through int32 offsets ``(r * groups + g) * L + code``;
+    * else: gather ``levels[t[r, g]][code]`` (offsets ``t * L + code``), then scale and shift in place.
+
+    Args:
+        codes: uint8 ``(R, n)``. scale, offset: ``(R, groups)`` in any float dtype (read as float32); offset
+            None means zero. levels: float32 ``(L,)`` or stacked ``(T, L)``. table_index: ``(R, groups)``
+            integer table of each group (stacked levels only).
+        group_len: elements per group (the last group of a row may be shorter: ``groups * group_len >= n``).
+        from_zero: return ``0.0 + x`` (what a sum started from a zero tensor holds after this term: ``-0.0``
+            becomes ``+0.0``), added to the table rather than to the values.
+
+    Raises:
+        InputError: stacked levels without a table index.
+    """
+    R, n = codes.shape
+    ngr = scale.shape[1]
+    L = int(levels.shape[-1])
+    lv = levels.to(torch.float32)
+    s = scale.to(torch.float32)[..., None]
+    off = None if offset is None else offset.to(torch.float32)[..., None]
+    if lv.dim() > 1 and table_index is None:
+        raise InputError("stacked level tables need a table index")
+    pad = ngr * group_len - n
+    if pad:
+        codes = F.pad(codes, (0, pad))
+    codes = codes.reshape(R, ngr, group_len)
+    # Offsets are built as codes.to(int) followed by an in-place add of the per-group base: a mixed-dtype
+    # broadcast add (uint8 + int32) takes a slow non-vectorized path, several times the cost of the two steps.
+    if L / group_len <= _TABLE_RATIO:
+        if lv.dim() == 1:
+            table = lv
+        else:
+            tix = cast(torch.Tensor, table_index).to(device=lv.device, dtype=torch.int64).reshape(-1)
+            table = lv.index_select(0, tix).view(R, ngr, L)
+        dec = table * s  # (R, ngr, L)
+        if off is not None:
+            dec = dec + off
+        if from_zero:
+            dec = dec + 0.0
+        itype = torch.int32 if dec.numel() <= _INT32_INDEX_LIMIT else torch.int64
+        base = torch.arange(R * ngr, dtype=itype, device=codes.device).view(R, ngr, 1) * L
+        idx = codes.to(itype).add_(base)
+        vals = dec.reshape(-1).index_select(0, idx.view(-1))
+    else:
+        itype = torch.int32 if lv.numel() <= _INT32_INDEX_LIMIT else torch.int64
+        idx = codes.to(itype)
+        if lv.dim() > 1:
+            idx.add_((cast(torch.Tensor, table_index).to(itype) * L)[..., None])
+        vals = lv.reshape(-1).index_select(0, idx.view(-1)).view(R, ngr, group_len)
+        vals.mul_(s)
+        if off is not None:
+            vals.add_(off)
+        if from_zero:
+            vals.add_(0.0)
+    vals = vals.view(R, ngr * group_len)
+    return vals[:, :n] if pad else vals
 
 
 def encode_rows(
