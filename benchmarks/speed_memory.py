@@ -41,6 +41,12 @@ METHODS: dict[str, tuple[str, str, tuple[Any, ...], dict[str, Any]]] = {
     "dfquant nf4 w4 g64": ("dfquant", "dfquant_fn", ("nf4", 4, "group:64"), {}),
     "dfquant lloyd-max w4 g64": ("dfquant", "dfquant_fn", ("lloyd-max", 4, "group:64"), {}),
     "dfquant lloyd-max w4 channel": ("dfquant", "dfquant_fn", ("lloyd-max", 4, "channel"), {}),
+    "dfquant lloyd-max w4 g64 gauss refine4": (
+        "dfquant",
+        "dfquant_fn",
+        ("lloyd-max", 4, "group:64"),
+        {"dist": "gaussian", "refine": 4},
+    ),
     "dfquant statq-uint w4 g64": ("dfquant", "dfquant_fn", ("statq", 4, "group:64"), {"format": "uint4"}),
     "hqq w4 g64": ("hqq", "hqq_fn", (4, "group:64"), {}),
     "bnb nf4 g64 +dq": ("bitsandbytes", "bnb4_fn", ("nf4", 64, True), {}),
@@ -149,7 +155,12 @@ def check_targets(result: dict[str, Any]) -> list[str]:
     for target, rows in result["targets"].items():
         hqq = rows.get("hqq w4 g64", {})
         bnb = rows.get("bnb nf4 g64", {})
-        for lm in ("dfquant lloyd-max w4 g64", "dfquant lloyd-max w4 channel", "dfquant statq-uint w4 g64"):
+        for lm in (
+            "dfquant lloyd-max w4 g64",
+            "dfquant lloyd-max w4 channel",
+            "dfquant lloyd-max w4 g64 gauss refine4",
+            "dfquant statq-uint w4 g64",
+        ):
             r = rows.get(lm, {})
             if "params_per_s" not in r:
                 continue
