@@ -403,18 +403,22 @@ def refine_affine(x: torch.Tensor, params: QParams, steps: int) -> QParams:
     tab = None if index is None else index.to(torch.int64).reshape(m, 1)
     if lv.dim() > 1 and tab is None:
         raise InputError("stacked level tables need a table index")
+    flat_lv = lv.reshape(-1)
+    base = None if tab is None else (tab * lv.shape[-1]).to(torch.int32)
+    xm = x.mean(dim=1)
+    xc = x - xm[:, None]  # sum(xc) = 0 per group, so cov(x, y) = <xc, y>
     for _ in range(steps):
-        codes = encode_rows_fast(x, s[:, None], o[:, None], lv, n, tab).long()
-        y = lv[codes] if tab is None else lv[tab, codes]
-        ym = y.mean(dim=1, keepdim=True)
-        xm = x.mean(dim=1, keepdim=True)
-        yc = y - ym
-        var = (yc * yc).sum(dim=1)
-        cov = (yc * (x - xm)).sum(dim=1)
+        idx = encode_rows_fast(x, s[:, None], o[:, None], lv, n, tab).to(torch.int32)
+        if base is not None:
+            idx.add_(base)
+        y = flat_lv.index_select(0, idx.view(-1)).view(m, n)
+        sy = y.sum(dim=1)
+        var = torch.linalg.vecdot(y, y, dim=1) - sy * sy / n
+        cov = torch.linalg.vecdot(y, xc, dim=1)
         s_new = cov / torch.where(var > 0, var, torch.ones_like(var))
         ok = live & (var > 0) & (s_new > 0) & torch.isfinite(s_new)
         s = torch.where(ok, s_new, s)
-        o = torch.where(ok, xm.squeeze(1) - s_new * ym.squeeze(1), o)
+        o = torch.where(ok, xm - s_new * sy / n, o)
     return replace(params, scale=s, offset=o)
 
 
