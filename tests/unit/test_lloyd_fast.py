@@ -30,15 +30,8 @@ from dfquant.errors import ConfigError
 from dfquant.lloyd_max import lloyd_max_table
 from dfquant.quantizers import get_quantizer
 from dfquant.quantizers.base import QParams, QTensor, constant_groups, encode_rows
-from dfquant.quantizers.lloyd import (
-    LloydEmpirical,
-    LloydMax,
-    _Fit,
-    build_bin_table,
-    constant_rows,
-    encode_rows_fast,
-    encode_thresholds,
-)
+from dfquant.quantizers.encoding import build_bin_table, encode_rows_fast, encode_thresholds
+from dfquant.quantizers.lloyd import LloydEmpirical, LloydMax, _Fit, constant_rows
 
 
 class _Old:

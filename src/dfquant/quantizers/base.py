@@ -400,9 +400,12 @@ class Quantizer(ABC):
         glen: int,
         table_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Codes of ``(R, n)`` rows for the fitted float32 ``(R, ngr)`` scales/offsets (:func:`encode_rows`). A rule
-        may override it with a faster path that gives the same codes."""
-        return encode_rows(rows, scale, offset, levels, glen, table_index)
+        """Codes of ``(R, n)`` rows for the fitted float32 ``(R, ngr)`` scales/offsets: those of
+        :func:`encode_rows`, by lookup table (:func:`dfquant.quantizers.encoding.encode_rows_fast`). A rule may
+        override it with its own exact encoder."""
+        from .encoding import encode_rows_fast  # encoding builds on encode_rows below
+
+        return encode_rows_fast(rows, scale, offset, levels, glen, table_index)
 
     def _importance_batches(
         self,
