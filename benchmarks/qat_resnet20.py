@@ -1,11 +1,12 @@
 """CIFAR-10 ResNet-20: post-training quantization vs quantization-aware training (StatQAT, min-max, LSQ).
 
-All four in one run, at the same weight format (default W2: the ``int2-mr`` grid ``{-1.5, -0.5, 0.5, 1.5}``, per
+All of them in one run, at the same weight format (default W2: the ``int2-mr`` grid ``{-1.5, -0.5, 0.5, 1.5}``, per
 output channel; the first convolution and the classifier stay float in every column), BatchNorms folded:
 
 * PTQ: :func:`dfquant.api.quantize_model` with the ``statq`` rule (iterative least-squares scale, its best
   post-training rule) and data-free bias correction; no image is used;
-* QAT ``statq`` / ``minmax`` / ``lsq``: :func:`dfquant.qat.prepare_qat` then :func:`dfquant.qat_train.train_qat`
+* QAT ``statq`` (analytic weight rule) / ``statq-iterative`` (``weight_rule="iterative"``: starts at the PTQ
+  scale) / ``minmax`` / ``lsq``: :func:`dfquant.qat.prepare_qat` then :func:`dfquant.qat_train.train_qat`
   with the same steps, batches (JPEG-copy images 1017..9999, random crop + flip), seed and learning rate, then
   :func:`dfquant.qat.convert`.
 
@@ -15,7 +16,7 @@ and ``qat_resnet20.md`` into ``--out`` atomically after every column.
 
 Usage:
     python benchmarks/qat_resnet20.py --out results/qat [--format int2] [--act-format FMT] [--steps 50]
-        [--batch 64] [--lr 5e-4] [--threads 2] [--methods statq,minmax,lsq]
+        [--batch 64] [--lr 5e-4] [--threads 2] [--methods statq,statq-iterative,minmax,lsq]
 """
 
 from __future__ import annotations
@@ -76,7 +77,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--methods", default="statq,minmax,lsq")
+    ap.add_argument(
+        "--methods",
+        default="statq,statq-iterative,minmax,lsq",
+        help="statq (analytic weight rule), statq-iterative (weight scale from the PTQ scale, one least-squares "
+        "step per training step), minmax, lsq",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,7 +135,8 @@ def main() -> None:
         print(f"PTQ statq: top-1 {acc:.2f} %", flush=True)
         flush()
     for method in args.methods.split(","):
-        cfg = QATConfig(method=method, format=fmt, act_format=args.act_format, keep_float=KEEP)
+        base, rule = ("statq", "iterative") if method == "statq-iterative" else (method, "analytic")
+        cfg = QATConfig(method=base, format=fmt, act_format=args.act_format, keep_float=KEEP, weight_rule=rule)
         qat = prepare_qat(model, cfg)
         t0 = time.time()
         state = train_qat(
