@@ -58,6 +58,12 @@ def add_command(sub: Any) -> None:
     )
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--checkpoint", help="resumable checkpoint file (default OUT.ckpt)")
+    p.add_argument(
+        "--float-baseline",
+        action="store_true",
+        help="also fine-tune the float model the same way (data, steps, learning rate) and quantize it after "
+        "training (PTQ): tells how much of QAT's gain is plain adaptation to the training data",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True, help="the converted model's .safetensors file")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -207,6 +213,17 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
         ana = LayerRule("statq", grid.bits, cfg.granularity, options={"format": grid.name, "rule": "analytic"})
         ptq, _ = quantize_model(loaded.model, QuantConfig(ana, rules=skip))
         result[f"ptq_analytic_{metric}"] = evaluate(ptq)[metric]
+    if args.float_baseline:
+        # the same training without quantization, then the same post-training quantization
+        import copy
+
+        say("\nfloat baseline: the same training without quantization\n")
+        tuned = copy.deepcopy(loaded.model).train()
+        train_qat(tuned, batches, steps=args.steps, lr=lr, on_step=on_step, loss_fn=loss_fn)
+        result[f"float_finetuned_{metric}"] = evaluate(tuned)[metric]
+        if ptq_rule is not None:
+            ptq, _ = quantize_model(tuned, QuantConfig(ptq_rule, rules=skip))
+            result[f"ptq_finetuned_{metric}"] = evaluate(ptq)[metric]
     if not args.json:
         name = "top-1" if metric == "top1" else "ppl  "
         print(f"\n{args.model} {args.method} QAT, weights {cfg.format}, inputs {cfg.act_format or 'float'}:")
@@ -223,4 +240,8 @@ def cmd_qat(args: argparse.Namespace) -> dict[str, Any]:
         else:
             print("  PTQ          not compared (post-training quantization quantizes weights only)")
         print(f"  QAT          {name} {result[f'qat_{metric}']:.2f} {unit}  -> {out}")
+        if f"float_finetuned_{metric}" in result:
+            print(f"  float, fine-tuned the same way           {name} {result[f'float_finetuned_{metric}']:.2f} {unit}")
+        if f"ptq_finetuned_{metric}" in result:
+            print(f"  PTQ (statq) of the fine-tuned float model {name} {result[f'ptq_finetuned_{metric}']:.2f} {unit}")
     return result
