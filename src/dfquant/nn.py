@@ -15,10 +15,12 @@ channel indices mean the same thing for every layer type. An ``nn.Embedding`` ta
 embedding_dim)`` is oriented as stored: channel axis 0 is the token (one row of scales per token) and groups
 run along the embedding dimension, the same layout as a ``Linear`` output head tied to it.
 
-Memory: by default a layer keeps its dequantized weight after the first forward (``cache_weight=True``), which
-makes later forwards as fast as the float layer but costs the float weight's memory again (32 bits per weight
-for float32) on top of the packed codes. With ``cache_weight=False`` each forward unpacks and decodes the
-terms (slower, only the transient weight in memory; an embedding decodes only the rows it looks up). The
+Memory: a layer built by quantization keeps its dequantized weight after the first forward
+(``cache_weight=True``, the constructors' default, for fast evaluation right after quantizing), which makes later
+forwards as fast as the float layer but costs the float weight's memory again (32 bits per weight for float32)
+on top of the packed codes. With ``cache_weight=False`` (what :func:`dfquant.io.load_quantized` gives by
+default) each forward unpacks and decodes the terms (slower at small batches, only the transient weight in
+memory; an embedding decodes only the rows it looks up). The
 cache is dropped whenever the terms change (loading a state dict, :meth:`QuantModule.add_term`, moving the
 module with ``.to()``), or by :meth:`QuantModule.clear_cache`.
 
