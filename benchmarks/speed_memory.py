@@ -41,11 +41,11 @@ METHODS: dict[str, tuple[str, str, tuple[Any, ...], dict[str, Any]]] = {
     "dfquant nf4 w4 g64": ("dfquant", "dfquant_fn", ("nf4", 4, "group:64"), {}),
     "dfquant lloyd-max w4 g64": ("dfquant", "dfquant_fn", ("lloyd-max", 4, "group:64"), {}),
     "dfquant lloyd-max w4 channel": ("dfquant", "dfquant_fn", ("lloyd-max", 4, "channel"), {}),
-    "dfquant lloyd-max w4 g64 gauss refine4": (
+    "dfquant lloyd-max w4 g64 gauss refine2": (
         "dfquant",
         "dfquant_fn",
         ("lloyd-max", 4, "group:64"),
-        {"dist": "gaussian", "refine": 4},
+        {"dist": "gaussian", "refine": 2},
     ),
     "dfquant statq-uint w4 g64": ("dfquant", "dfquant_fn", ("statq", 4, "group:64"), {"format": "uint4"}),
     "hqq w4 g64": ("hqq", "hqq_fn", (4, "group:64"), {}),
@@ -158,7 +158,7 @@ def check_targets(result: dict[str, Any]) -> list[str]:
         for lm in (
             "dfquant lloyd-max w4 g64",
             "dfquant lloyd-max w4 channel",
-            "dfquant lloyd-max w4 g64 gauss refine4",
+            "dfquant lloyd-max w4 g64 gauss refine2",
             "dfquant statq-uint w4 g64",
         ):
             r = rows.get(lm, {})
