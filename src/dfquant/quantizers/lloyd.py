@@ -36,6 +36,7 @@ from ..distributions import (
     fit_groups,
     ks_critical,
     partial_moments,
+    serial_torch,
     sort_rows,
 )
 from ..errors import ConfigError, InputError
@@ -192,6 +193,8 @@ def constant_rows(x: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
 #: Over-relaxation of the least-squares step in :func:`refine_affine` (any value in ``(0, 2]`` keeps the error
 #: non-increasing).
 REFINE_RELAX = 2.0
+#: Values per block of rows in :func:`refine_affine`'s sums.
+_REFINE_BLOCK = 1 << 16
 
 
 def refine_affine(x: torch.Tensor, params: QParams, steps: int) -> QParams:
@@ -224,14 +227,22 @@ def refine_affine(x: torch.Tensor, params: QParams, steps: int) -> QParams:
     base = None if tab is None else (tab * lv.shape[-1]).to(torch.int32)
     xm = x.mean(dim=1)
     xc = x - xm[:, None]  # sum(xc) = 0 per group, so cov(x, y) = <xc, y>
+    sy, syy, sxy = torch.empty(m), torch.empty(m), torch.empty(m)
+    rows_per_block = max(1, _REFINE_BLOCK // max(n, 1))
     for _ in range(steps):
-        idx = encode_rows_fast(x, s[:, None], o[:, None], lv, n, tab).to(torch.int32)
-        if base is not None:
-            idx.add_(base)
-        y = flat_lv.index_select(0, idx.view(-1)).view(m, n)
-        sy = y.sum(dim=1)
-        var = torch.linalg.vecdot(y, y, dim=1) - sy * sy / n
-        cov = torch.linalg.vecdot(y, xc, dim=1)
+        codes = encode_rows_fast(x, s[:, None], o[:, None], lv, n, tab)
+        with serial_torch():  # blocks of rows that stay in cache: y is never materialized whole
+            for r0 in range(0, m, rows_per_block):
+                r1 = min(m, r0 + rows_per_block)
+                idx = codes[r0:r1].to(torch.int32)
+                if base is not None:
+                    idx.add_(base[r0:r1])
+                y = flat_lv.index_select(0, idx.view(-1)).view(r1 - r0, n)
+                torch.sum(y, dim=1, out=sy[r0:r1])
+                torch.linalg.vecdot(y, y, dim=1, out=syy[r0:r1])
+                torch.linalg.vecdot(y, xc[r0:r1], dim=1, out=sxy[r0:r1])
+        var = syy - sy * sy / n
+        cov = sxy
         s_ls = cov / torch.where(var > 0, var, torch.ones_like(var))
         s_new = s + REFINE_RELAX * (s_ls - s)
         o_new = o + REFINE_RELAX * (xm - s_ls * sy / n - o)
