@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from dfquant import io
 
 #: The models of the peer benchmarks (zoo names) and two synthetic references.
 REAL_MODELS = ("cifar-resnet20", "cifar-resnet32", "minilm", "smollm2-135m")
@@ -28,16 +29,9 @@ NOTES = {
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`dfquant.io.write_atomic`), creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    io.write_atomic(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, obj: Any) -> None:

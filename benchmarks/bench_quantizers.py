@@ -16,13 +16,13 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from dfquant.io import write_atomic
 from dfquant.quantizers import available, get_quantizer
 
 
@@ -97,7 +97,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "speed.json", json.dumps(result, indent=2))
+    write_atomic(out / "speed.json", json.dumps(result, indent=2).encode())
     lines = [
         f"Quantization speed, {args.size}x{args.size} float32 Gaussian, {args.bits} bits, median of "
         f"{args.repeats} ({machine['cpu_count']} CPU threads, torch {torch.__version__})",
@@ -113,15 +113,8 @@ def main() -> None:
                 f"| {r['method']} | {r['granularity']} | {r['params_per_s'] / 1e6:.2f} | "
                 f"{r['seconds']:.3f} | {r['rel_mse']:.3e} |"
             )
-    _atomic_write(out / "speed.md", "\n".join(lines) + "\n")
+    write_atomic(out / "speed.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

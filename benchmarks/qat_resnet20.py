@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,18 +34,12 @@ import dfquant
 from dfquant.api import quantize_model
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.eval.cifar10 import EXACT_FILE, JPEG_FILE, load_cifar10, predict
+from dfquant.io import write_atomic
 from dfquant.qat import QATConfig, convert, parse_format, prepare_qat
 from dfquant.qat_train import TRAIN_FIRST, cifar_train_batches, train_qat
 from dfquant.zoo.cifar_resnet import load_cifar_resnet
 
 KEEP = ("conv1", "linear")
-
-
-def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _markdown(res: dict[str, Any]) -> str:
@@ -122,8 +114,8 @@ def main() -> None:
     }
 
     def flush() -> None:
-        _write(out / "qat_resnet20.json", json.dumps(res, indent=2))
-        _write(out / "qat_resnet20.md", _markdown(res))
+        write_atomic(out / "qat_resnet20.json", json.dumps(res, indent=2).encode())
+        write_atomic(out / "qat_resnet20.md", _markdown(res).encode())
 
     if grid is not None and args.act_format is None:
         t0 = time.time()

@@ -10,7 +10,6 @@ ordinary quantized file (mixed precision is per-layer rules).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -58,29 +57,14 @@ def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``quantize --method dfmpc``; returns the JSON-ready result."""
-    from .cli_models import (
-        _check_limit,
-        _check_out,
-        _check_tasks,
-        _evaluate,
-        _load,
-        _parse_tasks,
-        _print_summary,
-        _Progress,
-    )
+    from .cli_models import _evaluate, _print_summary, _start_quantize
     from .compensation import compensate_model
     from .graph import state_dict_bytes
 
     if args.model is None:
         raise ConfigError("--method dfmpc needs a MODEL (for example cifar-resnet20)")
     low, high = _rules(args)
-    tasks = _parse_tasks(args.eval)
-    _check_limit(args.eval_limit)
-    if args.out:
-        _check_out(Path(args.out))
-    progress = _Progress(not (args.quiet or args.json))
-    loaded = _load(args)
-    _check_tasks(tasks, loaded)
+    tasks, progress, loaded = _start_quantize(args)
     qmodel, report, dreport = compensate_model(
         loaded.model,
         low=low,

@@ -223,13 +223,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         args.granularity = args.granularity or DEFAULT_GRANULARITY
         args.eval = args.eval if args.eval is not None else DEFAULT_EVALS
     config = _build_config(args)
-    tasks = _parse_tasks(args.eval)
-    _check_limit(args.eval_limit)
-    if args.out:
-        _check_out(Path(args.out))
-    progress = _Progress(not (args.quiet or args.json))
-    loaded = _load(args)
-    _check_tasks(tasks, loaded)
+    tasks, progress, loaded = _start_quantize(args)
     qmodel, report = quantize_model(loaded.model, config, progress=progress.layers)
     progress.done()
     float_bytes = state_dict_bytes(loaded.model)
@@ -275,6 +269,19 @@ def _print_cost(cost: dict[str, Any], bits: int) -> None:
         f"activations {cost['act_bits']} bits); float {t['float_bops']:.4g} ({t['bops_vs_float']:.3f}x), "
         f"plain W{bits} {t['plain_bops']:.4g} ({t['bops_vs_plain']:.3f}x)"
     )
+
+
+def _start_quantize(args: argparse.Namespace) -> tuple[list[str], _Progress, Any]:
+    """What every ``quantize`` variant checks and loads before quantizing: the tasks and the eval limit, the
+    ``--out`` folder, then the model (and that it can run the tasks). Returns ``(tasks, progress, loaded)``."""
+    tasks = _parse_tasks(args.eval)
+    _check_limit(args.eval_limit)
+    if args.out:
+        _check_out(Path(args.out))
+    progress = _Progress(not (args.quiet or args.json))
+    loaded = _load(args)
+    _check_tasks(tasks, loaded)
+    return tasks, progress, loaded
 
 
 def _check_tasks(tasks: list[str], loaded: Any) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import FileFormatError
+from .io import replace_atomic
 
 __all__ = ["TRAIN_FIRST", "TrainState", "cifar_train_batches", "train_qat"]
 
@@ -75,18 +74,7 @@ def cifar_train_batches(images: torch.Tensor, labels: torch.Tensor, batch: int, 
 
 
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise FileFormatError(f"cannot write checkpoint '{path}': {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    replace_atomic(path, lambda tmp: torch.save(obj, tmp), what="checkpoint ")
 
 
 def _iter_steps(start: int, steps: int) -> Iterator[int]:

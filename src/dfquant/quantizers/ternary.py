@@ -21,7 +21,6 @@ quantization commutes with BatchNorm folding (DF-MPC relies on it).
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -29,13 +28,10 @@ import torch
 from ..errors import ConfigError
 from ..grids import Grid, make_grid
 from .base import (
-    Granularity,
     QParams,
-    QTensor,
     Quantizer,
     constant_groups,
     group_batches,
-    to_rows,
 )
 from .registry import register
 
@@ -62,27 +58,23 @@ class CodeRule(Quantizer):
         p = QParams(scale=alpha.clamp_min(0.0), offset=torch.zeros_like(alpha), levels=self.grid.table)
         return constant_groups(x, p)
 
-    def quantize(
+    def encode(
         self,
-        x: torch.Tensor,
-        granularity: str | Granularity = "channel",
-        name: str = "tensor",
-        *,
-        scale_dtype: str | torch.dtype = torch.float32,
-        importance: torch.Tensor | None = None,
-    ) -> QTensor:
-        """As :meth:`Quantizer.quantize`, but each value keeps the code :meth:`assign` gives it (nearest-level
-        rounding would move the decision thresholds to the midpoints between scaled levels)."""
-        qt = super().quantize(x, granularity, name, scale_dtype=scale_dtype, importance=importance)
-        gran = qt.granularity
-        rows = to_rows(x.detach().to(device="cpu", dtype=torch.float32), gran)
+        rows: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor,
+        levels: torch.Tensor,
+        glen: int,
+        table_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The codes :meth:`assign` gives each group of ``glen`` values (not nearest-level rounding, which would
+        move the decision thresholds to the midpoints between scaled levels); the fitted parameters are not
+        needed."""
         R, n = rows.shape
-        split = gran.group_size if gran.kind == "group" and n > (gran.group_size or n) else None
         codes = torch.empty(R, n, dtype=torch.uint8)
-        for batch, cols in group_batches(rows, split):
-            assigned = self.assign(batch.contiguous()).to(torch.uint8)
-            codes[:, cols] = assigned.reshape(R, cols.stop - cols.start)
-        return replace(qt, codes=codes, granularity=gran)
+        for batch, cols in group_batches(rows, glen if glen < n else None):
+            codes[:, cols] = self.assign(batch.contiguous()).to(torch.uint8).reshape(R, cols.stop - cols.start)
+        return codes
 
 
 @register

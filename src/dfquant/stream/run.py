@@ -40,7 +40,7 @@ from typing import Any
 from ..config import QuantConfig
 from ..errors import ConfigError, FileFormatError, InputError
 from ..graph import LayerReport, QuantizationReport, SkippedLayer
-from ..io import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, _library_version
+from ..io import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, _library_version, write_atomic
 from .plan import HFLayout, Plan, plan_checkpoint
 from .shards import INDEX_SUFFIX, Checkpoint, read_checkpoint
 from .worker import ShardJob, marker_path, peak_rss_bytes, process_shard
@@ -357,11 +357,7 @@ def quantize_sharded(
 def _publish(work: Path, out: Path, names: list[str], index: dict[str, Any]) -> None:
     """Write the index, drop the bookkeeping, and rename the work folder to ``out`` (atomically)."""
     try:
-        tmp = work / f".{OUTPUT_INDEX}.tmp"
-        tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, work / OUTPUT_INDEX)
+        write_atomic(work / OUTPUT_INDEX, json.dumps(index, indent=1).encode("utf-8"))
         for name in names:
             marker_path(work, name).unlink()
         (work / _RUN_FILE).unlink()

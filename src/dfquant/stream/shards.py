@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import FileFormatError, InputError
-from ..io import _ST_DTYPES, _ST_SIZES, _read_header
+from ..io import _ST_DTYPES, _ST_SIZES, _read_header, replace_atomic
 
 __all__ = ["Checkpoint", "InputShard", "ShardWriter", "read_checkpoint", "read_tensor"]
 
@@ -249,8 +249,8 @@ class ShardWriter:
             pos += n
         text = json.dumps(header, separators=(",", ":")).encode("utf-8")
         text += b" " * (-len(text) % 8)
-        tmp = self.dest.with_name(f".{self.dest.name}.tmp")
-        try:
+
+        def write(tmp: str) -> None:
             with open(tmp, "wb") as out, open(self._scratch, "rb") as src:
                 out.write(len(text).to_bytes(8, "little"))
                 out.write(text)
@@ -263,15 +263,12 @@ class ShardWriter:
                             raise FileFormatError(f"scratch data of '{self.dest.name}' ended early")
                         out.write(chunk)
                         n -= len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.dest)
-        except OSError as e:
-            raise FileFormatError(f"cannot write '{self.dest}': {e.strerror or e}") from None
+
+        try:
+            replace_atomic(self.dest, write)
         finally:
-            for f in (tmp, self._scratch):
-                if f.exists():
-                    f.unlink()
+            if self._scratch.exists():
+                self._scratch.unlink()
         return 8 + len(text) + pos
 
     def abort(self) -> None:

@@ -30,6 +30,7 @@ import torch
 from ..config import LayerRule
 from ..errors import DfquantError, InputError
 from ..graph import LayerReport, dist_summary
+from ..io import write_atomic
 from ..nn import DTYPES, QUANT_MODULES, QuantTerm
 from ..quantizers.base import Granularity, QTensor, Quantizer
 from ..quantizers.registry import get_quantizer
@@ -229,7 +230,5 @@ def process_shard(job: ShardJob) -> dict[str, Any]:
         "pid": os.getpid(),
     }
     marker = marker_path(job.work_dir, job.name)
-    tmp = marker.with_name(f".{marker.name}.tmp")
-    tmp.write_text(json.dumps(record, allow_nan=True), encoding="utf-8")
-    os.replace(tmp, marker)
+    write_atomic(marker, json.dumps(record, allow_nan=True).encode("utf-8"))
     return record
