@@ -47,6 +47,12 @@ METHODS: dict[str, tuple[str, str, tuple[Any, ...], dict[str, Any]]] = {
         ("lloyd-max", 4, "group:64"),
         {"dist": "gaussian", "refine": 2},
     ),
+    "dfquant lloyd-max w4 g64 gauss refine2 no-fallback": (
+        "dfquant",
+        "dfquant_fn",
+        ("lloyd-max", 4, "group:64"),
+        {"dist": "gaussian", "refine": 2, "fallback_ks": "off"},
+    ),
     "dfquant statq-uint w4 g64": ("dfquant", "dfquant_fn", ("statq", 4, "group:64"), {"format": "uint4"}),
     "hqq w4 g64": ("hqq", "hqq_fn", (4, "group:64"), {}),
     "bnb nf4 g64 +dq": ("bitsandbytes", "bnb4_fn", ("nf4", 64, True), {}),
@@ -83,6 +89,7 @@ def worker(method: str, target: str, repeats: int) -> dict[str, Any]:
     rss_before = _rss_mib()
     times = []
     err = ref = 0.0
+    bits = counted = 0
     failed: dict[str, str] = {}
     for i in range(repeats):
         t0 = time.perf_counter()
@@ -98,6 +105,8 @@ def worker(method: str, target: str, repeats: int) -> dict[str, Any]:
                 wf = weights[k].to(torch.float32)
                 err += float(((r.dequantized - wf) ** 2).sum(dtype=torch.float64))
                 ref += float((wf * wf).sum(dtype=torch.float64))
+                bits += r.bits
+                counted += r.numel
         del results
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     med = statistics.median(times)
@@ -107,6 +116,7 @@ def worker(method: str, target: str, repeats: int) -> dict[str, Any]:
         "median_s": med,
         "params_per_s": n / med,
         "rel_mse": err / ref if ref else None,
+        "bits_per_weight": bits / counted if counted else None,
         "rss_before_mib": round(rss_before, 1),
         "peak_rss_mib": round(peak, 1),
         "working_mib": round(peak - rss_before, 1),
@@ -128,18 +138,20 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             f"## {target}",
             "",
-            "| method | M params/s | median s | rel MSE | peak RSS MiB | working MiB | load avg |",
+            "| method | M params/s | median s | rel MSE | bits/w | peak RSS MiB | working MiB | load avg |",
         ]
-        lines.append("|" + " --- |" * 7)
+        lines.append("|" + " --- |" * 8)
         for method, r in rows.items():
             if "error" in r:
-                lines.append(f"| {method} | error: {r['error'][:100]} | | | | | |")
+                lines.append(f"| {method} | error: {r['error'][:100]} | | | | | | |")
                 continue
             rel = "-" if r["rel_mse"] is None else f"{r['rel_mse']:.3e}"
             if r.get("tensors_unsupported"):
                 rel += f" ({r['tensors_unsupported']} tensors unsupported)"
+            bpw = "-" if r.get("bits_per_weight") is None else f"{r['bits_per_weight']:.3f}"
             lines.append(
-                f"| {method} | {r['params_per_s'] / 1e6:.2f} | {r['median_s']:.3f} | {rel} | {r['peak_rss_mib']:.0f} | "
+                f"| {method} | {r['params_per_s'] / 1e6:.2f} | {r['median_s']:.3f} | {rel} | {bpw} | "
+                f"{r['peak_rss_mib']:.0f} | "
                 f"{r['working_mib']:.0f} | {' '.join(str(x) for x in r['load_average'])} |"
             )
         lines.append("")
@@ -159,6 +171,7 @@ def check_targets(result: dict[str, Any]) -> list[str]:
             "dfquant lloyd-max w4 g64",
             "dfquant lloyd-max w4 channel",
             "dfquant lloyd-max w4 g64 gauss refine2",
+            "dfquant lloyd-max w4 g64 gauss refine2 no-fallback",
             "dfquant statq-uint w4 g64",
         ):
             r = rows.get(lm, {})
@@ -167,10 +180,13 @@ def check_targets(result: dict[str, Any]) -> list[str]:
             if "params_per_s" in hqq:
                 sp = r["params_per_s"] / hqq["params_per_s"]
                 mse = "lower" if (r["rel_mse"] or 0) <= (hqq["rel_mse"] or 0) else "higher"
-                out.append(
+                line = (
                     f"{target}: {lm} is {sp:.2f}x HQQ's speed (target >= 5x) at {mse} MSE "
                     f"({r['rel_mse']:.3e} vs {hqq['rel_mse']:.3e})"
                 )
+                if r.get("bits_per_weight") and hqq.get("bits_per_weight"):
+                    line += f", {r['bits_per_weight']:.3f} vs {hqq['bits_per_weight']:.3f} bits per weight"
+                out.append(line)
             if "params_per_s" in bnb:
                 sp = r["params_per_s"] / bnb["params_per_s"]
                 out.append(f"{target}: {lm} is {sp:.2f}x bitsandbytes NF4's speed (target >= 1x)")

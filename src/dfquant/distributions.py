@@ -339,7 +339,9 @@ def _ks_gaussian(xs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
     return torch.maximum((hi - Fg).amax(dim=1), (Fg - lo).amax(dim=1))
 
 
-def fit_groups(x: torch.Tensor, sorted_x: torch.Tensor | None = None, block: int | None = None) -> GroupFit:
+def fit_groups(
+    x: torch.Tensor, sorted_x: torch.Tensor | None = None, block: int | None = None, ks: str = "both"
+) -> GroupFit:
     """Fit Gaussian (mean, std) and Laplace (median, mean absolute deviation) to each row of ``x``.
 
     The Kolmogorov-Smirnov statistic of each fit is
@@ -368,10 +370,15 @@ def fit_groups(x: torch.Tensor, sorted_x: torch.Tensor | None = None, block: int
             float32 sums (and Welford standard deviation) depend on whether a block holds one row or more. They
             are fitted by the plain formulas in blocks of ``max(1, block // n)`` rows (the whole matrix at once
             when None), as earlier versions did; so are tensors on other devices than the CPU.
+        ks: ``"both"`` (default), or ``"gaussian"`` / ``"laplace"`` when the caller needs only that family's KS
+            statistic (a rule with a forced family): the blocked pass then skips the other one's CDF and leaves
+            its statistic NaN (the plain-formula path computes both anyway).
 
     Returns:
         A :class:`GroupFit`. Groups with zero spread get ``std = 0`` and KS statistics of 0.
     """
+    if ks not in ("both", "gaussian", "laplace"):
+        raise ValueError(f"ks must be 'both', 'gaussian' or 'laplace', got {ks!r}")
     x = x.detach().to(torch.float32)
     m, n = x.shape
     if n >= _GRAIN or m == 0 or x.device.type != "cpu":
@@ -383,10 +390,10 @@ def fit_groups(x: torch.Tensor, sorted_x: torch.Tensor | None = None, block: int
         return GroupFit(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(GroupFit)))
     threads = split_threads(x.numel())
     with serial_torch():
-        return _fit_short(x.contiguous(), sorted_x, threads)
+        return _fit_short(x.contiguous(), sorted_x, threads, ks)
 
 
-def _fit_short(x: torch.Tensor, sorted_x: torch.Tensor | None, threads: int) -> GroupFit:
+def _fit_short(x: torch.Tensor, sorted_x: torch.Tensor | None, threads: int, ks: str = "both") -> GroupFit:
     """:func:`fit_groups` of rows shorter than ``_GRAIN`` values (blocked, on ``threads`` threads)."""
     m, n = x.shape
     out = {k: torch.empty(m) for k in ("mean", "std", "median", "mad", "ks_g", "ks_l")}
@@ -394,7 +401,7 @@ def _fit_short(x: torch.Tensor, sorted_x: torch.Tensor | None, threads: int) -> 
     rows = max(1, min(m, _BLOCK // n))
 
     def work(a: int, b: int) -> None:
-        _fit_rows(x, sorted_x, a, b, rows, out, sd, mu)
+        _fit_rows(x, sorted_x, a, b, rows, out, sd, mu, ks)
 
     run_split(m, work, threads)
     mean, std, median, mad, ks_g, ks_l = (out[k] for k in ("mean", "std", "median", "mad", "ks_g", "ks_l"))
@@ -405,7 +412,7 @@ def _fit_short(x: torch.Tensor, sorted_x: torch.Tensor | None, threads: int) -> 
         exact = x[idx].std(dim=1, correction=0)
         changed = idx[exact != std[idx]]
         std[idx] = exact
-        if changed.numel():
+        if changed.numel() and ks != "laplace":
             xs_c = sort_rows(x[changed]) if sorted_x is None else sorted_x[changed]
             ks_g[changed] = _ks_gaussian(xs_c, mean[changed], std[changed])
     lap_sigma = mad * math.sqrt(2.0)
@@ -434,6 +441,30 @@ def _signed_zero_medians(x: torch.Tensor, median: torch.Tensor) -> None:
         median[idx] = xs[:, (n - 1) // 2] if n % 2 == 1 else 0.5 * (xs[:, n // 2 - 1] + xs[:, n // 2])
 
 
+def _ks_gaussian_block(
+    xs: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    hi: torch.Tensor,
+    lo: torch.Tensor,
+    F: torch.Tensor,
+    d: torch.Tensor,
+    safe: torch.Tensor,
+    t: torch.Tensor,
+    one: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """Gaussian KS statistics of the sorted block ``xs`` into ``out``: ``F = Phi((x - mean) / std)``, in the
+    buffers ``F``, ``d`` (block-sized), ``safe``, ``t`` (per row) of :func:`_fit_rows`."""
+    torch.where(std > 0, std, one, out=safe)
+    torch.sub(xs, mean[:, None], out=F)
+    F.div_(safe[:, None])
+    torch.special.ndtr(F, out=F)
+    torch.amax(torch.sub(hi, F, out=d), dim=1, out=out)
+    torch.amax(torch.sub(F, lo, out=d), dim=1, out=t)
+    torch.maximum(out, t, out=out)
+
+
 def _fit_rows(
     x: torch.Tensor,
     sorted_x: torch.Tensor | None,
@@ -443,8 +474,10 @@ def _fit_rows(
     out: dict[str, torch.Tensor],
     sd: torch.Tensor,
     mu: torch.Tensor,
+    ks: str = "both",
 ) -> None:
-    """The blocked pass of :func:`fit_groups` over rows ``start:stop``, ``rows`` rows per block."""
+    """The blocked pass of :func:`fit_groups` over rows ``start:stop``, ``rows`` rows per block (``ks``: which KS
+    statistics; a skipped one is NaN)."""
     n = x.shape[1]
     hi, lo = _cdf_grid(n)
     unit = torch.ones(1, 1)
@@ -478,14 +511,13 @@ def _fit_rows(
         Fc, dc, sc, tc, one = F[:c], d[:c], safe[:c], t[:c], ones[:c]
         torch.sub(xc, med[:, None], out=Fc)
         torch.mean(Fc.abs_(), dim=1, out=mad[s:e])
-        # Gaussian: F = Phi((x - mean) / std)
-        torch.where(std[s:e] > 0, std[s:e], one, out=sc)
-        torch.sub(xsc, mean[s:e, None], out=Fc)
-        Fc.div_(sc[:, None])
-        torch.special.ndtr(Fc, out=Fc)
-        torch.amax(torch.sub(hi, Fc, out=dc), dim=1, out=ks_g[s:e])
-        torch.amax(torch.sub(Fc, lo, out=dc), dim=1, out=tc)
-        torch.maximum(ks_g[s:e], tc, out=ks_g[s:e])
+        if ks == "laplace":
+            ks_g[s:e] = math.nan
+        else:
+            _ks_gaussian_block(xsc, mean[s:e], std[s:e], hi, lo, Fc, dc, sc, tc, one, ks_g[s:e])
+        if ks == "gaussian":
+            ks_l[s:e] = math.nan
+            continue
         # Laplace: -|x - median| / b is (x - median) / b below the median and (median - x) / b above it (exact),
         # e = exp(.), F = e/2 below, 1 - e/2 above: one rounding either way, as e/2 is exact (for a subnormal e,
         # where it is not, 1 - e/2 rounds to 1 anyway)

@@ -149,6 +149,11 @@ def test_lloyd_max_matches_the_plain_implementation(
     x = _data(kind, SHAPE, seed=bits * 31 + len(gran))
     new = LloydMax(bits, **opts).quantize(x, gran, scale_dtype=sdtype)
     old = _OldMax(bits, **opts).quantize(x, gran, scale_dtype=sdtype)
+    if "dist" in opts:
+        # a forced family computes and reports only its own KS statistic; everything else is unchanged
+        other = "ks_laplace" if opts["dist"] == "gaussian" else "ks_gaussian"
+        assert other not in new.info and other in old.info
+        del old.info[other]
     _assert_same_qtensor(new, old)
 
 
@@ -461,3 +466,18 @@ def test_refine_keeps_constant_groups_exact_and_matches_the_formula() -> None:
 def test_refine_option_is_checked() -> None:
     with pytest.raises(ConfigError, match="refine must be an integer >= 0, got -1"):
         get_quantizer("lloyd-max", 4, refine=-1)
+
+
+@pytest.mark.parametrize("family", ["gaussian", "laplace"])
+def test_fit_groups_with_one_family_skips_only_the_other_statistic(family: str) -> None:
+    x = _data("mixed", (64, 256), seed=11)
+    both = fit_groups(x)
+    one = fit_groups(x, ks=family)
+    keep, skip = ("ks_gaussian", "ks_laplace") if family == "gaussian" else ("ks_laplace", "ks_gaussian")
+    for name in ("mean", "std", "median", "laplace_sigma", keep):
+        _assert_same(getattr(one, name), getattr(both, name), name)
+    # constant rows still get 0; every other row's skipped statistic is NaN
+    flat = both.std == 0
+    assert bool(torch.isnan(getattr(one, skip)[~flat]).all()) and bool((getattr(one, skip)[flat] == 0).all())
+    with pytest.raises(ValueError, match="ks must be"):
+        fit_groups(x, ks="student")

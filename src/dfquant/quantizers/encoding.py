@@ -12,6 +12,7 @@ close to bin (or too many), non-finite ``1 / s`` and non-float32 inputs go throu
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -120,6 +121,33 @@ def build_bin_table(thr: torch.Tensor, usage: torch.Tensor) -> BinTable | None:
     return BinTable(s, half, base.to(torch.uint8).reshape(-1), thr_lut.reshape(-1).contiguous(), row)
 
 
+#: Level sets of at most this many tables have their lookup table cached (:func:`_lookup_table`).
+_CACHE_TABLES = 16
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_table(shape: tuple[int, ...], data: bytes, used: bytes) -> BinTable | None:
+    levels = torch.frombuffer(bytearray(data), dtype=torch.float32).reshape(shape)
+    usage = torch.frombuffer(bytearray(used), dtype=torch.bool).to(torch.int64)
+    return build_bin_table(encode_thresholds(levels), usage)
+
+
+def _lookup_table(levels: torch.Tensor, usage: torch.Tensor) -> BinTable | None:
+    """The :class:`BinTable` of ``levels`` (float32, ``(L,)`` or ``(T, L)``) for tables used ``usage`` times.
+
+    Level sets of at most :data:`_CACHE_TABLES` tables are cached by value and by which tables are used at all
+    (the usage counts only order the rows when not every table fits), since one level set is typically encoded
+    many times: every tensor of a model with one analytic table, every step of
+    :func:`dfquant.quantizers.lloyd.refine_affine`. The codes never depend on the table (any valid table, or none,
+    gives the codes of ``encode_rows``), so the cache changes no result, only the time.
+    """
+    if (levels.shape[0] if levels.dim() > 1 else 1) > _CACHE_TABLES:
+        return build_bin_table(encode_thresholds(levels), usage)
+    lv = levels.detach().to("cpu").contiguous()
+    used = (usage > 0).contiguous()
+    return _cached_table(tuple(lv.shape), lv.numpy().tobytes(), used.numpy().tobytes())
+
+
 def encode_rows_fast(
     rows: torch.Tensor,
     scale: torch.Tensor,
@@ -148,8 +176,7 @@ def encode_rows_fast(
         raise InputError("stacked level tables need a table index")
     else:
         tab = table_index.to(torch.int64)
-    thr = encode_thresholds(levels)
-    lut = build_bin_table(thr, torch.bincount(tab.reshape(-1), minlength=thr.shape[0]))
+    lut = _lookup_table(levels, torch.bincount(tab.reshape(-1), minlength=1 if levels.dim() == 1 else levels.shape[0]))
     if lut is None:
         return encode_rows(rows, scale, offset, levels, glen, table_index)
     row = lut.row[tab]

@@ -148,14 +148,16 @@ def group_sq_error(
     return (s2 - 2 * c * s1 + c * c * (hi - lo)).sum(dim=1)
 
 
-def fit_groups_chunked(x: torch.Tensor, sorted_x: torch.Tensor | None, chunk_elems: int = 1 << 19) -> GroupFit:
+def fit_groups_chunked(
+    x: torch.Tensor, sorted_x: torch.Tensor | None, chunk_elems: int = 1 << 19, ks: str = "both"
+) -> GroupFit:
     """:func:`dfquant.distributions.fit_groups` with the blocking of earlier versions for rows of 32768 values or
     more (blocks of ``chunk_elems`` values), so that their float32 row sums do not change.
 
     Shorter rows are fitted in cache-sized blocks whatever ``chunk_elems``; ``sorted_x`` may be None (then each
-    block is sorted on the fly).
+    block is sorted on the fly); ``ks`` as there.
     """
-    return fit_groups(x, sorted_x, block=chunk_elems)
+    return fit_groups(x, sorted_x, block=chunk_elems, ks=ks)
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,8 @@ class LloydMax(Quantizer):
             steps (min-max 8.0e-3). The error model predicts the unrefined rule.
 
     ``QParams.info`` holds per group ``dist`` (0 Gaussian, 1 Laplace, 2 empirical fallback, see
-    :data:`dfquant.distributions.DIST_CODES`), ``ks_gaussian`` and ``ks_laplace``.
+    :data:`dfquant.distributions.DIST_CODES`), ``ks_gaussian`` and ``ks_laplace`` (with a forced family only
+    that family's statistic, the only one computed).
 
     Example:
         >>> import torch
@@ -329,7 +332,8 @@ class LloydMax(Quantizer):
     def _fit_analytic(self, x: torch.Tensor, presort: bool = False) -> _Fit:
         # fit_groups sorts the rows block by block; a caller that needs every group sorted sorts them once
         xs = sort_rows(x) if presort else None
-        fit = fit_groups_chunked(x, xs)
+        # a forced family needs only its own KS statistic (for the fallback test)
+        fit = fit_groups_chunked(x, xs, ks="both" if self.dist == "auto" else self.dist)
         if self.dist == "auto":
             choice = fit.best()
         else:
@@ -365,11 +369,11 @@ class LloydMax(Quantizer):
     def _params(
         self, x: torch.Tensor, f: _Fit, levels: torch.Tensor, code: torch.Tensor, index: torch.Tensor | None = None
     ) -> QParams:
-        info = {
-            "dist": code.to(torch.float32),
-            "ks_gaussian": f.fit.ks_gaussian,
-            "ks_laplace": f.fit.ks_laplace,
-        }
+        info = {"dist": code.to(torch.float32)}
+        if self.dist in ("auto", "gaussian"):
+            info["ks_gaussian"] = f.fit.ks_gaussian
+        if self.dist in ("auto", "laplace"):
+            info["ks_laplace"] = f.fit.ks_laplace
         return _constant_groups(
             x, f.flat, QParams(scale=f.scale, offset=f.loc, levels=levels, info=info, table_index=index)
         )
