@@ -1,13 +1,15 @@
 """DF-MPC on CIFAR-10 ResNet-20 and ResNet-32: mixed precision with and without compensation, against plain W4.
 
 For each model: float; MP2/6 (ternary low layers, minmax 6-bit elsewhere) without compensation and with it
-under each BatchNorm-statistics rule, bias correction on and off; the same with 4-level 2-bit low rules
-(``mse`` on the mid-rise grid; ``lloyd-optimal``, the exact 4-level per-channel codebook, plain and with each
-weight's error weighted by its input channel's variance from the previous BatchNorm, ``+iv``); MP3/6 (``mse``
+under each BatchNorm-statistics rule and both coefficient rules (``c=none``: the re-derived statistics alone,
+the default; ``c=loss``: the paper's closed-form coefficients), bias correction on and off; the same with
+4-level 2-bit low rules (``mse`` on the mid-rise grid; ``lloyd-optimal``, the exact 4-level per-channel
+codebook, plain and with each weight's error weighted by its input channel's variance from the previous BatchNorm, ``+iv``); MP3/6 (``mse``
 and ``dorefa`` 3-bit low layers) likewise; plain W4 per channel (``minmax`` and ``mse``) at a similar size.
 Columns: top-1 on the 1017 exact test images, top-1 agreement with the float model on the 10,000-image JPEG
-copy (for the float model, the no-compensation and default DF-MPC rows of MP2/6 ternary, MP2/6
-lloyd-optimal+iv and MP3/6 mse, and W4 minmax: a 10,000-image pass costs about a minute on one thread), the
+copy (for the float model, the no-compensation rows and the ``projection`` / ``projection-noise`` rows with
+``c=none`` of MP2/6 ternary, MP2/6 lloyd-optimal+iv and MP3/6 mse, and W4 minmax: a 10,000-image pass costs
+about a minute on one thread), the
 file size in bytes and the bits per quantized weight.
 
 Layers outside a pair (the stem ``conv1`` and the final ``linear``; the option-A shortcuts have no weights)
@@ -48,6 +50,9 @@ LOWS = {
     "MP3/6 dorefa": LayerRule("dorefa", 3),
 }
 PLAIN = {"W4 minmax": LayerRule("minmax", 4), "W4 mse": LayerRule("mse", 4)}
+STATS = ("float", "projection", "projection-noise", "moments")
+#: ``none``: c = 1, the re-derived statistics alone (the default); ``loss``: the paper's closed-form c.
+COEFFICIENTS = ("none", "loss")
 
 
 def _row(
@@ -83,12 +88,18 @@ def run(depth: int, agreement: bool, lows: dict[str, LayerRule] = LOWS) -> list[
             q, rep = quantize_model(model, dfmpc_config(low_layers, low, HIGH, bias_correction=bc))
             key = label in ("MP2/6 ternary", "MP2/6 lloyd-optimal+iv", "MP3/6 mse") and bc
             rows.append(_row(f"{label}, no compensation, {tag}", q, loaded, data, rep, agree=key))
-            for stats in ("float", "projection", "moments"):
-                q, rep, drep = compensate_model(model, low=low, high=HIGH, stats=stats, bias_correction=bc)
-                row = _row(f"{label}, DF-MPC {stats}, {tag}", q, loaded, data, rep, agree=key and stats == "projection")
-                row["c_mean"] = round(sum(p.c_mean for p in drep.pairs) / len(drep.pairs), 3)
-                row["max_dev"] = max(max(p.weight_dev, p.bias_dev) for p in drep.pairs)
-                rows.append(row)
+            for stats in STATS:
+                for coef in COEFFICIENTS:
+                    if stats == "float" and coef == "none":
+                        continue  # float statistics and c = 1: the no-compensation row
+                    q, rep, drep = compensate_model(
+                        model, low=low, high=HIGH, stats=stats, bias_correction=bc, coefficient=coef
+                    )
+                    agree = key and coef == "none" and stats in ("projection", "projection-noise")
+                    row = _row(f"{label}, DF-MPC {stats} c={coef}, {tag}", q, loaded, data, rep, agree=agree)
+                    row["c_mean"] = round(sum(p.c_mean for p in drep.pairs) / len(drep.pairs), 3)
+                    row["max_dev"] = max(max(p.weight_dev, p.bias_dev) for p in drep.pairs)
+                    rows.append(row)
             print(f"  resnet{depth} {label} {tag} done", flush=True)
     for label, rule in PLAIN.items():
         q, rep = quantize_model(model, QuantConfig(rule))

@@ -21,17 +21,30 @@ METHOD = "dfmpc"
 
 def add_dfmpc_arguments(p: argparse.ArgumentParser) -> None:
     """The DF-MPC options of ``quantize`` (used only with ``--method dfmpc``)."""
+    from .methods.dfmpc import COEFFICIENT_RULES, STAT_RULES
+
     g = p.add_argument_group("DF-MPC (--method dfmpc)")
     g.add_argument("--low-bits", type=int, help="bits of the low layers of each pair (default 2)")
     g.add_argument("--high-bits", type=int, help="bits of every other layer (default 6)")
     g.add_argument("--low-quantizer", help="rule of the low layers (default ternary at 2 bits, else mse)")
     g.add_argument("--high-quantizer", help="rule of every other layer (default minmax)")
+    g.add_argument(
+        "--low-options",
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="options of the low rule, e.g. weighting=input-variance for --low-quantizer lloyd-optimal",
+    )
     g.add_argument("--lambda1", type=float, help="weight of the bias term of the DF-MPC loss (default 0.5)")
     g.add_argument("--lambda2", type=float, help="ridge weight of the DF-MPC loss (default 0)")
     g.add_argument(
         "--bn-stats",
-        choices=("projection", "moments", "float"),
+        choices=STAT_RULES,
         help="data-free re-derivation of the low layers' BatchNorm statistics (default projection)",
+    )
+    g.add_argument(
+        "--coefficient",
+        choices=COEFFICIENT_RULES,
+        help="per-channel coefficients: none (c = 1, the re-derived statistics alone; the default) or loss (the "
+        "paper's closed-form minimum of the DF-MPC loss; the default when --lambda1 or --lambda2 is given)",
     )
 
 
@@ -52,7 +65,28 @@ def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
     quantizer_class(high_q)
     gran = args.granularity or "channel"
     sdt = args.scale_dtype or "float32"
-    return LayerRule(low_q, low_bits, gran, scale_dtype=sdt), LayerRule(high_q, high_bits, gran, scale_dtype=sdt)
+    options = parse_options(args.low_options) if args.low_options else {}
+    low = LayerRule(low_q, low_bits, gran, scale_dtype=sdt, options=options)
+    return low, LayerRule(high_q, high_bits, gran, scale_dtype=sdt)
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """``"a=1,b=x"`` -> ``{"a": 1, "b": "x"}`` (integers and floats converted, everything else a string)."""
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ConfigError(f"--low-options: expected KEY=VALUE items separated by commas, got {item!r}")
+        parsed: Any = value
+        for conv in (int, float):
+            try:
+                parsed = conv(value)
+                break
+            except ValueError:
+                continue
+        out[key] = parsed
+    return out
 
 
 def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,6 +98,11 @@ def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:
     if args.model is None:
         raise ConfigError("--method dfmpc needs a MODEL (for example cifar-resnet20)")
     low, high = _rules(args)
+    lambdas = args.lambda1 is not None or args.lambda2 is not None
+    if args.coefficient == "none" and lambdas:
+        raise ConfigError("--lambda1/--lambda2 weight the DF-MPC loss: they apply to --coefficient loss, not none")
+    # the lambdas only mean something for the loss coefficients: giving them selects those
+    coefficient = args.coefficient or ("loss" if lambdas else "none")
     tasks, progress, loaded = _start_quantize(args)
     qmodel, report, dreport = compensate_model(
         loaded.model,
@@ -74,6 +113,7 @@ def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:
         stats=args.bn_stats or "projection",
         bias_correction=not args.no_bias_correction,
         progress=progress.layers,
+        coefficient=coefficient,
     )
     progress.done()
     evals = _evaluate(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)

@@ -17,6 +17,7 @@ from dfquant.methods.dfmpc import (
     compensation_coefficients,
     compensation_loss,
     moment_statistics,
+    projection_noise_statistics,
     projection_statistics,
 )
 from dfquant.pairs import find_compensation_pairs
@@ -271,7 +272,7 @@ def test_bad_input_raises_named_errors() -> None:
     model = _trained_like(_plain(4))
     with pytest.raises(ConfigError, match="lambda1 must be a finite number >= 0, got -1"):
         compensate_model(model, lambda1=-1.0)
-    with pytest.raises(ConfigError, match="statistics rule must be one of moments, projection, float, got 'x'"):
+    with pytest.raises(ConfigError, match="rule must be one of moments, projection, projection-noise, float, got 'x'"):
         compensate_model(model, stats="x")
     with pytest.raises(ConfigError, match=r"granularity must be 'channel' or 'group:G'.*got 'tensor'"):
         compensate_model(model, low=LayerRule("ternary", 2, "tensor"))
@@ -315,6 +316,66 @@ def test_bad_input_raises_named_errors() -> None:
             1e-5,
             rule="float",
         )
+
+
+def test_projection_noise_rule_matches_the_sampled_statistics_of_the_quantized_layer() -> None:
+    ch = _chain(2)
+    w_hat = get_quantizer("ternary", 2).fake_quantize(ch["w1"])
+    # independent inputs of equal variance: sigma^2 kappa^2 + sum E^2 v is the quantized layer's variance
+    x = ch["x"] * 1.5 + 0.3
+    z, zq = F.conv2d(x, ch["w1"]), F.conv2d(x, w_hat)
+    std = z.var((0, 2, 3), correction=0).sqrt()
+    v = torch.full((8,), 1.5**2)
+    mu_hat, std_hat = projection_noise_statistics(ch["w1"], w_hat, z.mean((0, 2, 3)), std, v)
+    measured = zq.var((0, 2, 3), correction=0).sqrt()
+    torch.testing.assert_close(std_hat, measured, rtol=0.03, atol=0.0)
+    # the plain projection misses the noise: it is below the measured deviation on every channel
+    _, std_proj = projection_statistics(ch["w1"], w_hat, z.mean((0, 2, 3)), std)
+    assert bool((std_proj < 0.97 * measured).all())
+    torch.testing.assert_close(mu_hat, projection_statistics(ch["w1"], w_hat, z.mean((0, 2, 3)), std)[0])
+    # without input variances the rule is the projection
+    torch.testing.assert_close(projection_noise_statistics(ch["w1"], w_hat, z.mean((0, 2, 3)), std, None)[1], std_proj)
+    with pytest.raises(InputError, match="conv3: input variances must be non-negative"):
+        projection_noise_statistics(ch["w1"], w_hat, z.mean((0, 2, 3)), std, -v, where="conv3")
+
+
+def test_coefficient_none_keeps_only_the_rederived_statistics() -> None:
+    ch = _chain(3)
+    w_hat = get_quantizer("ternary", 2).fake_quantize(ch["w1"])
+    args = (ch["w1"], w_hat, ch["mean"], ch["var"], ch["gamma"], ch["beta"], 1e-5)
+    loss = compensate_layer(*args, rule="projection", coefficient="loss")
+    none = compensate_layer(*args, rule="projection", coefficient="none")
+    assert torch.equal(none.c, torch.ones(16)) and torch.equal(none.gamma, ch["gamma"])
+    torch.testing.assert_close(none.std_hat, loss.std_hat)
+    assert none.loss_after == none.loss_before and loss.loss_after < loss.loss_before
+    # the loss coefficients shrink: with the projection statistics c < 1 on every channel of a ternary layer
+    assert bool((loss.c < 1).all())
+    with pytest.raises(ConfigError, match="coefficient rule must be one of loss, none, got 'mse'"):
+        compensate_layer(*args, rule="projection", coefficient="mse")
+    model = _trained_like(_plain(4))
+    _, _, dreport = compensate_model(model)
+    assert dreport.coefficient == "none" and all(p.c_min == p.c_max == 1.0 for p in dreport.pairs)
+    assert "coefficients 'none'" in dreport.to_text()
+    with pytest.raises(ConfigError, match="coefficient rule must be one of loss, none, got 'x'"):
+        compensate_model(model, coefficient="x")
+
+
+def test_cli_low_options_and_coefficient_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from dfquant.cli import main
+    from dfquant.cli_dfmpc import parse_options
+
+    assert parse_options("weighting=input-variance,bins=64,x=0.5") == {
+        "weighting": "input-variance",
+        "bins": 64,
+        "x": 0.5,
+    }
+    with pytest.raises(ConfigError, match="--low-options: expected KEY=VALUE items separated by commas, got 'bins'"):
+        parse_options("bins")
+    base = ["quantize", "cifar-resnet20", "--method", "dfmpc"]
+    assert main([*base, "--coefficient", "none", "--lambda1", "0.5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dfquant: error: --lambda1/--lambda2 weight the DF-MPC loss: they apply to --coefficient loss, not none"
+    )
 
 
 def test_cli_refuses_options_dfmpc_does_not_take(capsys: pytest.CaptureFixture[str]) -> None:
