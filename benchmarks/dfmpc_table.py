@@ -4,13 +4,13 @@ For each model: float; MP2/6 (ternary low layers, minmax 6-bit elsewhere) withou
 under each BatchNorm-statistics rule and both coefficient rules (``c=none``: the re-derived statistics alone,
 the default; ``c=loss``: the paper's closed-form coefficients), bias correction on and off; the same with
 4-level 2-bit low rules (``mse`` on the mid-rise grid; ``lloyd-optimal``, the exact 4-level per-channel
-codebook, plain and with each weight's error weighted by its input channel's variance from the previous BatchNorm, ``+iv``); MP3/6 (``mse``
-and ``dorefa`` 3-bit low layers) likewise; plain W4 per channel (``minmax`` and ``mse``) at a similar size.
-Columns: top-1 on the 1017 exact test images, top-1 agreement with the float model on the 10,000-image JPEG
-copy (for the float model, the no-compensation rows and the ``projection`` / ``projection-noise`` rows with
-``c=none`` of MP2/6 ternary, MP2/6 lloyd-optimal+iv and MP3/6 mse, and W4 minmax: a 10,000-image pass costs
-about a minute on one thread), the
-file size in bytes and the bits per quantized weight.
+codebook, plain and with each weight's error weighted by its input channel's variance from the previous
+BatchNorm, ``+iv``); MP3/6 (``mse`` and ``dorefa`` 3-bit low layers) likewise; plain W4 per channel
+(``minmax`` and ``mse``) at a similar size. Columns: top-1 on the 1017 exact test images, top-1 agreement with
+the float model on the 10,000-image JPEG copy (for the float model, the no-compensation rows and the
+``projection`` / ``projection-noise`` rows with ``c=none`` of MP2/6 ternary, MP2/6 lloyd-optimal+iv and MP3/6
+mse, and W4 minmax: a 10,000-image pass costs about a minute on one thread), the file size in bytes and the
+bits per quantized weight.
 
 Layers outside a pair (the stem ``conv1`` and the final ``linear``; the option-A shortcuts have no weights)
 get the high rule (6 bits): they are not followed by a layer that could compensate them, and the stem reads
