@@ -4,11 +4,12 @@ and without a sparse binary residual on the largest weights.
 Usage: python benchmarks/rex_outliers.py MODEL [--windows N] [--variants a,b,...] [--bits B] [--json OUT]
 
 MODEL is ``minilm`` (STS-B test, 1379 pairs) or ``smollm2-135m`` (WikiText-2 test, the first N windows of 1024
-tokens). Variants: ``plain`` (minmax W3 per channel), ``clip-sign`` (the outlier mode: bulk fitted with the
-0.2 % largest weights clipped, one magnitude per sign), ``clip-row`` (one magnitude per output channel),
-``plain-sign`` (bulk = plain W3, residual on the same positions), ``mse`` (plain with the MSE-clipping rule),
-``mse-clip-sign`` (the outlier mode over the mse rule), ``lloyd`` / ``lloyd-clip-sign`` / ``lloyd-clip-row`` (the
-same over ``lloyd-empirical``, a per-channel 2^B-level codebook). The gap closed is
+tokens). Variants: ``plain`` (minmax W3 per channel), ``row`` (the outlier mode's default: each output
+channel's 0.2 % largest weights out of its range, one magnitude per row and sign), ``clip-sign`` / ``clip-row``
+(the tensor's 0.2 % largest weights, every row clipped at one threshold; one magnitude per sign / per row),
+``plain-sign`` (bulk = plain W3, residual on the same positions), ``mse`` / ``mse-row`` / ``mse-clip-sign`` (the
+same over the MSE-clipping rule), ``lloyd`` / ``lloyd-row`` / ``lloyd-clip-sign`` / ``lloyd-clip-row`` (over
+``lloyd-empirical``, a per-channel 2^B-level codebook). The gap closed is
 ``(q_outliers - q_plain) / (float - q_plain)`` against the ``plain`` row, and for each variant ``X-clip-*``
 also against its own bulk ``X`` (``gap_closed_own``); for perplexity it is also given on log-perplexity
 (``gap_closed_log``), the scale on which a model that is broken by millions still counts as broken.
@@ -30,16 +31,20 @@ from dfquant.eval import evaluate
 from dfquant.methods.outliers import split_outliers
 from dfquant.zoo import load_model
 
+#: name -> (bulk rule, fraction (0: none), base, magnitudes, selection, the variant it adds outliers to)
 VARIANTS = {
-    "plain": ("minmax", 0.0, "clip", "sign"),
-    "clip-sign": ("minmax", 0.002, "clip", "sign"),
-    "clip-row": ("minmax", 0.002, "clip", "row"),
-    "plain-sign": ("minmax", 0.002, "plain", "sign"),
-    "mse": ("mse", 0.0, "clip", "sign"),
-    "mse-clip-sign": ("mse", 0.002, "clip", "sign"),
-    "lloyd": ("lloyd-empirical", 0.0, "clip", "sign"),
-    "lloyd-clip-sign": ("lloyd-empirical", 0.002, "clip", "sign"),
-    "lloyd-clip-row": ("lloyd-empirical", 0.002, "clip", "row"),
+    "plain": ("minmax", 0.0, "clip", "sign", "global", None),
+    "row": ("minmax", 0.002, "clip", "row-sign", "row", "plain"),
+    "clip-sign": ("minmax", 0.002, "clip", "sign", "global", "plain"),
+    "clip-row": ("minmax", 0.002, "clip", "row", "global", "plain"),
+    "plain-sign": ("minmax", 0.002, "plain", "sign", "global", "plain"),
+    "mse": ("mse", 0.0, "clip", "sign", "global", None),
+    "mse-row": ("mse", 0.002, "clip", "row-sign", "row", "mse"),
+    "mse-clip-sign": ("mse", 0.002, "clip", "sign", "global", "mse"),
+    "lloyd": ("lloyd-empirical", 0.0, "clip", "sign", "global", None),
+    "lloyd-row": ("lloyd-empirical", 0.002, "clip", "row-sign", "row", "lloyd"),
+    "lloyd-clip-sign": ("lloyd-empirical", 0.002, "clip", "sign", "global", "lloyd"),
+    "lloyd-clip-row": ("lloyd-empirical", 0.002, "clip", "row", "global", "lloyd"),
 }
 
 
@@ -62,9 +67,11 @@ def main() -> None:
     print(f"{args.model} float {key} {fl:.3f} ({time.time() - t0:.0f} s)", flush=True)
     rows = []
     for name in args.variants.split(","):
-        rule, frac, base, scale = VARIANTS[name]
+        rule, frac, base, scale, select, _ = VARIANTS[name]
         frac = args.fraction if frac else 0.0
-        api.split_outliers = functools.partial(split_outliers, base=base, scale=scale)  # type: ignore[attr-defined]
+        api.split_outliers = functools.partial(  # type: ignore[attr-defined]
+            split_outliers, base=base, scale=scale, select=select
+        )
         cfg = QuantConfig(LayerRule(rule, args.bits, "channel", outliers=frac))
         t0 = time.time()
         q, rep = api.quantize_model(loaded.model, cfg)
@@ -76,6 +83,7 @@ def main() -> None:
             "fraction": frac,
             "base": base,
             "scale": scale,
+            "select": select,
             key: r[key],
             "bits_per_weight": tot["bits_per_weight"],
             "outliers": sum(x.outliers for x in rep.layers),
@@ -90,8 +98,8 @@ def main() -> None:
 
     for r in rows:
         name = r["variant"]
-        own = "plain" if name.startswith("clip-") or name == "plain-sign" else name.rsplit("-clip-", 1)[0]
-        refs = {"gap_closed": by_name.get("plain"), "gap_closed_own": by_name.get(own) if own != name else None}
+        own = VARIANTS[name][5]
+        refs = {"gap_closed": by_name.get("plain"), "gap_closed_own": by_name.get(own) if own else None}
         line = f"{name:<16} {key} {r[key]:.3f}  bits/w {r['bits_per_weight']:.3f}"
         for field, ref in refs.items():
             if ref is None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, InputError
-from .methods.outliers import OutlierResidual, outlier_bits
+from .methods.outliers import OUTLIER_SCALES, OutlierResidual, outlier_bits, scale_count
 from .methods.rex_act import InputSpec, expand_input, paired_forward
 from .packing import pack, packed_nbytes, unpack
 
@@ -33,7 +33,8 @@ class SparseTerm(nn.Module):
 
     Args:
         shape: the layer's oriented weight shape.
-        kind: ``"sign"`` (one magnitude per sign) or ``"row"`` (one per output channel).
+        kind: ``"row-sign"`` (two magnitudes per output channel), ``"sign"`` (one per sign) or ``"row"`` (one per
+            output channel).
         index: int32 ``(n,)`` flat positions. signs: uint8 packed sign bits. scale: float32 magnitudes.
     """
 
@@ -94,15 +95,15 @@ class SparseTerm(nn.Module):
         if not isinstance(meta, Mapping) or set(meta) != {"kind", "count"}:
             raise ConfigError(f"outlier metadata must be an object with keys kind, count; got {meta!r}")
         kind, n = meta["kind"], meta["count"]
-        if kind not in ("sign", "row"):
-            raise ConfigError(f"outlier kind must be 'sign' or 'row', got {kind!r}")
+        if kind not in OUTLIER_SCALES:
+            raise ConfigError(f"outlier kind must be one of {', '.join(OUTLIER_SCALES)}, got {kind!r}")
         numel = math.prod(shape)
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= numel:
             raise ConfigError(f"outlier count must be an integer in 0..{numel}, got {n!r}")
         return {
             "index": (torch.int32, (n,)),
             "signs": (torch.uint8, (packed_nbytes(n, 1),)),
-            "scale": (torch.float32, (2 if kind == "sign" else int(shape[0]),)),
+            "scale": (torch.float32, (scale_count(kind, int(shape[0])),)),
         }
 
     @classmethod

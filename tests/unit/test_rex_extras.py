@@ -158,22 +158,50 @@ def _heavy(out: int = 32, inp: int = 64) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("scale", ["sign", "row"])
+@pytest.mark.parametrize("scale", ["sign", "row", "row-sign"])
 def test_outlier_residual_is_sparse_binary_and_helps(scale: str) -> None:
     w = _heavy()
     q = get_quantizer("minmax", 3)
-    bulk, res = split_outliers(w, q, 0.004, scale=scale)
+    bulk, res = split_outliers(w, q, 0.004, scale=scale, select="global")
     n = round(0.004 * w.numel())
     assert res.index.numel() == n
     top = torch.topk(w.abs().reshape(-1), n).indices.sort().values
     assert torch.equal(res.index, top)  # the largest-magnitude weights
     vals = res.values()
-    if scale == "sign":
-        assert set(vals.abs().unique().tolist()) <= set(res.scale.tolist())
+    assert set(vals.abs().unique().tolist()) <= set(res.scale.tolist())
     approx = res.add_to(bulk.dequantize())
     plain = q.quantize(w, "channel").dequantize()
     assert float((approx - w).norm()) < 0.5 * float((plain - w).norm())
-    assert outlier_bits(n, scale, 32) == 33 * n + 32 * (2 if scale == "sign" else 32)
+    assert outlier_bits(n, scale, 32) == 33 * n + 32 * {"sign": 2, "row": 32, "row-sign": 64}[scale]
+
+
+def test_outliers_per_row_take_each_rows_largest_and_clip_each_row() -> None:
+    w = _heavy(32, 256)
+    q = get_quantizer("minmax", 3)
+    bulk, res = split_outliers(w, q, 0.01)  # defaults: select="row", scale="row-sign"
+    k = round(0.01 * 256)
+    assert res.kind == "row-sign" and res.index.numel() == 32 * k and res.scale.shape == (64,)
+    rows, cols = res.index // 256, res.index % 256
+    assert torch.equal(torch.bincount(rows, minlength=32), torch.full((32,), k))
+    top = torch.topk(w.abs(), k, dim=1).indices.sort(dim=1).values
+    assert torch.equal(cols.reshape(32, k), top)
+    # each row's bulk range is its own largest weight outside its outliers
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    mask.view(-1)[res.index] = True
+    t = torch.where(mask, torch.zeros_like(w), w.abs()).amax(dim=1)
+    torch.testing.assert_close(bulk.dequantize().abs().amax(dim=1), t, rtol=1e-5, atol=1e-7)
+    # per row and sign the magnitude is the mean |residual| of that row's outliers of that sign
+    r = (w.reshape(-1) - bulk.dequantize().reshape(-1))[res.index]
+    for row in (0, 7, 31):
+        for sign, col in ((1, 0), (-1, 1)):
+            sel = (rows == row) & (torch.sign(r) == sign)
+            if sel.any():
+                torch.testing.assert_close(res.scale[2 * row + col], r[sel].abs().mean())
+    approx = res.add_to(bulk.dequantize())
+    glob_bulk, glob = split_outliers(w, q, 0.01, select="global", scale="sign")
+    assert float((approx - w).norm()) < float((glob.add_to(glob_bulk.dequantize()) - w).norm())
+    with pytest.raises(ConfigError, match="outlier selection must be one of row, global, got 'col'"):
+        split_outliers(w, q, 0.01, select="col")
 
 
 def test_outliers_round_trip_and_bits(tmp_path: Path) -> None:
@@ -184,15 +212,15 @@ def test_outliers_round_trip_and_bits(tmp_path: Path) -> None:
     q, rep = quantize_model(net, QuantConfig(LayerRule("minmax", 3, outliers=0.004)))
     _plain, prep = quantize_model(net, QuantConfig(LayerRule("minmax", 3)))
     r0, p0 = rep.layers[0], prep.layers[0]
-    assert r0.outliers == round(0.004 * 64 * 32) and r0.rel_mse < 0.5 * p0.rel_mse
-    extra = outlier_bits(r0.outliers, "sign", 32) / (64 * 32)
+    assert r0.outliers == 32 * max(1, round(0.004 * 64)) and r0.rel_mse < 0.5 * p0.rel_mse
+    extra = outlier_bits(r0.outliers, "row-sign", 32) / (64 * 32)
     assert r0.bits_per_weight == pytest.approx(p0.bits_per_weight + extra)
     path = save_quantized(q, tmp_path / "o.safetensors", source={}, report=rep)
     q2, _manifest = load_quantized(path, build=lambda s: copy.deepcopy(net))
     x = torch.randn(5, 64)
     assert torch.equal(q2(x), q(x))
     assert torch.equal(q2[0].outliers.index, q[0].outliers.index)
-    assert read_manifest(path)["layers"]["0"]["outliers"] == {"kind": "sign", "count": r0.outliers}
+    assert read_manifest(path)["layers"]["0"]["outliers"] == {"kind": "row-sign", "count": r0.outliers}
     with pytest.raises(ConfigError, match="outliers"):
         quantize_model(net, QuantConfig(LayerRule("minmax", 3, outliers=0.004, expand=2)))
 
