@@ -37,6 +37,7 @@ VARIANTS = {
     "row": ("minmax", 0.002, "clip", "row-sign", "row", "plain"),
     "clip-sign": ("minmax", 0.002, "clip", "sign", "global", "plain"),
     "clip-row": ("minmax", 0.002, "clip", "row", "global", "plain"),
+    "clip-row-sign": ("minmax", 0.002, "clip", "row-sign", "global", "plain"),
     "plain-sign": ("minmax", 0.002, "plain", "sign", "global", "plain"),
     "mse": ("mse", 0.0, "clip", "sign", "global", None),
     "mse-row": ("mse", 0.002, "clip", "row-sign", "row", "mse"),

@@ -218,7 +218,17 @@ def _tie_key(w: torch.Tensor) -> tuple[object, ...]:
 
 
 def _same_rule(a: LayerRule, b: LayerRule) -> bool:
-    keys = ("quantizer", "bits", "granularity", "scale_dtype", "expand", "sparsity", "outliers", "residual_quantizer")
+    keys = (
+        "quantizer",
+        "bits",
+        "granularity",
+        "scale_dtype",
+        "expand",
+        "sparsity",
+        "outliers",
+        "outlier_select",
+        "residual_quantizer",
+    )
     return all(getattr(a, k) == getattr(b, k) for k in keys) and dict(a.options) == dict(b.options)
 
 
@@ -250,7 +260,13 @@ def _quantize_terms(
         if p.rule.expand > 1:
             raise ConfigError(f"outliers ({p.rule.outliers}) combine with plain terms only, not expand={p.rule.expand}")
         bulk, res = split_outliers(
-            w, p.quantizer, p.rule.outliers, granularity=p.granularity, name=name, scale_dtype=p.rule.scale_dtype
+            w,
+            p.quantizer,
+            p.rule.outliers,
+            granularity=p.granularity,
+            select=p.rule.outlier_select,
+            name=name,
+            scale_dtype=p.rule.scale_dtype,
         )
         return [QuantTerm.from_qtensor(bulk, options=p.rule.options)], bulk, SparseTerm.from_residual(res)
     if p.rule.expand == 1:

