@@ -311,3 +311,12 @@ def test_tradeoff_cli_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     assert len(csv_rows) == 1 + len(pts)
     assert "REx better" in (out / "tradeoff.md").read_text()
     assert main([*argv[:-2], "--eval", "fidelity,stsb", "--json"]) == 2
+
+
+def test_cli_outlier_select_needs_outliers(capsys: pytest.CaptureFixture[str]) -> None:
+    from dfquant.cli import main
+
+    assert main(["quantize", "cifar-resnet20", "--bits", "3", "--outlier-select", "row"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dfquant: error: --outlier-select chooses the weights of --outliers F: give --outliers too"
+    )
