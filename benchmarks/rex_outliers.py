@@ -70,10 +70,8 @@ def main() -> None:
     for name in args.variants.split(","):
         rule, frac, base, scale, select, _ = VARIANTS[name]
         frac = args.fraction if frac else 0.0
-        api.split_outliers = functools.partial(  # type: ignore[attr-defined]
-            split_outliers, base=base, scale=scale, select=select
-        )
-        cfg = QuantConfig(LayerRule(rule, args.bits, "channel", outliers=frac))
+        api.split_outliers = functools.partial(split_outliers, base=base, scale=scale)  # type: ignore[attr-defined]
+        cfg = QuantConfig(LayerRule(rule, args.bits, "channel", outliers=frac, outlier_select=select))
         t0 = time.time()
         q, rep = api.quantize_model(loaded.model, cfg)
         r = evaluate(task, loaded, None, q, limit=limit)["quantized"]
