@@ -320,3 +320,10 @@ def test_cli_outlier_select_needs_outliers(capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr().err.strip() == (
         "dfquant: error: --outlier-select chooses the weights of --outliers F: give --outliers too"
     )
+
+
+def test_rule_field_and_method_name_the_same_selections() -> None:
+    from dfquant.config import OUTLIER_SELECTS as CONFIG_SELECTS
+    from dfquant.methods.outliers import OUTLIER_SELECTS
+
+    assert CONFIG_SELECTS == OUTLIER_SELECTS

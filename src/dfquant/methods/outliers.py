@@ -122,7 +122,7 @@ def split_outliers(
         granularity: the bulk's granularity.
         base: ``"clip"`` or ``"plain"``.
         scale: ``"row-sign"``, ``"sign"`` or ``"row"``.
-        select: ``"row"`` (each row's largest) or ``"global"`` (the tensor's largest).
+        select: ``"global"`` (the tensor's largest; default) or ``"row"`` (each row's largest).
         name: for messages.
         scale_dtype: the bulk's scale storage dtype.
 
