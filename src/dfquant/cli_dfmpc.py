@@ -52,7 +52,13 @@ def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
     from .config import LayerRule
     from .quantizers import quantizer_class
 
-    for flag, value in (("--bits", args.bits), ("--config", args.config), ("--expand", args.expand)):
+    flags = (
+        ("--bits", args.bits),
+        ("--config", args.config),
+        ("--expand", args.expand),
+        ("--residual-method", args.residual_method),
+    )
+    for flag, value in flags:
         if value is not None:
             raise ConfigError(f"--method dfmpc takes --low-bits/--high-bits and per-pair rules, not {flag}")
     if args.sparsity is not None or args.no_fold_bn:

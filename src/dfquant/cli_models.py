@@ -132,12 +132,20 @@ def _build_config(args: argparse.Namespace) -> Any:
 
 
 def _rex_extras(args: argparse.Namespace) -> dict[str, Any]:
-    """``--act-bits`` and ``--outliers`` as rule fields (absent when not given)."""
+    """``--act-bits``, ``--residual-method``, ``--outliers`` and ``--outlier-select`` as rule fields (absent when
+    not given)."""
     out: dict[str, Any] = {}
     if getattr(args, "act_bits", None) is not None:
         out["act_bits"] = args.act_bits
     if getattr(args, "outliers", None) is not None:
         out["outliers"] = args.outliers
+    if getattr(args, "residual_method", None) is not None:
+        if not (getattr(args, "expand", None) or 1) > 1:
+            raise ConfigError("--residual-method is the rule of expansion orders >= 2: give --expand K (K >= 2)")
+        from .quantizers import quantizer_class
+
+        quantizer_class(args.residual_method)  # unknown names fail here, with the list of known ones
+        out["residual_quantizer"] = args.residual_method
     if getattr(args, "outlier_select", None) is not None:
         if not out.get("outliers"):
             raise ConfigError("--outlier-select chooses the weights of --outliers F: give --outliers too")
@@ -401,6 +409,11 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument(
         "--expand", type=int, help="residual expansion order K: K quantized terms per layer (default 1, plain)"
+    )
+    p.add_argument(
+        "--residual-method",
+        help="quantizer of expansion orders >= 2 (default: --method; mse suits the nearly uniform residual of a "
+        "uniform grid, whose extremes minmax would spend its outer levels on)",
     )
     p.add_argument(
         "--sparsity",

@@ -327,3 +327,20 @@ def test_rule_field_and_method_name_the_same_selections() -> None:
     from dfquant.methods.outliers import OUTLIER_SELECTS
 
     assert CONFIG_SELECTS == OUTLIER_SELECTS
+
+
+def test_cli_residual_method(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from dfquant.cli import main
+    from dfquant.cli_models import _rex_extras
+
+    base = ["quantize", "cifar-resnet20", "--bits", "2"]
+    assert main([*base, "--residual-method", "mse"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dfquant: error: --residual-method is the rule of expansion orders >= 2: give --expand K (K >= 2)"
+    )
+    assert main([*base, "--expand", "2", "--residual-method", "nope"]) == 2
+    assert "unknown quantizer 'nope'" in capsys.readouterr().err
+    import argparse
+
+    ns = argparse.Namespace(act_bits=None, outliers=None, outlier_select=None, expand=2, residual_method="mse")
+    assert _rex_extras(ns) == {"residual_quantizer": "mse"}
