@@ -378,7 +378,7 @@ def fit_groups(
         A :class:`GroupFit`. Groups with zero spread get ``std = 0`` and KS statistics of 0.
     """
     if ks not in ("both", "gaussian", "laplace"):
-        raise ValueError(f"ks must be 'both', 'gaussian' or 'laplace', got {ks!r}")
+        raise ConfigError(f"fit_groups: ks must be 'both', 'gaussian' or 'laplace', got {ks!r}")
     x = x.detach().to(torch.float32)
     m, n = x.shape
     if n >= _GRAIN or m == 0 or x.device.type != "cpu":

@@ -180,17 +180,30 @@ def projection_noise_statistics(
     mu_hat, sigma_k = projection_statistics(weight, weight_q, mean, std, where=where)
     if input_var is None:
         return mu_hat, sigma_k
+    _check_inputs(weight, groups, input_var, where)
+    w, wq = _rows(weight), _rows(weight_q)
+    e = (wq - _kappa(w, wq)[:, None] * w).reshape(weight.shape)
+    noise = _per_input_sum(e * e, _f32(input_var), groups)
+    return mu_hat, (sigma_k * sigma_k + noise).sqrt()
+
+
+def _check_inputs(weight: torch.Tensor, groups: int, input_var: torch.Tensor | None, where: str) -> None:
+    """``groups`` splits the output channels, and ``input_var`` (if given) holds one non-negative variance per
+    input channel."""
     out, ipg = weight.shape[0], weight.shape[1]
     if groups < 1 or out % groups:
         raise InputError(f"{where}: {out} output channels do not split into {groups} groups")
     _check_vec(input_var, ipg * groups, "input variance", where)
-    if bool((input_var < 0).any()):
+    if input_var is not None and bool((input_var < 0).any()):
         raise InputError(f"{where}: input variances must be non-negative")
-    w, wq = _rows(weight), _rows(weight_q)
-    e = (wq - _kappa(w, wq)[:, None] * w).reshape(out, ipg, -1)
-    v = _f32(input_var).reshape(groups, 1, ipg).expand(groups, out // groups, ipg).reshape(out, ipg)
-    noise = ((e * e).sum(2) * v).sum(1)
-    return mu_hat, (sigma_k * sigma_k + noise).sqrt()
+
+
+def _per_input_sum(t: torch.Tensor, vec: torch.Tensor, groups: int) -> torch.Tensor:
+    """``sum_{c, taps} t[o, c, taps] vec[group(o) * ipg + c]`` per output channel ``o`` of a weight-shaped ``t``
+    (``(out, in/groups, *kernel)`` or ``(out, in)``), ``vec`` one value per input channel."""
+    out, ipg = t.shape[0], t.shape[1]
+    per_in = t.reshape(out, ipg, -1).sum(2) if t.dim() > 2 else t
+    return torch.bmm(per_in.reshape(groups, out // groups, ipg), vec.reshape(groups, ipg, 1)).reshape(out)
 
 
 def moment_statistics(
@@ -227,25 +240,13 @@ def moment_statistics(
     _check_vec(mean, out, "running mean", where)
     _check_vec(std, out, "std", where)
     ipg = weight.shape[1]
-    if groups < 1 or out % groups:
-        raise InputError(f"{where}: {out} output channels do not split into {groups} groups")
+    _check_inputs(weight, groups, input_var, where)
     _check_vec(input_mean, ipg * groups, "input mean", where)
-    _check_vec(input_var, ipg * groups, "input variance", where)
-    if input_var is not None and bool((input_var < 0).any()):
-        raise InputError(f"{where}: input variances must be non-negative")
-    opg = out // groups
-
-    def per_in(t: torch.Tensor) -> torch.Tensor:  # (out, in/groups), taps summed
-        return t.reshape(out, ipg, -1).sum(2) if t.dim() > 2 else t
-
-    def apply(t: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:  # sum_c t[o, c] vec[group(o) * ipg + c]
-        return torch.bmm(t.reshape(groups, opg, ipg), vec.reshape(groups, ipg, 1)).reshape(out)
-
     w, wq = _f32(weight), _f32(weight_q)
     v = _f32(input_var) if input_var is not None else torch.ones(ipg * groups)
-    mu_hat = _f32(mean) + apply(per_in(wq - w), _f32(input_mean))
-    var_f = apply(per_in(w * w), v)
-    var_q = apply(per_in(wq * wq), v)
+    mu_hat = _f32(mean) + _per_input_sum(wq - w, _f32(input_mean), groups)
+    var_f = _per_input_sum(w * w, v, groups)
+    var_q = _per_input_sum(wq * wq, v, groups)
     ratio = torch.where(
         var_f > 0, var_q / torch.where(var_f > 0, var_f, torch.ones_like(var_f)), torch.ones_like(var_f)
     )
