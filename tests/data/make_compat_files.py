@@ -14,7 +14,7 @@ For each version ``V`` it writes:
   ``output`` on them.
 
 Files of format version 1 (``format_v1.safetensors``, ``format_v1_expected.safetensors``) were written by
-dfquant 0.1.0 with its own model (``V1Net`` in ``tests/unit/test_io.py``); they are kept as they are.
+dfquant 0.1.0 with its own model (:class:`V1Net`, built by :func:`build_v1`); they are kept as they are.
 """
 
 from __future__ import annotations
@@ -52,13 +52,44 @@ class CompatNet(nn.Module):
         return self.head(h)
 
 
+class V1Net(nn.Module):
+    """The model of ``format_v1.safetensors`` (written by dfquant 0.1.0, file format version 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids).transpose(1, 2)
+        h = torch.relu(self.bn(self.conv(h))).transpose(1, 2)
+        return self.fc(h)
+
+
+def build_v1(_source: object = None) -> V1Net:
+    """The float skeleton of the format-1 file."""
+    return V1Net().eval()
+
+
 def build(_source: object = None) -> CompatNet:
     """The float skeleton (any weights: loading replaces them)."""
     return CompatNet().eval()
 
 
 def trained() -> CompatNet:
-    """Deterministic float weights with some heavy-tailed rows, so that ``lloyd-max`` mixes its tables."""
+    """Deterministic float weights with some heavy-tailed rows, so that ``lloyd-max`` mixes its tables.
+
+    The global random state is forked and seeded with 0 inside (the state the format-2 files were written
+    with), so the weights do not depend on what the caller drew before.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _trained()
+
+
+def _trained() -> CompatNet:
     g = torch.Generator().manual_seed(2024)
     model = CompatNet()
     with torch.no_grad():
@@ -99,7 +130,6 @@ def main() -> int:
     from dfquant.api import quantize_model
     from dfquant.io import FORMAT_VERSION, save_quantized
 
-    torch.manual_seed(0)
     model_path = HERE / f"format_v{FORMAT_VERSION}_compat.safetensors"
     expected_path = HERE / f"format_v{FORMAT_VERSION}_compat_expected.safetensors"
     for p in (model_path, expected_path):

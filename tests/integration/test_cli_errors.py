@@ -292,11 +292,9 @@ def test_warnings_are_held_back_on_failure(monkeypatch: pytest.MonkeyPatch, caps
 @pytest.mark.assets
 def test_checkpoint_of_another_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A real ResNet-32 checkpoint given to the ResNet-20 loader."""
-    from dfquant.assets import asset_path, missing_reason
+    from conftest import require_asset
 
-    ckpt = asset_path("cifar10-resnet", "resnet32-d509ac18.th")
-    if ckpt is None:
-        pytest.skip(missing_reason("cifar10-resnet", "resnet32-d509ac18.th"))
+    ckpt = require_asset("cifar10-resnet", "resnet32-d509ac18.th")
     code = main(["quantize", "cifar-resnet20", "--checkpoint", str(ckpt), "--out", str(tmp_path / "q.safetensors")])
     _check_error(code, capsys.readouterr().err, "holds a CIFAR ResNet-32")
     assert os.listdir(tmp_path) == []

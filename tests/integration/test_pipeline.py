@@ -234,7 +234,6 @@ def test_plan_validation_raises_before_any_change(rule: PatternRule, needle: str
     assert same(before, snapshot(model))
 
 
-@pytest.mark.skipif("nf4" not in available(), reason="nf4 not registered")
 def test_bits_a_rule_does_not_support() -> None:
     with pytest.raises(ConfigError, match=r"layer 'pw'.*nf4.*4"):
         plan_quantization(SmallCNN(), QuantConfig(rules=(PatternRule("pw", quantizer="nf4", bits=3),)))
@@ -275,8 +274,8 @@ def test_inplace_and_single_layer_model() -> None:
 @pytest.mark.assets
 def test_resnet20_smoke(tmp_path: Path) -> None:
     """The real CIFAR-10 ResNet-20 weights through the pipeline and the file format (needs the zoo)."""
-    zoo = pytest.importorskip("dfquant.zoo")
-    from tests.conftest import require_asset
+    from conftest import require_asset
+    from dfquant import zoo
 
     ckpt = require_asset("cifar10-resnet", "resnet20-12fca82f.th")
     loaded = zoo.load_model("cifar-resnet20", checkpoint=str(ckpt))

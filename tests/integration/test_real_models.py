@@ -1,19 +1,18 @@
 """The zoo's real models reproduce the float figures measured in the assets' MANIFESTs.
 
-Each test skips, with the reason, when its asset or model package is missing. Measured on 2 CPU cores:
-ResNet-20 / ResNet-32 top-1 on the exact subset ~3 s each; MiniLM STS-B ~10 s; SmolLM2 load ~9 s, the greedy
+Each test skips, with the reason, when its asset or model package is missing (a failure under ``CI=true``).
+Measured on 2 CPU cores: ResNet-20 / ResNet-32 top-1 on the exact subset ~3 s each; MiniLM STS-B ~10 s; SmolLM2 load ~9 s, the greedy
 check ~1 s, 4 perplexity windows ~6 s; the slow ones: 10k JPEG top-1 ~10 s, 32 perplexity windows ~45 s.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from dfquant.assets import asset_path, missing_reason
+from conftest import require_asset, require_package
 from dfquant.eval import evaluate
 from dfquant.zoo import LoadedModel, build_architecture, load_model
 
@@ -21,13 +20,11 @@ pytestmark = pytest.mark.assets
 
 
 def _need_asset(*parts: str) -> None:
-    if asset_path(*parts) is None:
-        pytest.skip(missing_reason(*parts))
+    require_asset(*parts)
 
 
 def _need_package(module: str, pypi: str, extra: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"package '{pypi}' is not installed (pip install 'dfquant[{extra}]')")
+    require_package(module, pypi)
 
 
 def _cifar(depth: int) -> LoadedModel:

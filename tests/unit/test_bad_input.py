@@ -55,6 +55,43 @@ def _refused(name: str, gran: str) -> bool:
     return False
 
 
+#: The (rule, granularity) pairs a rule refuses: block formats take only their own block size.
+REFUSED = sorted(
+    (name, gran)
+    for name in QUANTIZERS
+    for gran in [*GRANULARITIES, "group:8"]
+    if _block_format(name) and _refused(name, gran)
+)
+
+
+def _pairs(grans: list[str]) -> list:  # type: ignore[type-arg]
+    """``(name, gran)`` cases; those the rule refuses are skipped with the reason (their refusal is tested in
+    :func:`test_block_formats_refuse_other_granularities`)."""
+    out = []
+    for name in QUANTIZERS:
+        for gran in grans:
+            marks = ()
+            if (name, gran) in REFUSED:
+                reason = f"{name} refuses {gran}: a block format takes only its own block size"
+                marks = (pytest.mark.skip(reason=reason),)
+            out.append(pytest.param(name, gran, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize(("name", "gran"), REFUSED)
+def test_block_formats_refuse_other_granularities(name: str, gran: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        _q(name).quantize(torch.randn(4, 64), gran)
+    assert name in str(e.value) and gran in str(e.value)
+
+
+def test_only_block_formats_refuse_a_granularity() -> None:
+    assert REFUSED and {n for n, _ in REFUSED} <= {n for n in QUANTIZERS if _block_format(n)}
+    for name in QUANTIZERS:
+        if not _block_format(name):
+            assert not any(_refused(name, g) for g in [*GRANULARITIES, "group:8"]), name
+
+
 def _exact_or_nearest(name: str, out: torch.Tensor, x: torch.Tensor) -> None:
     """Constant groups decode exactly, except with block formats, whose power-of-two (MX) or E4M3 (NVFP4) block
     scales put a constant on the nearest FP4 level: ``|err| <= |x| / 4`` (MX maps amax into [4, 8) of E2M1,
@@ -76,11 +113,8 @@ def _fq(name: str, x: torch.Tensor, gran: str) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("gran", GRANULARITIES)
-@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize(("name", "gran"), _pairs(GRANULARITIES))
 def test_non_finite_weights_are_refused_by_name(name: str, gran: str) -> None:
-    if _refused(name, gran):
-        return
     for bad, what in ((float("nan"), "1 NaN"), (float("inf"), "1 infinite"), (-float("inf"), "1 infinite")):
         x = torch.randn(4, 20)
         x[2, 7] = bad
@@ -93,11 +127,8 @@ def test_non_finite_weights_are_refused_by_name(name: str, gran: str) -> None:
         assert torch.equal(x.isnan(), before.isnan()) and torch.equal(x.nan_to_num(), before.nan_to_num())
 
 
-@pytest.mark.parametrize("gran", GRANULARITIES)
-@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize(("name", "gran"), _pairs(GRANULARITIES))
 def test_constant_and_zero_groups_are_exact(name: str, gran: str) -> None:
-    if _refused(name, gran):
-        return
     assert torch.equal(_fq(name, torch.zeros(3, 24), gran), torch.zeros(3, 24))
     _exact_or_nearest(name, _fq(name, torch.full((3, 24), -0.37), gran), torch.full((3, 24), -0.37))
     # some constant groups inside an ordinary tensor: those groups are exact (at channel and group granularity)
@@ -112,11 +143,8 @@ def test_constant_and_zero_groups_are_exact(name: str, gran: str) -> None:
         _exact_or_nearest(name, out[3, :16], x[3, :16])
 
 
-@pytest.mark.parametrize("gran", GRANULARITIES)
-@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize(("name", "gran"), _pairs(GRANULARITIES))
 def test_single_elements_are_exact(name: str, gran: str) -> None:
-    if _refused(name, gran):
-        return
     for x in (torch.tensor([[0.3]]), torch.tensor([-1.7]), torch.tensor(0.25)):
         if x.dim() or not _block_format(name):  # a block format has no per-tensor form for a 0-d tensor
             _exact_or_nearest(name, _fq(name, x, gran), x)
@@ -125,11 +153,8 @@ def test_single_elements_are_exact(name: str, gran: str) -> None:
         _exact_or_nearest(name, _fq(name, x, gran), x)
 
 
-@pytest.mark.parametrize("gran", GRANULARITIES)
-@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize(("name", "gran"), _pairs(GRANULARITIES))
 def test_empty_tensors_are_refused(name: str, gran: str) -> None:
-    if _refused(name, gran):
-        return
     for shape in ((0, 8), (3, 0), (0,)):
         with pytest.raises(InputError, match=rf"tensor 'w' is empty \(shape {re_shape(shape)}\)"):
             _q(name).quantize(torch.zeros(shape), gran, name="w")
@@ -139,12 +164,10 @@ def re_shape(shape: tuple[int, ...]) -> str:
     return r"\(" + ", ".join(map(str, shape)) + (r",\)" if len(shape) == 1 else r"\)")
 
 
-@pytest.mark.parametrize("G", [4, 16])
-@pytest.mark.parametrize("name", QUANTIZERS)
-def test_groups_that_do_not_divide_the_row(name: str, G: int) -> None:
+@pytest.mark.parametrize(("name", "gran"), _pairs(["group:4", "group:16"]))
+def test_groups_that_do_not_divide_the_row(name: str, gran: str) -> None:
     """Rows of 13 (prime) and 3 (shorter than the group): each group is quantized as if on its own."""
-    if _refused(name, f"group:{G}"):
-        return
+    G = int(gran.split(":")[1])
     g = torch.Generator().manual_seed(11)
     for cols in (13, 3, 37):
         x = torch.randn(5, cols, generator=g)
@@ -164,11 +187,8 @@ def test_groups_that_do_not_divide_the_row(name: str, G: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("gran", ["channel", "group:4"])
-@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize(("name", "gran"), _pairs(["channel", "group:4"]))
 def test_half_precision_inputs_follow_float32(name: str, gran: str, dtype: torch.dtype) -> None:
-    if _refused(name, gran):
-        return
     x = (torch.randn(6, 22) * 0.05).to(dtype)
     out = _fq(name, x, gran)
     ref = _fq(name, x.float(), gran).to(dtype)
@@ -195,11 +215,8 @@ def _bad_bits_config(name: str) -> QuantConfig:
     return QuantConfig(LayerRule(name, 4, options={"no_such_option": 1}))
 
 
-@pytest.mark.parametrize("gran", GRANULARITIES)
-@pytest.mark.parametrize("name", QUANTIZERS)
+@pytest.mark.parametrize(("name", "gran"), _pairs(GRANULARITIES))
 def test_non_float_input_is_refused(name: str, gran: str) -> None:
-    if _refused(name, gran):
-        return
     for x in (torch.arange(12).reshape(3, 4), torch.ones(3, 4, dtype=torch.bool), [[1.0, 2.0]]):
         with pytest.raises(InputError, match=r"must be a floating-point torch\.Tensor"):
             _q(name).quantize(x, gran, name="w")  # type: ignore[arg-type]

@@ -407,38 +407,6 @@ def test_saved_file_gets_the_usual_permissions(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o640  # as open() would create it, not mkstemp's 0600
 
 
-class V1Net(nn.Module):
-    """The model of ``tests/data/format_v1.safetensors`` (written by dfquant 0.1.0, file format version 1)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(16, 8)
-        self.conv = nn.Conv1d(8, 8, 3, padding=1)
-        self.bn = nn.BatchNorm1d(8)
-        self.fc = nn.Linear(8, 16)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.emb(ids).transpose(1, 2)
-        h = torch.relu(self.bn(self.conv(h))).transpose(1, 2)
-        return self.fc(h)
-
-
-DATA = Path(__file__).resolve().parents[1] / "data"
-
-
-def test_format_v1_file_reloads_bit_identical() -> None:
-    """A file of format version 1 (float32 scales, no ``scale_dtype`` key, embedding left float) still loads
-    and computes exactly the outputs recorded when it was written."""
-    path = DATA / "format_v1.safetensors"
-    man = read_manifest(path)
-    assert man["format_version"] == 1 and "scale_dtype" not in man["layers"]["conv"]["terms"][0]
-    model, _ = load_quantized(path, build=lambda src: V1Net())
-    expected = load_file(DATA / "format_v1_expected.safetensors")
-    with torch.no_grad():
-        assert torch.equal(model(expected["ids"]), expected["output"])
-    assert model.conv.terms[0].scale.dtype == torch.float32
-
-
 def test_term_keys_follow_the_format_version(saved: Path, tmp_path: Path) -> None:
     def drop(m: dict) -> None:
         del _term(m)["scale_dtype"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import require_module
 from dfquant.errors import InputError
 from dfquant.io import load_quantized, save_quantized
 from dfquant.nn import QuantModule
@@ -14,7 +15,7 @@ from dfquant.qat import QATConfig, QATLayer, convert, prepare_qat
 from dfquant.qat_lm import LM_KEEP_FLOAT, causal_lm_loss, lm_perplexity, lm_train_batches
 from dfquant.qat_train import train_qat
 
-transformers = pytest.importorskip("transformers", reason="the LM QAT path needs transformers for LlamaForCausalLM")
+transformers = require_module("transformers")  # the LM QAT path needs LlamaForCausalLM
 
 
 def _tiny_llama() -> torch.nn.Module:

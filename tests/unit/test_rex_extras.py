@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from conftest import require_module
 from dfquant import cli_models
 from dfquant.api import quantize_model
 from dfquant.cli import main
@@ -265,7 +266,7 @@ MODULE = "dfquant_rex_tradeoff_builders"
 
 
 def test_tradeoff_cli_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("matplotlib", reason="the PNG needs the 'plots' extra")
+    require_module("matplotlib")  # the PNG needs the 'plots' extra
     (tmp_path / f"{MODULE}.py").write_text(BUILDER)
     monkeypatch.syspath_prepend(str(tmp_path))
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from conftest import require_module
 from dfquant.errors import FileFormatError, ModelError
 from dfquant.zoo import (
     CifarResNet,
@@ -335,8 +336,8 @@ def test_unpermuted_qk_gives_the_same_attention_scores_as_llama_cpp() -> None:
 
 
 def _write_tiny_llama_gguf(path: Path) -> tuple[nn.Module, list[str]]:
-    gguf = pytest.importorskip("gguf")
-    tf = pytest.importorskip("transformers")
+    gguf = require_module("gguf")
+    tf = require_module("transformers")
     from tokenizers.pre_tokenizers import ByteLevel
 
     torch.manual_seed(0)
@@ -431,7 +432,7 @@ def test_tiny_gguf_round_trip_matches_the_reference_llama(tmp_path: Path) -> Non
 
 
 def _tiny_bert_folder(tmp_path: Path, sentence: bool) -> Path:
-    tf = pytest.importorskip("transformers")
+    tf = require_module("transformers")
     folder = tmp_path / ("st" if sentence else "bert")
     folder.mkdir()
     words = [
@@ -512,7 +513,7 @@ def test_folder_without_config_is_refused(tmp_path: Path) -> None:
 
 
 def test_local_causal_lm_folder(tmp_path: Path) -> None:
-    tf = pytest.importorskip("transformers")
+    tf = require_module("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = ["<unk>", "<eos>", "the", "cat", "sat", "on", "a", "mat"]
