@@ -1,8 +1,9 @@
 """The zoo's real models reproduce the float figures measured in the assets' MANIFESTs.
 
 Each test skips, with the reason, when its asset or model package is missing (a failure under ``CI=true``).
-Measured on 2 CPU cores: ResNet-20 / ResNet-32 top-1 on the exact subset ~3 s each; MiniLM STS-B ~10 s; SmolLM2 load ~9 s, the greedy
-check ~1 s, 4 perplexity windows ~6 s; the slow ones: 10k JPEG top-1 ~10 s, 32 perplexity windows ~45 s.
+Measured on 2 CPU cores: ResNet-20 / ResNet-32 top-1 on the exact subset ~3 s each; MiniLM STS-B ~10 s;
+SmolLM2 load ~9 s, the greedy check ~1 s, 4 perplexity windows ~6 s; the slow ones: 10k JPEG top-1 ~10 s,
+32 perplexity windows ~45 s.
 """
 
 from __future__ import annotations
