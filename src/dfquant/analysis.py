@@ -57,22 +57,33 @@ def theory(dist: str, bits: int, group_size: int = 1024, names: list[str] | None
         names: restrict to these registered rules.
 
     Returns:
-        ``{name: {"mse", "sqnr_db", "levels" (where fixed), "clip" (largest level magnitude, where fixed)}}``.
+        ``{name: {"grid", "covered", "mse", "sqnr_db", "levels" (where fixed), "clip" (largest level magnitude,
+        where fixed)}}``. A rule the error model does not cover (``ternary``, ``dorefa``, the block formats) has
+        ``covered: False``, ``mse`` and ``sqnr_db`` None and a ``reason``.
+
+    Raises:
+        ConfigError: the error model covers none of the rules asked for.
     """
     check_dist(dist)
     out: dict[str, dict[str, Any]] = {}
     for name, q in quantizer_variants(bits, names).items():
         try:
             mse = q.expected_mse(dist, group_size)
-        except NotImplementedError:
+        except NotImplementedError as e:
+            out[name] = {"grid": q.grid_name, "covered": False, "mse": None, "sqnr_db": None, "reason": str(e)}
             continue
-        row: dict[str, Any] = {"mse": mse, "sqnr_db": 10 * math.log10(1 / mse) if mse > 0 else math.inf}
+        row: dict[str, Any] = {"covered": True, "mse": mse, "sqnr_db": 10 * math.log10(1 / mse) if mse > 0 else None}
         lv = q.unit_levels(dist, group_size)
         if lv is not None:
             row["levels"] = [float(v) for v in lv]
             row["clip"] = float(lv.abs().max())
         row["grid"] = q.grid_name
         out[name] = row
+    if not any(row["covered"] for row in out.values()):
+        raise ConfigError(
+            f"the error model covers none of the rules asked for ({', '.join(out)}) at {bits} bits: "
+            + "; ".join(str(row["reason"]) for row in out.values())
+        )
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -55,13 +56,17 @@ def cmd_theory(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(f"{'quantizer':<18} {'grid':<18} {'MSE':>11} {'SQNR dB':>8}  clip / levels")
         for name, row in result.items():
+            if not row["covered"]:
+                print(f"{name:<18} {row['grid']:<18} {'-':>11} {'-':>8}  not covered: {row['reason']}")
+                continue
             lv = row.get("levels")
             shown = ""
             if lv is not None:
                 shown = f"{row['clip']:.4f}"
                 if len(lv) <= 16:
                     shown += "  [" + ", ".join(f"{v:.4f}" for v in lv) + "]"
-            print(f"{name:<18} {row['grid']:<18} {row['mse']:>11.6g} {row['sqnr_db']:>8.2f}  {shown}")
+            sqnr = "inf" if row["sqnr_db"] is None else f"{row['sqnr_db']:.2f}"
+            print(f"{name:<18} {row['grid']:<18} {row['mse']:>11.6g} {sqnr:>8}  {shown}")
     return result
 
 
@@ -135,7 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dfquant {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("theory", help="levels and expected MSE of every quantizer for a unit-variance source")
+    p = sub.add_parser(
+        "theory",
+        help="levels and expected MSE of each rule for a unit-variance source (rules the error model does not "
+        "cover are listed as such)",
+    )
     p.add_argument("--dist", choices=["gaussian", "laplace"], default="gaussian")
     p.add_argument("--bits", type=int, required=True)
     p.add_argument("--group-size", type=int, default=1024, help="samples per group for sample-dependent clips")
@@ -197,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for w in caught:
         sys.stderr.write(f"dfquant: warning: {_one_line(str(w.message))}\n")
     if args.json:
-        sys.stdout.write(json.dumps(result, default=_json_default, allow_nan=True) + "\n")
+        sys.stdout.write(json.dumps(json_ready(result), allow_nan=False) + "\n")
     return 0
 
 
@@ -205,13 +214,23 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _json_default(o: object) -> object:
+def json_ready(o: object) -> object:
+    """``o`` as strict JSON values: tensors as lists, tuples and sets as lists, NaN and infinities as ``null``
+    (JSON has no such numbers), any other object as its text."""
     import torch
 
     if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, tuple | set):
-        return list(o)
+        return json_ready(o.tolist())
+    if isinstance(o, dict):
+        return {str(k): json_ready(v) for k, v in o.items()}
+    if isinstance(o, list | tuple | set):
+        return [json_ready(v) for v in o]
+    if o is None or isinstance(o, bool | str):
+        return o
+    if isinstance(o, numbers.Integral):
+        return int(o)
+    if isinstance(o, numbers.Real):
+        return float(o) if math.isfinite(o) else None
     return str(o)
 
 

@@ -16,13 +16,50 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"the JSON holds {name}, which strict JSON does not allow")
+
+
 def test_theory_json_is_keyed_by_quantizer(capsys: pytest.CaptureFixture[str]) -> None:
-    out = run_json(capsys, "theory", "--dist", "gaussian", "--bits", "3")
+    assert main(["theory", "--dist", "gaussian", "--bits", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=_no_constants)
     assert "minmax" in out and "mse" in out
-    assert out["mse"]["mse"] == pytest.approx(0.03744, abs=5e-5)
-    assert len(out["mse"]["levels"]) == 8
-    for row in out.values():
-        assert row["mse"] > 0
+    # Lloyd-Max 4-bit Gaussian quantizer: MSE 0.009497 (Max 1960, Table II)
+    assert out["lloyd-max"]["mse"] == pytest.approx(0.009497, rel=2e-3)
+    assert len(out["mse"]["levels"]) == 16
+    covered = {name for name, row in out.items() if row["covered"]}
+    assert set(out) - covered == {"dorefa", "mxfp4", "nvfp4"}  # ternary has no 4-bit form
+    for name, row in out.items():
+        if row["covered"]:
+            assert row["mse"] > 0 and row["sqnr_db"] > 0, name
+        else:
+            assert row["mse"] is None and row["sqnr_db"] is None and "no error model" in row["reason"], name
+
+
+def test_theory_of_only_uncovered_rules_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["theory", "--bits", "2", "--quantizers", "ternary", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "covers none of the rules asked for (ternary)" in captured.err
+
+
+def test_theory_text_lists_uncovered_rules(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["theory", "--bits", "4", "--quantizers", "nf4,mxfp4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (mx,) = [line for line in lines if line.startswith("mxfp4")]
+    assert "not covered" in mx
+    (nf4,) = [line for line in lines if line.startswith("nf4")]
+    assert "not covered" not in nf4 and "19.64" in nf4  # NF4's expected SQNR on a unit Gaussian, groups of 1024
+
+
+def test_json_ready_writes_non_finite_numbers_as_null() -> None:
+    import numpy as np
+
+    from dfquant.cli import json_ready
+
+    got = json_ready({"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": torch.tensor([1.0, float("nan")])})
+    assert got == {"a": None, "b": [None, None, 1.5], "c": [1.0, None]}
+    assert json_ready({"n": np.int64(3), "x": np.float32(0.5), "t": (1, 2)}) == {"n": 3, "x": 0.5, "t": [1, 2]}
 
 
 def test_theory_text(capsys: pytest.CaptureFixture[str]) -> None:
