@@ -278,6 +278,9 @@ def test_resnet20_smoke(tmp_path: Path) -> None:
     from dfquant import zoo
 
     ckpt = require_asset("cifar10-resnet", "resnet20-12fca82f.th")
+    require_asset("cifar10-test", "cifar10_test_first1017.npz")
+    from dfquant.eval.cifar10 import load_cifar10, preprocess
+
     loaded = zoo.load_model("cifar-resnet20", checkpoint=str(ckpt))
     q, report = quantize_model(loaded.model, QuantConfig(LayerRule("minmax", 4)))
     assert report.graph_method == "fx" and len(report.folded_bn) == 19 and len(report.layers) == 20
@@ -288,9 +291,9 @@ def test_resnet20_smoke(tmp_path: Path) -> None:
     )
     path = save_quantized(q, tmp_path / "r20.safetensors", source=loaded.source, report=report)
     back, _ = load_quantized(path)
-    x = torch.randn(8, 3, 32, 32)
+    x = preprocess(load_cifar10()[0][:256])  # the first 256 real test images
     with torch.no_grad():
         assert torch.equal(back(x), q(x))
         agree = float((q(x).argmax(1) == loaded.model(x).argmax(1)).float().mean())
-    assert agree >= 0.5
+    assert agree >= 0.95  # W4 per channel keeps the float model's class on 98 % of them (251 of 256)
     assert path.stat().st_size < report.float_model_bytes / 5

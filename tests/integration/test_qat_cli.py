@@ -26,11 +26,14 @@ def test_qat_cli_reports_ptq_and_the_float_baseline(tmp_path: Path, capsys: pyte
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["weight_rule"] == "iterative" and res["steps"] == 3 and out.is_file()
-    # W4 per channel starts at the PTQ result (91.45 % with bias correction; QAT has none) and 3 small steps
-    # keep it close to the float model (91.64 %), as does the float fine-tune of the baseline
+    # W4 per channel starts at the PTQ result (91.35 %: no bias correction in QAT; 91.45 % with it) and 3 small
+    # steps keep it within about a point and a half of the float model (91.64 %; measured 90.27 %), as does the
+    # float fine-tune of the baseline (91.15 %) and its PTQ (91.35 %); a broken step lands far below
     assert res["float_top1"] == pytest.approx(91.64, abs=0.01)
-    for key in ("qat_top1", "ptq_top1", "float_finetuned_top1", "ptq_finetuned_top1"):
-        assert 85.0 < res[key] <= 100.0, key
+    assert res["ptq_top1"] == pytest.approx(91.35, abs=0.2)
+    assert 89.5 <= res["qat_top1"] <= 91.64
+    for key in ("float_finetuned_top1", "ptq_finetuned_top1"):
+        assert 90.5 <= res[key] <= 92.0, key
     assert main(["eval", str(out), "--eval", "cifar10", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["eval"]["cifar10"]["quantized"]["top1"] == pytest.approx(res["qat_top1"], abs=0.01)

@@ -75,6 +75,7 @@ def test_minilm_w3_outlier_residual_closes_most_of_the_gap() -> None:
     outl, orep = quantize_model(loaded.model, QuantConfig(LayerRule("minmax", 3, outliers=0.002)))
     q_plain = evaluate("stsb", loaded, None, plain)["quantized"]["spearman"]
     q_outl = evaluate("stsb", loaded, None, outl)["quantized"]["spearman"]
-    assert (q_outl - q_plain) / (fl - q_plain) >= 0.5
+    assert fl == pytest.approx(82.03, abs=0.01) and q_plain < 12.0 and q_outl > 77.0
+    assert (q_outl - q_plain) / (fl - q_plain) >= 0.93  # measured: 94.1 %
     extra = orep.totals()["bits_per_weight"] - prep.totals()["bits_per_weight"]
     assert 0.1 < extra < 0.3

@@ -160,8 +160,24 @@ def test_pairs_evaluator_on_a_toy_encoder() -> None:
     calls: list[tuple[str, int, int]] = []
     r = evaluate("pairs", loaded, model, quant, progress=lambda *a: calls.append(a))
     assert r["task"] == "pairs" and r["setup"]["pairs"] == len(load_demo_pairs())
-    for key in ("float", "quantized"):
-        assert -100 <= r[key]["spearman"] <= 100 and -100 <= r[key]["pearson"] <= 100
+    # an independent computation: float64 character histograms, each model's matrix, cosine, scipy's statistics
+    pairs = load_demo_pairs()
+    gold = np.array([g for _, _, g in pairs])
+
+    def hist(text: str) -> np.ndarray:
+        h = np.zeros(28)
+        for c in text.lower():
+            h[(ord(c) - 96) if "a" <= c <= "z" else 27] += 1
+        return h
+
+    for key, net in (("float", model), ("quantized", quant)):
+        w = net.proj.weight.detach().double().numpy()
+        cos = []
+        for a, b, _ in pairs:
+            ea, eb = w @ hist(a), w @ hist(b)
+            cos.append(ea @ eb / (np.linalg.norm(ea) * np.linalg.norm(eb)))
+        assert r[key]["spearman"] == pytest.approx(100 * stats.spearmanr(cos, gold).statistic, abs=2e-4), key
+        assert r[key]["pearson"] == pytest.approx(100 * stats.pearsonr(cos, gold).statistic, abs=2e-4), key
     assert 0.9 < r["quantized"]["embedding_cosine"] < 1.0
     assert calls and calls[-1][1] == calls[-1][2]
     only_float = evaluate("pairs", loaded, model, None, limit=5)

@@ -24,4 +24,6 @@ def test_tradeoff_points_become_the_bops_plot(tmp_path: Path) -> None:
     ]
     html, counts = render_report(f)
     assert "rex W2 K=2 s=0.5" in html
-    assert counts
+    # no layer table and no histogram in a trade-off file: the one plot is accuracy against bit operations
+    assert counts == {"rows": 0, "histograms": 0, "plots": 1}
+    assert html.count("<svg") == 1 and "Accuracy against bit operations" in html
