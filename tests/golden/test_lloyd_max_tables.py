@@ -17,6 +17,8 @@ from scipy import integrate
 from dfquant.distributions import LAPLACE_BETA, pdf
 from dfquant.lloyd_max import lloyd_max_table
 
+pytestmark = pytest.mark.portable  # published values: checked under every CPU capability (make test-portable)
+
 # Distortion of the unit-variance source at 1, 2, 3, 4 bits, to the printed precision.
 GAUSSIAN_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03455, 4: 0.009501}
 LAPLACE_MSE = {1: 0.5, 2: 0.1762, 3: 0.0545, 4: 0.0154}

@@ -160,7 +160,10 @@ CASES = {
     # fails after quantizing (the fidelity check cannot feed a module with no input shape): no file either
     "task-fails-after-quantizing": ([*Q, "--eval", "fidelity"], "input shape"),
     # outputs
-    "out-folder-missing": (["quantize", "{tiny.safetensors}", B, "--out", "{OUT}/no/q.safetensors"], "/no' does not exist"),
+    "out-folder-missing": (
+        ["quantize", "{tiny.safetensors}", B, "--out", "{OUT}/no/q.safetensors"],
+        "/no' does not exist",
+    ),
     "out-is-a-folder": (["quantize", "{tiny.safetensors}", B, "--out", "{OUT}"], "is a folder"),
     "unknown-model-name": (["quantize", "no-such-model", "--out", "{OUT}/q.safetensors"], "unknown model"),
 }

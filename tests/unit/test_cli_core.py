@@ -57,7 +57,9 @@ def test_json_ready_writes_non_finite_numbers_as_null() -> None:
 
     from dfquant.cli import json_ready
 
-    got = json_ready({"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": torch.tensor([1.0, float("nan")])})
+    got = json_ready(
+        {"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": torch.tensor([1.0, float("nan")])}
+    )
     assert got == {"a": None, "b": [None, None, 1.5], "c": [1.0, None]}
     assert json_ready({"n": np.int64(3), "x": np.float32(0.5), "t": (1, 2)}) == {"n": 3, "x": 0.5, "t": [1, 2]}
 
