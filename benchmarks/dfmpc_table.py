@@ -24,7 +24,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from bench_common import write_json
 from dfquant.api import quantize_model
 from dfquant.compensation import compensate_model, dfmpc_config
 from dfquant.config import LayerRule, QuantConfig
@@ -135,7 +135,7 @@ def main() -> None:
                 f"{r.get('bits_per_weight', '-')} | {r.get('c_mean', '-')} |"
             )
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(Path(args.json), out)
 
 
 if __name__ == "__main__":

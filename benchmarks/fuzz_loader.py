@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,8 +58,7 @@ def main() -> int:
     for kind in kinds:
         print(f"  {kind:<28} loaded {stats.get(kind + ':loaded', 0):>6}  refused {stats.get(kind + ':refused', 0):>6}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(stats, indent=1))
+        write_json(Path(args.out), stats)  # atomic; creates the folder
     return 0 if proc.returncode == 0 else 1
 
 

@@ -22,10 +22,12 @@ import functools
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
 import dfquant.api as api
+from bench_common import write_json
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.eval import evaluate
 from dfquant.methods.outliers import split_outliers
@@ -110,8 +112,7 @@ def main() -> None:
                 line += f" (log {r[field + '_log']:.2f})"
         print(line)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "task": task, "limit": limit, "float": fl, "rows": rows}, f, indent=1)
+        write_json(Path(args.json), {"model": args.model, "task": task, "limit": limit, "float": fl, "rows": rows})
 
 
 if __name__ == "__main__":

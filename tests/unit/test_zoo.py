@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
@@ -540,3 +541,19 @@ def test_local_causal_lm_folder(tmp_path: Path) -> None:
     skeleton.load_state_dict(lm.model.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(skeleton(ids).logits, lm.model(ids).logits)
+
+
+def test_local_folder_with_pickle_weights_is_refused(tmp_path: Path) -> None:
+    """A folder whose weights are a pickle (``pytorch_model.bin``) is refused before transformers opens it:
+    loading a pickle can run code. The same folder in safetensors loads."""
+    folder = _tiny_bert_folder(tmp_path, sentence=False)
+    weights = load_safetensors(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    with pytest.raises(FileFormatError, match=r"only as Python pickles \(pytorch_model\.bin\).*safetensors only"):
+        load_model(str(folder))
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(FileFormatError, match=r"holds no weights: no \*\.safetensors file"):
+        load_model(str(folder))
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert load_model(str(folder)).kind == "encoder"

@@ -144,7 +144,7 @@ def _prepare(work: Path, run: dict[str, Any], shard_names: list[str]) -> list[st
         if any(work.iterdir()) and not same:
             raise ConfigError(f"work folder '{work}' holds files this run did not write; remove it")
     work.mkdir(exist_ok=True)
-    (work / _RUN_FILE).write_text(json.dumps(run, sort_keys=True), encoding="utf-8")
+    write_atomic(work / _RUN_FILE, json.dumps(run, sort_keys=True).encode("utf-8"))
     done = []
     for name in shard_names:
         try:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..io import write_atomic
 from .shards import ShardWriter
 
 __all__ = ["SyntheticSpec", "make_checkpoint"]
@@ -156,6 +157,6 @@ def make_checkpoint(folder: str | Path, spec: SyntheticSpec, shards: int) -> Pat
     if shard != shards - 1:
         raise ConfigError(f"{len(items)} tensors of these sizes do not fill {shards} shards; use fewer")
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")
-    (out / "config.json").write_text(json.dumps(spec.config(), indent=1), encoding="utf-8")
+    write_atomic(out / "model.safetensors.index.json", json.dumps(index, indent=1).encode("utf-8"))
+    write_atomic(out / "config.json", json.dumps(spec.config(), indent=1).encode("utf-8"))
     return out

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import FileFormatError, ModelError
 from .registry import LoadedModel, register_model
 
 __all__ = ["SentenceEncoder", "import_transformers", "load_hf", "load_minilm", "minilm_path"]
@@ -193,15 +193,40 @@ def _guess_kind(config: Any, layout: dict[str, Any] | None) -> str:
     return "encoder"
 
 
+#: Weight files that are Python pickles: loading one can run arbitrary code, so a folder holding only these is
+#: refused (as :func:`dfquant.checkpoints.load_state_dict` refuses code in a checkpoint).
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_safetensors_weights(folder: Path) -> None:
+    """Refuse a model folder whose weights are not in safetensors files.
+
+    Raises:
+        FileFormatError: no ``*.safetensors`` file in ``folder``; names the pickle files found, if any.
+    """
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if pickles:
+        raise FileFormatError(
+            f"'{folder}' holds its weights only as Python pickles ({', '.join(pickles)}), which can run code "
+            "when loaded; dfquant reads model folders in safetensors only: convert them with "
+            "model.save_pretrained(folder, safe_serialization=True) where you trust the file"
+        )
+    raise FileFormatError(f"'{folder}' holds no weights: no *.safetensors file")
+
+
 def _from_pretrained(cls: Any, folder: Path, no_pooler: bool) -> nn.Module:
+    check_safetensors_weights(folder)
+    kw = {"local_files_only": True, "use_safetensors": True}
     try:
         with quiet_transformers():
             if no_pooler:
                 try:
-                    return cls.from_pretrained(str(folder), local_files_only=True, add_pooling_layer=False)
+                    return cls.from_pretrained(str(folder), add_pooling_layer=False, **kw)
                 except TypeError:
                     pass
-            return cls.from_pretrained(str(folder), local_files_only=True)
+            return cls.from_pretrained(str(folder), **kw)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"cannot load the Hugging Face model in '{folder}': {e}") from None
 
