@@ -96,6 +96,8 @@ def _build_config(args: argparse.Namespace) -> Any:
             overrides["expand"] = args.expand
         if args.sparsity is not None:
             overrides["sparsity"] = _parse_sparsity(args.sparsity)
+        if args.options is not None:
+            overrides["options"] = _method_options(args)
         overrides.update(_rex_extras(args))
         if overrides:
             d = cfg.to_dict()
@@ -112,6 +114,7 @@ def _build_config(args: argparse.Namespace) -> Any:
                 scale_dtype=args.scale_dtype or "float32",
                 expand=args.expand if args.expand is not None else 1,
                 sparsity=_parse_sparsity(args.sparsity) if args.sparsity is not None else 0.0,
+                options=_method_options(args) if args.options is not None else {},
                 **_rex_extras(args),
             )
         )
@@ -129,6 +132,13 @@ def _build_config(args: argparse.Namespace) -> Any:
             d["strict"] = True
         cfg = QuantConfig.from_dict(d)
     return cfg
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--options KEY=VALUE[,...]``: the options of the ``--method`` rule (checked with the rule)."""
+    from .cli_dfmpc import parse_options
+
+    return parse_options(args.options, "--options")
 
 
 def _rex_extras(args: argparse.Namespace) -> dict[str, Any]:
@@ -400,6 +410,12 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("quantize", help="quantize a model, report per layer, evaluate, write the file")
     p.add_argument("model", nargs="?", help="zoo name (cifar-resnet20, minilm, smollm2-135m, ...) or a local path")
     p.add_argument("--method", help=f"quantizer name (default {DEFAULT_METHOD}), or dfmpc (DF-MPC mixed precision)")
+    p.add_argument(
+        "--options",
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="options of the --method rule, e.g. weighting=input-variance for lloyd-optimal or mse, "
+        "format=fp4_e2m1 for statq (replace a --config default rule's options)",
+    )
     p.add_argument("--bits", type=int, help=f"code bits (default {DEFAULT_BITS})")
     p.add_argument("--granularity", help="tensor | channel | group:G (default channel; the default run: group:64)")
     p.add_argument(

@@ -166,6 +166,12 @@ CASES = {
     ),
     "out-is-a-folder": (["quantize", "{tiny.safetensors}", B, "--out", "{OUT}"], "is a folder"),
     "unknown-model-name": (["quantize", "no-such-model", "--out", "{OUT}/q.safetensors"], "unknown model"),
+    # options of the --method rule
+    "options-not-key-value": ([*Q, "--method", "mse", "--options", "weighting"], "--options: expected KEY=VALUE"),
+    "options-unknown-key": (
+        [*Q, "--method", "mse", "--options", "nope=1"],
+        "quantizer 'mse' got unknown option(s) ['nope']; allowed: grid, coarse, fine, weighting",
+    ),
 }
 
 
@@ -301,3 +307,22 @@ def test_checkpoint_of_another_model(tmp_path: Path, capsys: pytest.CaptureFixtu
     code = main(["quantize", "cifar-resnet20", "--checkpoint", str(ckpt), "--out", str(tmp_path / "q.safetensors")])
     _check_error(code, capsys.readouterr().err, "holds a CIFAR ResNet-32")
     assert os.listdir(tmp_path) == []
+
+
+def test_options_of_the_method_rule_reach_the_file(
+    files: Files, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--options`` sets the options of the ``--method`` rule, as a config file's ``options`` would, and the
+    file records them in every term."""
+    from dfquant.io import read_manifest
+
+    out = tmp_path / "q.safetensors"
+    argv = ["quantize", files.path("tiny.safetensors"), B, "--method", "lloyd-optimal", "--bits", "3"]
+    assert main([*argv, "--options", "weighting=input-variance", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    layers = read_manifest(out)["layers"]
+    assert layers and all(
+        t["quantizer"] == "lloyd-optimal" and t["options"] == {"weighting": "input-variance"}
+        for lay in layers.values()
+        for t in lay["terms"]
+    )

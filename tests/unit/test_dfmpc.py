@@ -364,13 +364,13 @@ def test_cli_low_options_and_coefficient_flags(capsys: pytest.CaptureFixture[str
     from dfquant.cli import main
     from dfquant.cli_dfmpc import parse_options
 
-    assert parse_options("weighting=input-variance,bins=64,x=0.5") == {
+    assert parse_options("weighting=input-variance,bins=64,x=0.5", "--low-options") == {
         "weighting": "input-variance",
         "bins": 64,
         "x": 0.5,
     }
     with pytest.raises(ConfigError, match="--low-options: expected KEY=VALUE items separated by commas, got 'bins'"):
-        parse_options("bins")
+        parse_options("bins", "--low-options")
     base = ["quantize", "cifar-resnet20", "--method", "dfmpc"]
     assert main([*base, "--coefficient", "none", "--lambda1", "0.5"]) == 2
     assert capsys.readouterr().err.strip() == (
