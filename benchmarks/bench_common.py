@@ -1,11 +1,16 @@
-"""Helpers shared by the peer benchmarks: atomic writes, the machine's description, the load average, and the
-weights each benchmark quantizes."""
+"""Helpers shared by the benchmarks: atomic writes, where results go and what each records (command, versions,
+machine, date), the load average, and the weights each benchmark quantizes."""
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import os
 import platform
+import shlex
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,54 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+#: The committed raw results: one ``NAME.json`` per benchmark; ``benchmarks/README.md`` shows the table each
+#: benchmark renders from its file, verbatim (``python benchmarks/readme_tables.py`` rewrites them, and
+#: ``tests/unit/test_benchmark_tables.py`` checks them).
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: Packages whose versions a result records (those installed).
+VERSIONED = ("dfquant", "torch", "numpy", "scipy", "transformers", "hqq", "bitsandbytes", "optimum-quanto", "torchao")
+
+
+def versions() -> dict[str, str]:
+    """Python's and every installed package of :data:`VERSIONED`'s version."""
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def provenance(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
+    """What a result records about its run: the command that reproduces it, the versions, the machine and the
+    date (UTC).
+
+    Args:
+        script: the script's ``__file__``.
+        argv: the arguments its ``main`` was given (None: the process's own).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    rel = Path(script).resolve().relative_to(Path(__file__).resolve().parent.parent)
+    return {
+        "command": " ".join(["python", str(rel), *(shlex.quote(a) for a in args)]),
+        "versions": versions(),
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def write_result(out: Path, name: str, result: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """Write ``out/NAME.json`` (the raw result, with its provenance) and ``out/NAME.md`` (its table), each
+    atomically."""
+    for key in ("command", "versions", "machine", "date"):
+        if key not in result:
+            raise ValueError(f"result '{name}' has no '{key}': build it with provenance()")
+    write_json(out / f"{name}.json", result)
+    write_atomic(out / f"{name}.md", markdown(result))
 
 
 def load_average() -> list[float]:

@@ -18,7 +18,9 @@ the image directly.
 
 Usage:
     python benchmarks/dfmpc_table.py [--models 20,32] [--lows "MP2/6 ternary,MP3/6 mse"] [--no-agreement]
-        [--json out.json]
+        [--out benchmarks/results]
+
+Writes ``dfmpc_table.json`` (with its command, versions, machine and date) and ``dfmpc_table.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 
-from bench_common import write_json
+from bench_common import RESULTS, provenance, write_result
 from dfquant.api import quantize_model
 from dfquant.compensation import compensate_model, dfmpc_config
 from dfquant.config import LayerRule, QuantConfig
@@ -107,35 +109,51 @@ def run(depth: int, agreement: bool, lows: dict[str, LayerRule] = LOWS) -> list[
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="20,32")
-    ap.add_argument("--no-agreement", action="store_true", help="skip the 10,000-image JPEG agreement")
-    ap.add_argument("--json", help="also write the rows to this JSON file")
-    ap.add_argument("--lows", help=f"comma-separated low rules to run (default all: {'; '.join(LOWS)})")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    out: dict[str, Any] = {}
-    for depth in (int(d) for d in args.models.split(",")):
-        t0 = time.time()
-        lows = LOWS
-        if args.lows:
-            unknown = [k for k in args.lows.split(",") if k not in LOWS]
-            if unknown:
-                ap.error(f"unknown --lows {unknown}; allowed: {', '.join(LOWS)}")
-            lows = {k: LOWS[k] for k in args.lows.split(",")}
-        rows = run(depth, not args.no_agreement, lows)
-        out[f"resnet{depth}"] = rows
-        print(f"\nResNet-{depth} ({time.time() - t0:.0f} s)")
-        print("| config | top-1 exact (%) | agreement 10k (%) | file bytes | bits/weight | mean c |")
-        print("|---|---|---|---|---|---|")
+def markdown(result: dict[str, Any]) -> str:
+    """Every row of a result, one table per model."""
+    lines = [
+        f"`{result['command']}` ({result['date']}); top-1 on the 1017 exact test images, agreement with the "
+        "float model on the 10,000-image JPEG copy.",
+        "",
+    ]
+    for model, rows in result["models"].items():
+        lines += [
+            f"**{model}**",
+            "",
+            "| config | top-1 exact (%) | agreement 10k (%) | file bytes | bits/weight | mean c |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in rows:
-            print(
+            lines.append(
                 f"| {r['config']} | {r['top1']:.2f} | {r.get('agreement', '-')} | {r.get('file_bytes', '-')} | "
                 f"{r.get('bits_per_weight', '-')} | {r.get('c_mean', '-')} |"
             )
-    if args.json:
-        write_json(Path(args.json), out)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--models", default="20,32")
+    ap.add_argument("--no-agreement", action="store_true", help="skip the 10,000-image JPEG agreement")
+    ap.add_argument("--lows", help=f"comma-separated low rules to run (default all: {'; '.join(LOWS)})")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {**provenance(__file__, argv), "models": {}}
+    lows = LOWS
+    if args.lows:
+        unknown = [k for k in args.lows.split(",") if k not in LOWS]
+        if unknown:
+            ap.error(f"unknown --lows {unknown}; allowed: {', '.join(LOWS)}")
+        lows = {k: LOWS[k] for k in args.lows.split(",")}
+    for depth in (int(d) for d in args.models.split(",")):
+        t0 = time.time()
+        result["models"][f"resnet{depth}"] = run(depth, not args.no_agreement, lows)
+        print(f"ResNet-{depth} ({time.time() - t0:.0f} s)", flush=True)
+        write_result(Path(args.out), "dfmpc_table", result, markdown)
+    print(markdown(result))
+    return result
 
 
 if __name__ == "__main__":

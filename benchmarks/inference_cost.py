@@ -40,7 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import load_average, machine, write_atomic, write_json
+from bench_common import RESULTS, load_average, provenance, write_result
 
 CONFIGS = ("float", "quantized-cache", "quantized-nocache")
 RULE = {"quantizer": "lloyd-max", "bits": 4, "granularity": "group:64", "scale_dtype": "float16"}
@@ -140,16 +140,15 @@ def quantize_and_save(model_name: str, path: Path) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
-        "# Inference cost of the saved quantized model (CPU)",
-        "",
-        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']}, one thread; rule `{json.dumps(RULE)}` on "
+        f"`{result['command']}` ({result['date']}). Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch "
+        f"{m['torch']}, one thread; rule `{json.dumps(result['rule'])}` on "
         f"every linear layer and embedding; {result['seq']} tokens per sequence; median latency.",
         "",
     ]
     for name, entry in result["models"].items():
         f = entry["configs"].get("float", {})
         fb = f.get("after_forward", {}).get("tensor_bytes", {}).get("total")
-        lines += [f"## {name}", "", f"File: {entry['saved']['file_bytes'] / 2**20:.1f} MiB.", ""]
+        lines += [f"**{name}**", "", f"File: {entry['saved']['file_bytes'] / 2**20:.1f} MiB.", ""]
         lines += [
             "| config | weights MiB after load | weights MiB after forward | % of float | RSS MiB after forward "
             "| batch 1 s | batch 32 s | load avg |",
@@ -168,7 +167,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{' '.join(str(x) for x in r['load_average'])} |"
             )
         lines.append("")
-    lines += ["## Target (quantized <= 35 % of float resident weight memory at 4 bits)", ""]
+    lines += ["Target (quantized <= 35 % of float resident weight memory at 4 bits):", ""]
     lines += [f"- {t}" for t in result.get("verdict", [])]
     return "\n".join(lines) + "\n"
 
@@ -191,7 +190,7 @@ def verdict(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--models", default="minilm,smollm2-135m")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     torch.set_num_threads(1)
     out = Path(args.out)
-    result: dict[str, Any] = {"machine": machine(), "seq": args.seq, "rule": RULE, "models": {}}
+    result: dict[str, Any] = {**provenance(__file__, argv), "seq": args.seq, "rule": RULE, "models": {}}
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -222,8 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     entry["configs"][cfg] = {**json.loads(p.stdout.strip().splitlines()[-1]), "load_average": load}
                 print(f"{name} {cfg}: {json.dumps(entry['configs'][cfg])[:300]}", flush=True)
                 result["verdict"] = verdict(result)
-                write_json(out / "inference_cost.json", result)
-                write_atomic(out / "inference_cost.md", markdown(result))
+                write_result(out, "inference_cost", result, markdown)
     return result
 
 

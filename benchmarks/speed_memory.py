@@ -9,10 +9,11 @@ memory the quantizer needed on top of the input. All methods run with one thread
 every figure (a loaded machine slows every method alike, but noisily: re-run on a quiet machine for the final
 figures).
 
-Writes ``speed_memory.json`` and ``speed_memory.md`` into ``--out``.
+Writes ``speed_memory.json`` (the raw result, with its command, versions, machine and date) and ``speed_memory.md``
+into ``--out`` (default ``benchmarks/results``, whose JSON is committed).
 
 Usage:
-    python benchmarks/speed_memory.py --out results/bench [--repeats 3] [--models cifar-resnet20,minilm]
+    python benchmarks/speed_memory.py [--out benchmarks/results] [--repeats 3] [--models cifar-resnet20,minilm]
         [--methods lloyd-max-g64,hqq-4-g64]
 """
 
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import load_average, machine, quantizable_weights, write_atomic, write_json
+from bench_common import RESULTS, load_average, provenance, quantizable_weights, write_result
 
 #: Method key -> (library, setting factory in :mod:`peers`, arguments).
 METHODS: dict[str, tuple[str, str, tuple[Any, ...], dict[str, Any]]] = {
@@ -128,15 +129,14 @@ def worker(method: str, target: str, repeats: int) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
-        "# Quantization speed and memory",
-        "",
-        f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB, torch {m['torch']}; one thread per "
+        f"`{result['command']}` ({result['date']}). Machine: {m['cpu']}, {m['cpu_count']} CPUs, "
+        f"{m['memory_gib']} GiB, torch {m['torch']}; one thread per "
         f"method, median of {result['repeats']} runs, each method in a fresh process.",
         "",
     ]
     for target, rows in result["targets"].items():
         lines += [
-            f"## {target}",
+            f"**{target}**",
             "",
             "| method | M params/s | median s | rel MSE | bits/w | peak RSS MiB | working MiB | load avg |",
         ]
@@ -156,7 +156,7 @@ def markdown(result: dict[str, Any]) -> str:
             )
         lines.append("")
     if result.get("targets_check"):
-        lines += ["## Targets", ""] + [f"- {t}" for t in result["targets_check"]]
+        lines += ["Targets:", ""] + [f"- {t}" for t in result["targets_check"]]
     return "\n".join(lines) + "\n"
 
 
@@ -195,7 +195,7 @@ def check_targets(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default="cifar-resnet20,minilm")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -207,10 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     out = Path(args.out)
     targets = ["tensor4096", *[m for m in args.models.split(",") if m]]
-    result: dict[str, Any] = {"machine": machine(), "repeats": args.repeats, "targets": {}}
-    previous = out / "speed_memory.json"
-    if previous.exists():  # keep the other methods' rows; the methods run now replace theirs
-        result["targets"] = json.loads(previous.read_text(encoding="utf-8")).get("targets", {})
+    # every row of a result comes from this run (no rows merged from an earlier file)
+    result: dict[str, Any] = {**provenance(__file__, argv), "repeats": args.repeats, "targets": {}}
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     for target in targets:
         rows: dict[str, Any] = result["targets"].get(target, {})
@@ -230,8 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
             result["targets"][target] = rows
             result["targets_check"] = check_targets(result)
-            write_json(out / "speed_memory.json", result)
-            write_atomic(out / "speed_memory.md", markdown(result))
+            write_result(out, "speed_memory", result, markdown)
     return result
 
 
