@@ -92,9 +92,17 @@ def envelope(rows: list[dict[str, Any]], budget: float, key: str = "bpw") -> dic
     return min(ok, key=lambda r: r["rel_mse"]) if ok else None
 
 
+#: Relative MSE difference under which dfquant's and the peers' envelopes count as a tie.
+TIE_RTOL = 1e-6
+
+#: The outcomes of one budget, counted apart: a tie or a budget with no peer setting is never a win.
+OUTCOMES = ("win", "tie", "loss", "no peer setting", "no dfquant setting")
+
+
 def verdict(rows: list[dict[str, Any]], peer_cost: str = "nominal_bpw") -> list[dict[str, Any]]:
     """dfquant's envelope against the peers' at every budget, the peers at their nominal (packed) cost or, with
-    ``peer_cost="bpw"``, at the cost they store."""
+    ``peer_cost="bpw"``, at the cost they store. Each budget's ``outcome`` is one of :data:`OUTCOMES`: ``win``
+    (dfquant's MSE lower by more than :data:`TIE_RTOL`), ``tie``, ``loss``, or a budget only one side reaches."""
     ours = [r for r in rows if r["library"] == "dfquant"]
     theirs = [r for r in rows if r["library"] != "dfquant"]
     out = []
@@ -109,12 +117,25 @@ def verdict(rows: list[dict[str, Any]], peer_cost: str = "nominal_bpw") -> list[
         if p is not None:
             entry["peer"] = {"label": _label(p), "rel_mse": p["rel_mse"], "bpw": p[peer_cost]}
         if d is not None and p is not None:
-            entry["dfquant_wins"] = d["rel_mse"] <= p["rel_mse"]
-            entry["mse_ratio_dfquant_over_peer"] = d["rel_mse"] / p["rel_mse"]
+            a, b = d["rel_mse"], p["rel_mse"]
+            if abs(a - b) <= TIE_RTOL * max(a, b):
+                entry["outcome"] = "tie"
+            else:
+                entry["outcome"] = "win" if a < b else "loss"
+            entry["mse_ratio_dfquant_over_peer"] = a / b if b > 0 else None
         else:  # only one side has a setting this cheap
-            entry["dfquant_wins"] = d is not None
+            entry["outcome"] = "no peer setting" if p is None else "no dfquant setting"
         out.append(entry)
     return out
+
+
+def count_outcomes(entries: list[dict[str, Any]]) -> str:
+    """``"W wins, T ties, L losses, P budgets with no peer setting, D with no dfquant setting"``."""
+    n = {o: sum(1 for v in entries if v["outcome"] == o) for o in OUTCOMES}
+    return (
+        f"{n['win']} wins, {n['tie']} ties, {n['loss']} losses, {n['no peer setting']} budgets with no peer "
+        f"setting, {n['no dfquant setting']} with no dfquant setting"
+    )
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -177,14 +198,11 @@ def markdown(result: dict[str, Any]) -> str:
                 f"(of {info['params_full']:,} weights)."
             )
         lines += ["", f"![{model}](rd_{model}.png)", ""]
-        losses = [v for v in entry["verdict"] if not v.get("dfquant_wins", True)]
-        wins = sum(1 for v in entry["verdict"] if v.get("dfquant_wins"))
-        stored = entry.get("verdict_stored_cost", [])
-        wins_stored = sum(1 for v in stored if v.get("dfquant_wins"))
+        losses = [v for v in entry["verdict"] if v["outcome"] in ("loss", "no dfquant setting")]
         lines.append(
-            f"Lower envelope: dfquant lowest at {wins} of {len(entry['verdict'])} budgets from 2.5 to 8 bits per "
-            f"weight with the peers at their nominal (packed) cost, at {wins_stored} of {len(stored)} with the peers "
-            "at the cost they store (torchao keeps one int8 per code). Budgets where a peer is lower (nominal cost):"
+            "Lower envelope, budgets from 2.5 to 8 bits per weight: with the peers at their nominal (packed) cost "
+            f"{count_outcomes(entry['verdict'])}; at the cost they store (torchao keeps one int8 per code) "
+            f"{count_outcomes(entry.get('verdict_stored_cost', []))}. Budgets where a peer is lower (nominal cost):"
         )
         if losses:
             lines += [

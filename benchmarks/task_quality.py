@@ -21,7 +21,8 @@ peer is the one with the lowest weight MSE in that model's rate-distortion resul
 ``--out``) among those costing no more bits per weight than the peer does on that model's quantized layers
 (torchao at its nominal, packed cost);
 ``lloyd-optimal`` is left out for the language models (too slow for a whole model here: about 0.03 M
-weights/s). Without rate-distortion results dfquant uses ``lloyd-max`` 4-bit per channel (4.03 bits/weight).
+weights/s). The rate-distortion results of every model run are required (run ``rate_distortion.py`` first); a
+peer whose cost on a model is unknown (its setting failed) gets no matched dfquant row, and the result says so.
 
 Writes ``task_quality.json`` and ``task_quality.md`` into ``--out``.
 
@@ -100,26 +101,24 @@ def fake_quantize(model: nn.Module, setting: Setting) -> tuple[nn.Module, dict[s
     return q, info
 
 
-def dfquant_for_budget(rd_rows: list[dict[str, Any]] | None, budget: float, lm: bool) -> Setting:
-    """dfquant's lowest-MSE setting costing at most ``budget`` bits per weight in the rate-distortion rows."""
-    fallback = ("lloyd-max", 4, "channel")
-    if rd_rows:
-        ok = [
-            r
-            for r in rd_rows
-            if r["library"] == "dfquant"
-            and "rel_mse" in r
-            and r["bpw"] <= budget + 1e-9
-            and not (lm and DFQUANT_CURVES[r["method"]][0] in SLOW_FOR_LM)
-        ]
-        if ok:
-            best = min(ok, key=lambda r: r["rel_mse"])
-            fallback = (best["method"], best["bits"], best["granularity"])
-    method, bits, gran = fallback
-    for s in dfquant_settings([method]):
-        if s.bits == bits and s.granularity == gran:
+def dfquant_for_budget(rd_rows: list[dict[str, Any]], budget: float, lm: bool) -> Setting | None:
+    """dfquant's lowest-MSE setting costing at most ``budget`` bits per weight in the rate-distortion rows, or
+    None when none is that cheap."""
+    ok = [
+        r
+        for r in rd_rows
+        if r["library"] == "dfquant"
+        and "rel_mse" in r
+        and r["bpw"] <= budget + 1e-9
+        and not (lm and DFQUANT_CURVES[r["method"]][0] in SLOW_FOR_LM)
+    ]
+    if not ok:
+        return None
+    best = min(ok, key=lambda r: r["rel_mse"])
+    for s in dfquant_settings([best["method"]]):
+        if s.bits == best["bits"] and s.granularity == best["granularity"]:
             return s
-    raise KeyError(f"no dfquant setting {fallback}")
+    raise KeyError(f"no dfquant setting {best['method']} w{best['bits']} {best['granularity']}")
 
 
 def evaluate_model(name: str, args: argparse.Namespace, rd: dict[str, Any] | None) -> dict[str, Any]:
@@ -132,6 +131,8 @@ def evaluate_model(name: str, args: argparse.Namespace, rd: dict[str, Any] | Non
     limit = {"cifar10": args.cifar_limit, "stsb": args.stsb_limit, "wikitext2": args.windows}[task]
     both = task != "wikitext2"  # perplexity: the float model once, agreement from its predictions
     rd_rows = (rd or {}).get("models", {}).get(name, {}).get("rows")
+    if not rd_rows:
+        raise SystemExit(f"no rate-distortion rows for {name}: run benchmarks/rate_distortion.py --models {name} first")
     entries: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     base = evaluate(task, loaded, loaded.model, None, limit=limit)
@@ -161,9 +162,14 @@ def evaluate_model(name: str, args: argparse.Namespace, rd: dict[str, Any] | Non
 
     for s in recommended_peer_settings():
         e = run(s, "recommended")
-        budget = e["nominal_bpw"] or 4.03  # the peer's cost on this model (torchao: packed)
+        budget = e.get("nominal_bpw")  # the peer's cost on this model (torchao: packed)
+        if budget is None:
+            e["matched"] = "no matched dfquant setting: the peer's cost on this model is unknown"
+            continue
         d = dfquant_for_budget(rd_rows, budget, lm)
-        if d.label not in done:
+        if d is None:
+            e["matched"] = f"no dfquant setting costs <= {budget:.3f} bits/w"
+        elif d.label not in done:
             run(d, f"best weight MSE at <= {budget:.3f} bits/w (matched to {s.library})")
     return {"task": task, "setup": base["setup"], "limit": limit, "entries": entries}
 
@@ -188,6 +194,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{e.get('convs', '-')} | {kept} |"
             )
         lines.append("")
+        lines += [f"- {e['setting']}: {e['matched']}" for e in m["entries"] if e.get("matched")]
     lines += ["Layer coverage of the peers' own modules:", ""]
     lines += [f"- {k}: {v[1]}" for k, v in PEER_LIBRARIES.items()]
     return "\n".join(lines) + "\n"
@@ -206,10 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     rd_path = out / "rate_distortion.json"
     rd = json.loads(rd_path.read_text()) if rd_path.exists() else None
+    # every model of a result comes from this run (no results merged from an earlier file)
     result: dict[str, Any] = {"machine": machine(), "libraries": library_status(), "models": {}}
-    previous = out / "task_quality.json"
-    if previous.exists():  # keep the other models' results; the models run now replace theirs
-        result["models"] = json.loads(previous.read_text(encoding="utf-8")).get("models", {})
     for name in args.models.split(","):
         result["models"][name] = evaluate_model(name, args, rd)
         write_json(out / "task_quality.json", result)

@@ -102,10 +102,18 @@ def test_envelope_and_verdict() -> None:
     assert rate_distortion.envelope(rows, 3.75, "nominal_bpw")["rel_mse"] == 0.03
     assert rate_distortion.envelope(rows, 2.0) is None
     by_budget = {v["budget"]: v for v in rate_distortion.verdict(rows)}
-    assert by_budget[3.0]["dfquant_wins"] and "peer" not in by_budget[3.0]
-    assert not by_budget[3.75]["dfquant_wins"]  # torchao at its nominal (packed) cost beats 0.04
-    assert by_budget[4.0]["dfquant_wins"] and by_budget[4.0]["mse_ratio_dfquant_over_peer"] == pytest.approx(1 / 3)
-    assert not by_budget[4.5]["dfquant_wins"]
+    assert by_budget[3.0]["outcome"] == "no peer setting" and "peer" not in by_budget[3.0]  # not a win
+    assert by_budget[3.75]["outcome"] == "loss"  # torchao at its nominal (packed) cost beats 0.04
+    assert by_budget[4.0]["outcome"] == "win" and by_budget[4.0]["mse_ratio_dfquant_over_peer"] == pytest.approx(1 / 3)
+    assert by_budget[4.5]["outcome"] == "loss"
+    tie = [*rows, {**rows[2], "rel_mse": 0.01, "bpw": 4.0, "nominal_bpw": 4.0}]
+    assert {v["budget"]: v for v in rate_distortion.verdict(tie)}[4.0]["outcome"] == "tie"
+    only_peer = [r for r in rows if r["library"] != "dfquant"]
+    assert {v["budget"]: v for v in rate_distortion.verdict(only_peer)}[4.5]["outcome"] == "no dfquant setting"
+    # 3.0-3.5: only dfquant; 3.75: torchao; 4.0-4.25: dfquant 0.01 < 0.03; 4.5-8 (15 budgets): hqq 0.008
+    assert rate_distortion.count_outcomes(rate_distortion.verdict(rows)) == (
+        "2 wins, 0 ties, 16 losses, 3 budgets with no peer setting, 0 with no dfquant setting"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
