@@ -197,6 +197,12 @@ def markdown(result: dict[str, Any]) -> str:
                 f"Row-subsampled: {info['rows_per_tensor']} evenly spaced rows per tensor "
                 f"(of {info['params_full']:,} weights)."
             )
+        earlier = [r for r in entry["rows"] if r.get("earlier_run")]
+        if earlier:
+            lines.append(
+                f"{len(earlier)} of {len(entry['rows'])} settings come from an earlier run merged by --update "
+                "(marked earlier_run in the JSON)."
+            )
         lines += ["", f"![{model}](rd_{model}.png)", ""]
         losses = [v for v in entry["verdict"] if v["outcome"] in ("loss", "no dfquant setting")]
         lines.append(
@@ -248,7 +254,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
-        "--update", action="store_true", help="merge these settings into the existing rate_distortion.json in --out"
+        "--update",
+        action="store_true",
+        help="merge these settings into the existing rate_distortion.json in --out (the kept rows are marked "
+        "earlier_run and the table says how many)",
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -274,7 +283,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         weights, info = load_weights(model, args.max_params)
         new_keys = {(s.library, s.method, s.bits, s.granularity) for s in settings}
         kept = result["models"].get(model, {}).get("rows", []) if args.update else []
-        rows = [r for r in kept if (r["library"], r["method"], r["bits"], r["granularity"]) not in new_keys]
+        rows = [
+            {**r, "earlier_run": True}
+            for r in kept
+            if (r["library"], r["method"], r["bits"], r["granularity"]) not in new_keys
+        ]
         for s in settings:
             rows.append(run_setting(s, weights))
             r = rows[-1]
