@@ -19,9 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench_common import RESULTS, write_atomic
+
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
-RESULTS = HERE / "results"
 
 #: ``NAME`` (the result file ``results/NAME.json``) -> the script module that renders its table.
 TABLES = {
@@ -43,8 +44,6 @@ def render(name: str) -> str:
     """The table benchmark ``name`` renders from its committed result."""
     if name not in TABLES:
         raise KeyError(f"no benchmark table named '{name}'; known: {', '.join(TABLES)}")
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
     module = importlib.import_module(TABLES[name])
     return module.markdown(load(name))
 
@@ -66,13 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     text = README.read_text(encoding="utf-8")
     new = synced(text)
     if args.check:
-        stale = [n for n, body in blocks(text).items() if blocks(new)[n] != body]
+        rendered = blocks(new)
+        stale = [n for n, body in blocks(text).items() if rendered[n] != body]
         for n in stale:
             print(f"benchmarks/README.md: the '{n}' table differs from results/{n}.json", file=sys.stderr)
         return 1 if stale else 0
     if new != text:
-        from bench_common import write_atomic
-
         write_atomic(README, new)
         print("rewrote", ", ".join(blocks(new)))
     return 0

@@ -73,29 +73,11 @@ def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
     sdt = args.scale_dtype or "float32"
     if getattr(args, "options", None):
         raise ConfigError("--method dfmpc: give the low layers' rule options with --low-options, not --options")
+    from .cli_models import parse_options
+
     options = parse_options(args.low_options, "--low-options") if args.low_options else {}
     low = LayerRule(low_q, low_bits, gran, scale_dtype=sdt, options=options)
     return low, LayerRule(high_q, high_bits, gran, scale_dtype=sdt)
-
-
-def parse_options(text: str, flag: str) -> dict[str, Any]:
-    """``"a=1,b=x"`` -> ``{"a": 1, "b": "x"}`` (integers and floats converted, everything else a string);
-    ``flag`` names the option in errors."""
-    out: dict[str, Any] = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or not value:
-            raise ConfigError(f"{flag}: expected KEY=VALUE items separated by commas, got {item!r}")
-        parsed: Any = value
-        for conv in (int, float):
-            try:
-                parsed = conv(value)
-                break
-            except ValueError:
-                continue
-        out[key] = parsed
-    return out
 
 
 def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:

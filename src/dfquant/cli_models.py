@@ -136,9 +136,27 @@ def _build_config(args: argparse.Namespace) -> Any:
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """``--options KEY=VALUE[,...]``: the options of the ``--method`` rule (checked with the rule)."""
-    from .cli_dfmpc import parse_options
-
     return parse_options(args.options, "--options")
+
+
+def parse_options(text: str, flag: str) -> dict[str, Any]:
+    """``"a=1,b=x"`` -> ``{"a": 1, "b": "x"}`` (integers and floats converted, everything else a string);
+    ``flag`` names the option in errors."""
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ConfigError(f"{flag}: expected KEY=VALUE items separated by commas, got {item!r}")
+        parsed: Any = value
+        for conv in (int, float):
+            try:
+                parsed = conv(value)
+                break
+            except ValueError:
+                continue
+        out[key] = parsed
+    return out
 
 
 def _rex_extras(args: argparse.Namespace) -> dict[str, Any]:

@@ -362,7 +362,7 @@ def test_coefficient_none_keeps_only_the_rederived_statistics() -> None:
 
 def test_cli_low_options_and_coefficient_flags(capsys: pytest.CaptureFixture[str]) -> None:
     from dfquant.cli import main
-    from dfquant.cli_dfmpc import parse_options
+    from dfquant.cli_models import parse_options
 
     assert parse_options("weighting=input-variance,bins=64,x=0.5", "--low-options") == {
         "weighting": "input-variance",
