@@ -1,6 +1,7 @@
 """Streaming quantization of a synthetic sharded checkpoint: peak memory and parameters per second.
 
-    python benchmarks/bench_streaming.py --dir /tmp/dfq-stream-bench --size-gb 8 --shards 4
+    python benchmarks/bench_streaming.py [--dir DIR] [--size-gb 8] [--shards 4] [--modes 1,2,ray]
+        [--out benchmarks/results]
 
 Generates the checkpoint (benchmarks/make_synthetic_checkpoint.py) unless it is there, then runs
 ``dfquant quantize CKPT --out OUT --json`` once per mode (1 worker, 2 workers, a local Ray cluster of 2
@@ -8,7 +9,8 @@ workers) under ``/usr/bin/time -v``, and reports: parameters per second, the pea
 driver and of the busiest worker (from the run's summary, ``getrusage``), the largest process's maximum
 resident set size as ``/usr/bin/time`` reports it, and the load average before and after each run (the
 machine may be shared). The outputs of all modes are compared byte for byte. Everything under ``--dir`` is
-deleted at the end unless ``--keep``.
+deleted at the end unless ``--keep``. Writes ``bench_streaming.json`` (with the command, versions, machine
+and date) and ``bench_streaming.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -21,17 +23,45 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from bench_common import RESULTS, provenance, write_result
 
 
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def main() -> None:
+def markdown(result: dict[str, Any]) -> str:
+    """A row per mode: parameters per second, wall time and the peak resident memory of each process."""
+    s = result["setup"]
+    lines = [
+        f"`{result['command']}` ({result['date']}). Machine: {result['machine']['cpu']}, "
+        f"{result['machine']['cpu_count']} CPUs. A synthetic bf16 checkpoint of "
+        f"{result['checkpoint_bytes'] / 2**30:.2f} GiB in {s['shards']} shards, {s['method']} W{s['bits']} "
+        f"{s['granularity']}; outputs of all modes byte-identical: {'yes' if result['identical_outputs'] else 'NO'}.",
+        "",
+        "| mode | M params | M params/s | wall s | peak RSS driver MiB | peak RSS worker MiB | max RSS (time -v) MiB "
+        "| load before | load after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for r in result["rows"]:
+        tv = "-" if r["time_v_max_rss_MiB"] is None else f"{r['time_v_max_rss_MiB']:.0f}"
+        lines.append(
+            f"| {r['mode']} | {r['params'] / 1e6:.1f} | {r['params_per_second'] / 1e6:.2f} | {r['wall_s']:.1f} | "
+            f"{r['peak_rss_driver_MiB']:.0f} | {r['peak_rss_worker_MiB']:.0f} | {tv} | {r['load_before']} | "
+            f"{r['load_after']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dir", default="/tmp/dfq-stream-bench")
+    ap.add_argument("--dir", help="work folder for the checkpoint and outputs (default: a temporary folder)")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--size-gb", type=float, default=8.0)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--method", default="minmax")
@@ -39,8 +69,8 @@ def main() -> None:
     ap.add_argument("--granularity", default="group:128")
     ap.add_argument("--modes", default="1,2,ray")
     ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args()
-    root = Path(args.dir)
+    args = ap.parse_args(argv)
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="dfq-stream-bench-"))
     ckpt = root / "ckpt"
     here = Path(__file__).resolve().parent
     if not (ckpt / "model.safetensors.index.json").is_file():
@@ -80,9 +110,18 @@ def main() -> None:
         outs.append(out)
         print(json.dumps(row), flush=True)
     same = all(filecmp.cmp(outs[0] / f, o / f, shallow=False) for o in outs[1:] for f in sorted(os.listdir(outs[0])))
-    print(json.dumps({"identical_outputs": same, "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.iterdir())}))
+    result = {
+        **provenance(__file__, argv),
+        "setup": {k: getattr(args, k) for k in ("size_gb", "shards", "method", "bits", "granularity", "modes")},
+        "rows": rows,
+        "identical_outputs": same,
+        "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.iterdir()),
+    }
+    write_result(Path(args.out), "bench_streaming", result, markdown)
+    print(markdown(result))
     if not args.keep:
         shutil.rmtree(root)
+    return result
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ test module; any other outcome fails the run (exit status 1).
 
 Usage::
 
-    python benchmarks/fuzz_loader.py --examples 2500 [--out results/fuzz_loader.json]
+    python benchmarks/fuzz_loader.py --examples 2500 [--out benchmarks/results]
+
+Writes ``fuzz_loader.json`` (the counts, with the command, versions, machine and date) and ``fuzz_loader.md``
+into ``--out``.
 """
 
 from __future__ import annotations
@@ -21,17 +24,34 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from bench_common import write_json
+from bench_common import RESULTS, provenance, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> int:
+def markdown(result: dict[str, Any]) -> str:
+    """The counts per kind of mutation and the run's totals."""
+    s = result["stats"]
+    kinds = sorted({k.split(":")[0] for k in s if ":" in k})
+    lines = [
+        f"`{result['command']}` ({result['date']}): {s.get('cases', 0)} cases, {s['examples_per_property']} "
+        f"examples per property, {s['seconds']:.0f} s, slowest case {s.get('max_ms')} ms, pytest exit "
+        f"{s['pytest_exit']}.",
+        "",
+        "| mutation | loaded | refused |",
+        "| --- | ---: | ---: |",
+    ]
+    lines += [f"| {k} | {s.get(k + ':loaded', 0)} | {s.get(k + ':refused', 0)} |" for k in kinds]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=2500, help="Hypothesis examples per fuzz property")
-    ap.add_argument("--out", help="also write the counts to this JSON file")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "fuzz.json"
         env = {
@@ -57,8 +77,7 @@ def main() -> int:
     print(f"\n{cases} cases in {seconds:.0f} s, slowest {slowest} ms, pytest exit {proc.returncode}")
     for kind in kinds:
         print(f"  {kind:<28} loaded {stats.get(kind + ':loaded', 0):>6}  refused {stats.get(kind + ':refused', 0):>6}")
-    if args.out:
-        write_json(Path(args.out), stats)  # atomic; creates the folder
+    write_result(Path(args.out), "fuzz_loader", {**provenance(__file__, argv), "stats": stats}, markdown)
     return 0 if proc.returncode == 0 else 1
 
 

@@ -12,29 +12,27 @@ output channel; the first convolution and the classifier stay float in every col
 
 Top-1 is measured on the exact test images 0..1016 (never trained on) with the converted (packed) model, and
 the converted model's predictions are checked equal to the fake-quantized model's. Writes ``qat_resnet20.json``
-and ``qat_resnet20.md`` into ``--out`` atomically after every column.
+(with the command, versions, machine and date) and ``qat_resnet20.md`` into ``--out`` atomically after every
+column.
 
 Usage:
-    python benchmarks/qat_resnet20.py --out results/qat [--format int2] [--act-format FMT] [--steps 50]
+    python benchmarks/qat_resnet20.py [--out benchmarks/results] [--format int2] [--act-format FMT] [--steps 50]
         [--batch 64] [--lr 5e-4] [--threads 2] [--methods statq,statq-iterative,minmax,lsq]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import dfquant
+from bench_common import RESULTS, provenance, write_result
 from dfquant.api import quantize_model
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.eval.cifar10 import EXACT_FILE, JPEG_FILE, load_cifar10, predict
-from dfquant.io import write_atomic
 from dfquant.qat import QATConfig, convert, parse_format, prepare_qat
 from dfquant.qat_train import TRAIN_FIRST, cifar_train_batches, train_qat
 from dfquant.zoo.cifar_resnet import load_cifar_resnet
@@ -42,14 +40,15 @@ from dfquant.zoo.cifar_resnet import load_cifar_resnet
 KEEP = ("conv1", "linear")
 
 
-def _markdown(res: dict[str, Any]) -> str:
+def markdown(res: dict[str, Any]) -> str:
+    """The result as a table: a row per method, top-1, training time and whether convert kept the predictions."""
     s = res["setup"]
     lines = [
-        f"# ResNet-20 CIFAR-10: PTQ vs QAT at {s['format']} weights"
-        + (f", {s['act_format']} inputs" if s["act_format"] else ""),
-        "",
+        f"`{res['command']}` ({res['date']}). ResNet-20 on CIFAR-10, PTQ vs QAT at {s['format']} weights"
+        + (f", {s['act_format']} inputs" if s["act_format"] else "")
+        + ". "
         f"{s['steps']} steps, batch {s['batch']}, Adam lr {s['lr']} (cosine), {s['threads']} threads; "
-        f"float top-1 {res['float_top1']:.2f} %; first conv and classifier float.",
+        f"float top-1 {res['float_top1']:.2f} %; first conv and classifier float. Machine: {res['machine']['cpu']}.",
         "",
         "| method | top-1 (%) | train time (s) | converted = fake-quant |",
         "|---|---|---|---|",
@@ -60,9 +59,9 @@ def _markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--format", default="int2")
     ap.add_argument("--act-format", default=None)
     ap.add_argument("--steps", type=int, default=50)
@@ -76,11 +75,10 @@ def main() -> None:
         "step per training step), minmax, lsq",
     )
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     fmt, grid = parse_format(args.format)
 
     model = load_cifar_resnet(20).model
@@ -93,6 +91,7 @@ def main() -> None:
         return 100.0 * float((p == ey).float().mean()), p
 
     res: dict[str, Any] = {
+        **provenance(__file__, argv),
         "setup": {
             "model": "cifar-resnet20",
             "format": fmt,
@@ -105,17 +104,13 @@ def main() -> None:
             "kept_float": list(KEEP),
             "train_data": f"{JPEG_FILE} images {TRAIN_FIRST}..{jx.shape[0] - 1}, random crop (pad 4) + flip",
             "eval_data": f"{EXACT_FILE} images 0..{ex.shape[0] - 1}",
-            "dfquant": dfquant.__version__,
-            "torch": torch.__version__,
-            "machine": platform.machine(),
         },
         "float_top1": top1(model)[0],
         "rows": [],
     }
 
     def flush() -> None:
-        write_atomic(out / "qat_resnet20.json", json.dumps(res, indent=2).encode())
-        write_atomic(out / "qat_resnet20.md", _markdown(res).encode())
+        write_result(out, "qat_resnet20", res, markdown)
 
     if grid is not None and args.act_format is None:
         t0 = time.time()
@@ -154,7 +149,8 @@ def main() -> None:
         res["rows"].append(row)
         print(f"QAT {method}: top-1 {acc:.2f} % in {secs:.0f} s", flush=True)
         flush()
-    print(_markdown(res))
+    print(markdown(res))
+    return res
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ Large models are row-subsampled to about ``--max-params`` weights (evenly spaced
 every setting here fits whole rows or groups within rows, so each sees a subset of the groups it would form on
 the full tensor).
 
-Writes ``rate_distortion.json``, ``rate_distortion.md`` and ``rd_<model>.png`` into ``--out``.
+Writes ``rate_distortion.json`` (every setting's row, with the command, versions, machine and date),
+``rate_distortion.md`` (the verdict per model, the table ``benchmarks/README.md`` shows),
+``rate_distortion_settings.md`` (every setting's row) and ``rd_<model>.png`` into ``--out``.
 
 Usage:
-    python benchmarks/rate_distortion.py --out results/bench [--models cifar-resnet20,gaussian]
+    python benchmarks/rate_distortion.py [--out benchmarks/results] [--models cifar-resnet20,gaussian]
         [--max-params 400000] [--curves minmax,lloyd-max] [--no-peers] [--update]
 """
 
@@ -40,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import REAL_MODELS, SYNTHETIC, load_weights, machine, write_atomic, write_json
+from bench_common import REAL_MODELS, RESULTS, SYNTHETIC, load_weights, provenance, write_atomic, write_result
 from peers import Setting, UnsupportedError, dfquant_settings, library_status, peer_settings
 
 BUDGETS = [2.5 + 0.25 * i for i in range(23)]
@@ -186,46 +188,59 @@ def plot(model: str, rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["# Weight rate-distortion: dfquant against peer libraries", ""]
-    lines.append(f"Peers: {', '.join(f'{k} {v}' for k, v in result['libraries'].items())}.")
-    lines.append("")
+    """The verdict of every model: outcome counts, dfquant's and the peers' envelopes at each budget."""
+    lines = [
+        f"`{result['command']}` ({result['date']}). Machine: {result['machine']['cpu']}. "
+        f"Peers: {', '.join(f'{k} {v}' for k, v in result['libraries'].items())}.",
+        "",
+    ]
     for model, entry in result["models"].items():
         info = entry["weights"]
-        lines += [f"## {model}", "", f"{info['params']:,} weights in {info['tensors']} tensors. {info.get('note', '')}"]
+        lines += [f"**{model}**: {info['params']:,} weights in {info['tensors']} tensors. {info.get('note', '')}"]
         if info.get("rows_per_tensor") not in (None, "all"):
-            lines.append(
-                f"Row-subsampled: {info['rows_per_tensor']} evenly spaced rows per tensor "
+            lines[-1] += (
+                f" Row-subsampled: {info['rows_per_tensor']} evenly spaced rows per tensor "
                 f"(of {info['params_full']:,} weights)."
             )
         earlier = [r for r in entry["rows"] if r.get("earlier_run")]
         if earlier:
-            lines.append(
-                f"{len(earlier)} of {len(entry['rows'])} settings come from an earlier run merged by --update "
+            lines[-1] += (
+                f" {len(earlier)} of {len(entry['rows'])} settings come from an earlier run merged by --update "
                 "(marked earlier_run in the JSON)."
             )
-        lines += ["", f"![{model}](rd_{model}.png)", ""]
-        losses = [v for v in entry["verdict"] if v["outcome"] in ("loss", "no dfquant setting")]
-        lines.append(
-            "Lower envelope, budgets from 2.5 to 8 bits per weight: with the peers at their nominal (packed) cost "
-            f"{count_outcomes(entry['verdict'])}; at the cost they store (torchao keeps one int8 per code) "
-            f"{count_outcomes(entry.get('verdict_stored_cost', []))}. Budgets where a peer is lower (nominal cost):"
-        )
-        if losses:
-            lines += [
-                "",
-                "| budget | dfquant best | rel MSE | peer best | rel MSE | dfquant / peer |",
-                "|" + " --- |" * 6,
-            ]
-            for v in losses:
-                d = v.get("dfquant", {})
-                p = v["peer"]
-                ratio = v.get("mse_ratio_dfquant_over_peer")
-                lines.append(
-                    f"| {v['budget']:.2f} | {d.get('label', 'none')} | {d.get('rel_mse', math.nan):.3e} | "
-                    f"{p['label']} ({p['bpw']:.3f}) | {p['rel_mse']:.3e} | "
-                    f"{'-' if ratio is None else f'{ratio:.2f}x'} |"
-                )
-        lines += ["", "| method | bits | granularity | bpw | nominal bpw | rel MSE | SQNR dB |", "|" + " --- |" * 7]
+        lines += [
+            "",
+            "Budgets 2.5 to 8 bits per weight; peers at their nominal (packed) cost: "
+            f"{count_outcomes(entry['verdict'])}; at the cost they store (torchao keeps one int8 per code): "
+            f"{count_outcomes(entry.get('verdict_stored_cost', []))}.",
+            "",
+            "| budget | outcome | dfquant best | bpw | rel MSE | peer best (nominal bpw) | rel MSE | dfquant / peer |",
+            "| ---: | --- | --- | ---: | ---: | --- | ---: | ---: |",
+        ]
+        for v in entry["verdict"]:
+            d, p = v.get("dfquant"), v.get("peer")
+            ratio = v.get("mse_ratio_dfquant_over_peer")
+            lines.append(
+                f"| {v['budget']:.2f} | {v['outcome']} | "
+                + (f"{d['label']} | {d['bpw']:.3f} | {d['rel_mse']:.3e} | " if d else "- | - | - | ")
+                + (f"{p['label']} ({p['bpw']:.3f}) | {p['rel_mse']:.3e} | " if p else "- | - | ")
+                + ("-" if ratio is None else f"{ratio:.2f}x")
+                + " |"
+            )
+        lines.append("")
+    if result.get("not_offered"):
+        lines += ["Settings the peers do not offer:", "", "| library | setting | reason |", "| --- | --- | --- |"]
+        lines += [f"| {n['library']} | {n['setting']} | {n['reason']} |" for n in result["not_offered"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def settings_markdown(result: dict[str, Any]) -> str:
+    """Every setting's row of every model: method, bits, granularity, stored and nominal bpw, rel MSE, SQNR."""
+    lines = [f"# Weight rate-distortion, every setting\n\n`{result['command']}` ({result['date']})", ""]
+    for model, entry in result["models"].items():
+        lines += [f"## {model}", "", f"![{model}](rd_{model}.png)", ""]
+        lines += ["| method | bits | granularity | bpw | nominal bpw | rel MSE | SQNR dB |", "|" + " --- |" * 7]
         for r in sorted(entry["rows"], key=lambda r: (r["library"] != "dfquant", r["method"], r["bits"])):
             if "rel_mse" in r:
                 lines.append(
@@ -239,15 +254,12 @@ def markdown(result: dict[str, Any]) -> str:
                     f"unsupported on {u['tensors']}/{u['of']} tensors ({u['example'][:90]}) | - |"
                 )
         lines.append("")
-    if result.get("not_offered"):
-        lines += ["## Settings the peers do not offer", "", "| library | setting | reason |", "| --- | --- | --- |"]
-        lines += [f"| {n['library']} | {n['setting']} | {n['reason']} |" for n in result["not_offered"]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--models", default=",".join(REAL_MODELS + SYNTHETIC))
     ap.add_argument("--max-params", type=int, default=400_000)
     ap.add_argument("--curves", default="", help="dfquant curves to run (default: all)")
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings += peer
     previous = out / "rate_distortion.json"
     result: dict[str, Any] = {
-        "machine": machine(),
+        **provenance(__file__, argv),
         "libraries": library_status(),
         "not_offered": not_offered,
         "budgets": BUDGETS,
@@ -300,8 +312,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "verdict_stored_cost": verdict(rows, "bpw"),
         }
         plot(model, rows, out / f"rd_{model}.png")
-        write_json(out / "rate_distortion.json", result)
-        write_atomic(out / "rate_distortion.md", markdown(result))
+        write_result(out, "rate_distortion", result, markdown)
+        write_atomic(out / "rate_distortion_settings.md", settings_markdown(result))
     return result
 
 

@@ -13,27 +13,25 @@ weight error of each input channel weighted by that channel's BatchNorm-derived 
 ``lloyd-optimal+iv``. ``nf4`` exists at 4 bits only. ``bits/w`` counts codes, scales, offsets and per-channel
 codebooks (float32) over the weights.
 
-Writes ``table.json`` and ``table.md`` into ``--out`` (atomically, after every setting, so an interrupted run
-leaves the settings done so far) and prints the markdown.
+Writes ``resnet_table.json`` (with the command, versions, machine and date) and ``resnet_table.md`` into
+``--out`` (atomically, after every setting, so an interrupted run leaves the settings done so far) and prints the
+markdown.
 
 Usage:
-    python benchmarks/resnet_table.py [--out results/resnet] [--models cifar-resnet20,cifar-resnet32]
+    python benchmarks/resnet_table.py [--out benchmarks/results] [--models cifar-resnet20,cifar-resnet32]
         [--rules minmax,lloyd-optimal+iv] [--bits 2,3,4] [--eval-limit N] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import dfquant
-from bench_common import write_atomic
+from bench_common import RESULTS, provenance, write_result
 from dfquant.api import quantize_model
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.eval.cifar10 import EXACT_FILE, JPEG_FILE, load_cifar10, predict
@@ -66,12 +64,11 @@ def _cell(entry: dict[str, Any] | None, key: str) -> str:
     return "-" if entry is None else f"{entry[key]:.2f}"
 
 
-def to_markdown(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any]) -> str:
     """One table per model: a row per rule and bits, top-1 and agreement with bias correction off and on."""
     lines = [
-        "# CIFAR-10 ResNets, data-free weight quantization (per channel, all layers, BatchNorm folded)",
-        "",
-        f"Top-1: exact first {result['setup']['top1_images']} test images. Agreement: top-1 agreement with "
+        f"`{result['command']}` ({result['date']}). Per channel, all layers, BatchNorm folded, no data used to "
+        f"quantize. Top-1: exact first {result['setup']['top1_images']} test images. Agreement: top-1 agreement with "
         f"the float model on {result['setup']['agreement_images']} JPEG-q75 test images. BC: data-free bias "
         "correction. bits/w: storage bits per weight (codes, scales, offsets, per-channel codebooks). "
         f"`{RECOMMENDED}` (bold) is the recommended setting.",
@@ -79,7 +76,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     for model, m in result["models"].items():
         lines += [
             "",
-            f"## {model} (float top-1 {m['float_top1']:.2f} %)",
+            f"**{model}** (float top-1 {m['float_top1']:.2f} %)",
             "",
             "| quantizer | bits | bits/w | top-1 BC off | top-1 BC on | agreement BC off | agreement BC on |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -125,15 +122,15 @@ def run_setting(
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="results/resnet")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--rules", default=",".join(RULES), help=f"labels among {', '.join(RULES)}")
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--eval-limit", type=int, help="agreement on the first N JPEG images (quick looks)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     labels = [r.strip() for r in args.rules.split(",") if r.strip()]
@@ -148,18 +145,14 @@ def main() -> None:
     if args.eval_limit:
         jpeg_x = jpeg_x[: args.eval_limit]
     result: dict[str, Any] = {
+        **provenance(__file__, argv),
         "setup": {
             "top1_images": int(exact_x.shape[0]),
             "agreement_images": int(jpeg_x.shape[0]),
             "granularity": "channel",
             "fold_bn": True,
             "data_used_to_quantize": "none",
-            "dfquant": dfquant.__version__,
-            "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "command": "python benchmarks/resnet_table.py "
-            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         },
         "models": {},
     }
@@ -185,9 +178,9 @@ def main() -> None:
                 for bc in (False, True):
                     row["bc_on" if bc else "bc_off"] = run_setting(model, rule, options, bits, bc, data)
                     result["elapsed_s"] = round(time.perf_counter() - start, 1)
-                    write_atomic(out / "table.json", json.dumps(result, indent=2) + "\n")
-                    write_atomic(out / "table.md", to_markdown(result))
-    print(to_markdown(result), end="")
+                    write_result(out, "resnet_table", result, markdown)
+    print(markdown(result), end="")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Outlier residual (REx outlier mode) on MiniLM (STS-B) and SmolLM2-135M (WikiText-2): W3 per channel with
 and without a sparse binary residual on the largest weights.
 
-Usage: python benchmarks/rex_outliers.py MODEL [--windows N] [--variants a,b,...] [--bits B] [--json OUT]
+Usage: python benchmarks/rex_outliers.py MODEL [--windows N] [--variants a,b,...] [--bits B]
+    [--out benchmarks/results]
+
+Writes ``rex_outliers_<model>.json`` (``-`` written ``_``; with the command, versions, machine and date) and
+its ``.md`` table into ``--out``.
 
 MODEL is ``minilm`` (STS-B test, 1379 pairs) or ``smollm2-135m`` (WikiText-2 test, the first N windows of 1024
 tokens). Variants: ``plain`` (minmax W3 per channel), ``row`` (the outlier mode's default: each output
@@ -23,11 +27,12 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import dfquant.api as api
-from bench_common import write_json
+from bench_common import RESULTS, provenance, write_result
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.eval import evaluate
 from dfquant.methods.outliers import split_outliers
@@ -51,15 +56,43 @@ VARIANTS = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def result_name(model: str) -> str:
+    """The result file's name for ``model``: ``rex_outliers_<model>`` with ``-`` written ``_``."""
+    return "rex_outliers_" + model.replace("-", "_")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """A row per variant: the metric, bits per weight, outlier count and the gap closed."""
+    key = "spearman" if result["task"] == "stsb" else "ppl"
+    lines = [
+        f"`{result['command']}` ({result['date']}). {result['model']} on {result['task']}"
+        + (f" (first {result['limit']} windows)" if result["limit"] else "")
+        + f": float {key} {result['float']:.3f}; W{result['bits']} per channel.",
+        "",
+        f"| variant | rule | outlier fraction | {key} | bits/w | outliers | gap closed vs plain |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        gap = r.get("gap_closed")
+        gap_s = "-" if gap is None or math.isnan(gap) else f"{gap:.2f}"
+        if key == "ppl" and r.get("gap_closed_log") is not None:
+            gap_s += f" (log {r['gap_closed_log']:.2f})"
+        lines.append(
+            f"| {r['variant']} | {r['rule']} | {r['fraction']} | {r[key]:.3f} | {r['bits_per_weight']:.3f} | "
+            f"{r['outliers']} | {gap_s} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--fraction", type=float, default=0.002)
     ap.add_argument("--variants", default="plain,clip-sign")
-    ap.add_argument("--json")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     loaded = load_model(args.model)
     task = "stsb" if args.model == "minilm" else "wikitext2"
@@ -111,8 +144,17 @@ def main() -> None:
                 r[field + "_log"] = closed(r[key], ref[key], log=True)
                 line += f" (log {r[field + '_log']:.2f})"
         print(line)
-    if args.json:
-        write_json(Path(args.json), {"model": args.model, "task": task, "limit": limit, "float": fl, "rows": rows})
+    result = {
+        **provenance(__file__, argv),
+        "model": args.model,
+        "task": task,
+        "limit": limit,
+        "bits": args.bits,
+        "float": fl,
+        "rows": rows,
+    }
+    write_result(Path(args.out), result_name(args.model), result, markdown)
+    return result
 
 
 if __name__ == "__main__":

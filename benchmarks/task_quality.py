@@ -24,10 +24,11 @@ peer is the one with the lowest weight MSE in that model's rate-distortion resul
 weights/s). The rate-distortion results of every model run are required (run ``rate_distortion.py`` first); a
 peer whose cost on a model is unknown (its setting failed) gets no matched dfquant row, and the result says so.
 
-Writes ``task_quality.json`` and ``task_quality.md`` into ``--out``.
+Writes ``task_quality.json`` (with the command, versions, machine and date) and ``task_quality.md`` into
+``--out``.
 
 Usage:
-    python benchmarks/task_quality.py --out results/bench [--models cifar-resnet20,minilm,smollm2-135m]
+    python benchmarks/task_quality.py [--out benchmarks/results] [--models cifar-resnet20,minilm,smollm2-135m]
         [--windows 4] [--cifar-limit 2000]
 """
 
@@ -46,7 +47,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import machine, quantizable_weights, write_atomic, write_json
+from bench_common import RESULTS, provenance, quantizable_weights, write_result
 from peers import (
     DFQUANT_CURVES,
     PEER_LIBRARIES,
@@ -176,10 +177,14 @@ def evaluate_model(name: str, args: argparse.Namespace, rd: dict[str, Any] | Non
 
 def markdown(result: dict[str, Any]) -> str:
     keys = {"cifar10": ("top1", "agreement"), "stsb": ("spearman", "embedding_cosine"), "wikitext2": ("ppl",)}
-    lines = ["# Task quality at matched bits per weight", ""]
+    lines = [
+        f"`{result['command']}` ({result['date']}). Machine: {result['machine']['cpu']}. "
+        f"Peers: {', '.join(f'{k} {v}' for k, v in result['libraries'].items())}.",
+        "",
+    ]
     for name, m in result["models"].items():
         cols = keys[m["task"]]
-        lines += [f"## {name} ({m['task']})", "", f"Setup: `{json.dumps(m['setup'])}`", ""]
+        lines += [f"**{name}** ({m['task']}). Setup: `{json.dumps(m['setup'])}`", ""]
         head = ["method", "setting", "why", "bpw", "nominal bpw", *cols, "convs", "layers kept float"]
         lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for e in m["entries"]:
@@ -202,7 +207,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--models", default=",".join(TASKS))
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--cifar-limit", type=int, default=2000)
@@ -214,11 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rd_path = out / "rate_distortion.json"
     rd = json.loads(rd_path.read_text()) if rd_path.exists() else None
     # every model of a result comes from this run (no results merged from an earlier file)
-    result: dict[str, Any] = {"machine": machine(), "libraries": library_status(), "models": {}}
+    result: dict[str, Any] = {**provenance(__file__, argv), "libraries": library_status(), "models": {}}
     for name in args.models.split(","):
         result["models"][name] = evaluate_model(name, args, rd)
-        write_json(out / "task_quality.json", result)
-        write_atomic(out / "task_quality.md", markdown(result))
+        write_result(out, "task_quality", result, markdown)
     return result
 
 
