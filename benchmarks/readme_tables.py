@@ -1,8 +1,10 @@
-"""Write the tables of ``benchmarks/README.md`` from the committed raw results (``benchmarks/results/*.json``).
+"""Write the results tables of ``benchmarks/README.md`` and ``README.md`` from the committed raw results
+(``benchmarks/results/*.json``).
 
-Each benchmark renders its own table from its JSON (the script's ``markdown`` function); the README holds each
-table verbatim between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``. Run this after a benchmark
-writes a new result; ``--check`` only compares and exits 1 on a difference (the test suite runs the check).
+Each benchmark renders its own table from its JSON (the script's ``markdown`` function); a README holds each
+table verbatim between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` (each NAME in one README). Run
+this after a benchmark writes a new result; ``--check`` only compares and exits 1 on a difference (the test
+suite runs the check).
 
 Usage::
 
@@ -23,6 +25,8 @@ from bench_common import RESULTS, write_atomic
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
+#: The pages that hold results blocks: the benchmarks page and the project's README (its example figures).
+READMES = (README, HERE.parent / "README.md")
 
 #: ``NAME`` (the result file ``results/NAME.json``) -> the script module that renders its table.
 TABLES = {
@@ -30,9 +34,18 @@ TABLES = {
     "inference_cost": "inference_cost",
     "dfmpc_table": "dfmpc_table",
     "bench_quantizers": "bench_quantizers",
+    "rate_distortion": "rate_distortion",
+    "task_quality": "task_quality",
+    "resnet_table": "resnet_table",
+    "qat_resnet20": "qat_resnet20",
+    "rex_outliers_minilm": "rex_outliers",
+    "rex_outliers_smollm2_135m": "rex_outliers",
+    "bench_streaming": "bench_streaming",
+    "fuzz_loader": "fuzz_loader",
+    "readme_examples": "readme_examples",
 }
 
-BLOCK = re.compile(r"<!-- results:(?P<name>[a-z_]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S)
+BLOCK = re.compile(r"<!-- results:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S)
 
 
 def load(name: str) -> dict[str, Any]:
@@ -58,22 +71,35 @@ def synced(text: str) -> str:
     return BLOCK.sub(lambda m: f"<!-- results:{m['name']} -->\n{render(m['name'])}<!-- /results:{m['name']} -->", text)
 
 
+def shown(pages: tuple[Path, ...] | None = None) -> dict[str, str]:
+    """``{name: body}`` of every results block of every page (:data:`READMES`); a name shown twice is an error."""
+    out: dict[str, str] = {}
+    for page in READMES if pages is None else pages:
+        for name, body in blocks(page.read_text(encoding="utf-8")).items():
+            if name in out:
+                raise ValueError(f"results block '{name}' appears twice (again in {page.name})")
+            out[name] = body
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare only; exit 1 when a table differs")
     args = ap.parse_args(argv)
-    text = README.read_text(encoding="utf-8")
-    new = synced(text)
-    if args.check:
-        rendered = blocks(new)
-        stale = [n for n, body in blocks(text).items() if rendered[n] != body]
-        for n in stale:
-            print(f"benchmarks/README.md: the '{n}' table differs from results/{n}.json", file=sys.stderr)
-        return 1 if stale else 0
-    if new != text:
-        write_atomic(README, new)
-        print("rewrote", ", ".join(blocks(new)))
-    return 0
+    stale_pages = 0
+    for page in READMES:
+        text = page.read_text(encoding="utf-8")
+        new = synced(text)
+        if args.check:
+            rendered = blocks(new)
+            stale = [n for n, body in blocks(text).items() if rendered[n] != body]
+            for n in stale:
+                print(f"{page.name}: the '{n}' table differs from results/{n}.json", file=sys.stderr)
+            stale_pages += bool(stale)
+        elif new != text:
+            write_atomic(page, new)
+            print(f"rewrote {page.name}:", ", ".join(blocks(new)))
+    return 1 if stale_pages else 0
 
 
 if __name__ == "__main__":
