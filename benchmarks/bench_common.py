@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfquant import io
+from dfquant.io.atomic import write_atomic as _write_atomic_bytes
 
 #: The models of the peer benchmarks (zoo names) and two synthetic references.
 REAL_MODELS = ("cifar-resnet20", "cifar-resnet32", "minilm", "smollm2-135m")
@@ -34,9 +34,9 @@ NOTES = {
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`dfquant.io.write_atomic`), creating its folder."""
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`dfquant.io.atomic.write_atomic`), creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    io.write_atomic(path, text.encode("utf-8"))
+    _write_atomic_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -34,12 +34,12 @@ from typing import Any
 import torch
 
 from bench_common import RESULTS, provenance, write_result
-from dfquant.api import quantize_model
-from dfquant.compensation import compensate_model, dfmpc_config
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.eval.cifar10 import EXACT_FILE, JPEG_FILE, load_cifar10, predict
-from dfquant.io import save_quantized
-from dfquant.pairs import find_compensation_pairs
+from dfquant.graph.pairs import find_compensation_pairs
+from dfquant.io.save import save_quantized
+from dfquant.pipeline.compensate import compensate_model, dfmpc_config
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.zoo import load_model
 
 HIGH = LayerRule("minmax", 6)

@@ -1,9 +1,9 @@
 """Inference cost of a saved quantized model against the float model on CPU: resident weight memory and latency.
 
-For MiniLM and SmolLM2-135M, the model is quantized by :func:`dfquant.api.quantize_model` (``lloyd-max``
+For MiniLM and SmolLM2-135M, the model is quantized by :func:`dfquant.quantize_model` (``lloyd-max``
 4-bit in groups of 64, float16 scales and offsets; every linear layer and the embeddings, as ``dfquant
-quantize`` does by default), saved with :func:`dfquant.io.save_quantized` and, in a fresh process per
-configuration, loaded back with :func:`dfquant.io.load_quantized`:
+quantize`` does by default), saved with :func:`dfquant.io.save.save_quantized` and, in a fresh process per
+configuration, loaded back with :func:`dfquant.io.load.load_quantized`:
 
 * ``float``: the float32 model from the zoo;
 * ``quantized, cache_weight=True``: each layer keeps its dequantized float weight after the first forward;
@@ -93,7 +93,7 @@ def forward(model: nn.Module, loaded: Any, inputs: tuple[torch.Tensor, ...]) -> 
 
 def worker(model_name: str, config: str, path: str, seq: int, repeats: int) -> dict[str, Any]:
     torch.set_num_threads(1)
-    from dfquant.io import load_quantized
+    from dfquant.io.load import load_quantized
     from dfquant.zoo import load_model
 
     rss0 = _rss_mib()
@@ -124,9 +124,9 @@ def worker(model_name: str, config: str, path: str, seq: int, repeats: int) -> d
 
 
 def quantize_and_save(model_name: str, path: Path) -> dict[str, Any]:
-    from dfquant.api import quantize_model
     from dfquant.config import LayerRule, QuantConfig
-    from dfquant.io import save_quantized
+    from dfquant.io.save import save_quantized
+    from dfquant.pipeline.quantize import quantize_model
     from dfquant.zoo import load_model
 
     loaded = load_model(model_name)

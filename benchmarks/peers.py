@@ -49,7 +49,7 @@ import torch
 
 from dfquant.methods.rex import expand, reconstruct
 from dfquant.quantizers import get_quantizer
-from dfquant.quantizers.base import QTensor
+from dfquant.quantizers.qtensor import QTensor
 
 __all__ = [
     "PEER_LIBRARIES",

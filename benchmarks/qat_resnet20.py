@@ -3,12 +3,12 @@
 All of them in one run, at the same weight format (default W2: the ``int2-mr`` grid ``{-1.5, -0.5, 0.5, 1.5}``, per
 output channel; the first convolution and the classifier stay float in every column), BatchNorms folded:
 
-* PTQ: :func:`dfquant.api.quantize_model` with the ``statq`` rule (iterative least-squares scale, its best
+* PTQ: :func:`dfquant.quantize_model` with the ``statq`` rule (iterative least-squares scale, its best
   post-training rule) and data-free bias correction; no image is used;
 * QAT ``statq`` (analytic weight rule) / ``statq-iterative`` (``weight_rule="iterative"``: starts at the PTQ
-  scale) / ``minmax`` / ``lsq``: :func:`dfquant.qat.prepare_qat` then :func:`dfquant.qat_train.train_qat`
+  scale) / ``minmax`` / ``lsq``: :func:`dfquant.qat.fake.prepare_qat` then :func:`dfquant.qat.train.train_qat`
   with the same steps, batches (JPEG-copy images 1017..9999, random crop + flip), seed and learning rate, then
-  :func:`dfquant.qat.convert`.
+  :func:`dfquant.qat.fake.convert`.
 
 Top-1 is measured on the exact test images 0..1016 (never trained on) with the converted (packed) model, and
 the converted model's predictions are checked equal to the fake-quantized model's. Writes ``qat_resnet20.json``
@@ -30,11 +30,11 @@ from typing import Any
 import torch
 
 from bench_common import RESULTS, provenance, write_result
-from dfquant.api import quantize_model
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.eval.cifar10 import EXACT_FILE, JPEG_FILE, load_cifar10, predict
-from dfquant.qat import QATConfig, convert, parse_format, prepare_qat
-from dfquant.qat_train import TRAIN_FIRST, cifar_train_batches, train_qat
+from dfquant.pipeline.quantize import quantize_model
+from dfquant.qat.fake import QATConfig, convert, parse_format, prepare_qat
+from dfquant.qat.train import TRAIN_FIRST, cifar_train_batches, train_qat
 from dfquant.zoo.cifar_resnet import load_cifar_resnet
 
 KEEP = ("conv1", "linear")

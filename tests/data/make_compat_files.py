@@ -127,8 +127,9 @@ def inputs() -> dict[str, torch.Tensor]:
 def main() -> int:
     from safetensors.torch import save_file
 
-    from dfquant.api import quantize_model
-    from dfquant.io import FORMAT_VERSION, save_quantized
+    from dfquant.io.manifest import FORMAT_VERSION
+    from dfquant.io.save import save_quantized
+    from dfquant.pipeline.quantize import quantize_model
 
     model_path = HERE / f"format_v{FORMAT_VERSION}_compat.safetensors"
     expected_path = HERE / f"format_v{FORMAT_VERSION}_compat_expected.safetensors"

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from dfquant import get_quantizer
-from dfquant.distributions import LAPLACE_BETA
-from dfquant.error_model import aciq_alpha, approx_mse, exact_mse, optimal_clip
-from dfquant.grids import make_grid
+from dfquant.grids.distributions import LAPLACE_BETA
+from dfquant.grids.error_model import aciq_alpha, approx_mse, exact_mse, optimal_clip
+from dfquant.grids.formats import make_grid
 
 pytestmark = pytest.mark.portable  # published values: checked under every CPU capability (make test-portable)
 

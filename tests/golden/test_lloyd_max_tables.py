@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from dfquant.distributions import LAPLACE_BETA, pdf
-from dfquant.lloyd_max import lloyd_max_table
+from dfquant.grids.distributions import LAPLACE_BETA, pdf
+from dfquant.grids.lloyd_max import lloyd_max_table
 
 pytestmark = pytest.mark.portable  # published values: checked under every CPU capability (make test-portable)
 

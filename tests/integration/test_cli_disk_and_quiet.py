@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dfquant.cli import main
+from dfquant.cli.main import main
 
 BUILDER = """
 import torch
@@ -61,7 +61,11 @@ def test_disk_full_during_quantize_out(
     monkeypatch.syspath_prepend(str(inputs))
     out = tmp_path / "out"
     out.mkdir()
-    target = {"write": "dfquant.io.save_file", "fsync": "dfquant.io.os.fsync", "rename": "dfquant.io.os.replace"}
+    target = {
+        "write": "dfquant.io.save.save_file",
+        "fsync": "dfquant.io.atomic.os.fsync",
+        "rename": "dfquant.io.atomic.os.replace",
+    }
     monkeypatch.setattr(target[where], _half_then_enospc if where == "write" else _enospc)
     argv = ["quantize", str(inputs / "mlp.safetensors"), f"--builder={MODULE}:mlp", "--method", "minmax"]
     code = main([*argv, "--out", str(out / "q.safetensors"), "--quiet"])
@@ -76,7 +80,7 @@ def test_disk_full_during_report_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = Path(__file__).resolve().parents[1] / "data" / "format_v2_compat.safetensors"
-    monkeypatch.setattr("dfquant.report_html.os.replace", _enospc)
+    monkeypatch.setattr("dfquant.report.html.os.replace", _enospc)
     assert main(["report", str(data), "--out", str(tmp_path / "r.html")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "No space left on device" in err[0]

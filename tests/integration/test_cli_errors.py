@@ -2,7 +2,7 @@
 status 2, no traceback, and no output file (nor temporary file) left behind.
 
 The models are tiny ``.safetensors`` state dicts built by a ``--builder`` module written to a temporary
-folder, so the cases need no assets. Most cases call :func:`dfquant.cli.main` in-process (an exception
+folder, so the cases need no assets. Most cases call :func:`dfquant.cli.main.main` in-process (an exception
 escaping it would fail the test); two run the real command in a subprocess to check what a user's terminal
 gets.
 """
@@ -21,7 +21,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dfquant.cli import main
+from dfquant.cli.main import main
 
 BUILDERS = """
 import torch
@@ -51,9 +51,9 @@ class Files:
 
 
 def _write_dfquant_file(folder: Path) -> Path:
-    from dfquant.api import quantize_model
     from dfquant.config import LayerRule, QuantConfig
-    from dfquant.io import save_quantized
+    from dfquant.io.save import save_quantized
+    from dfquant.pipeline.quantize import quantize_model
     from dfquant.zoo import load_model
 
     loaded = load_model(folder / "tiny.safetensors", builder=f"{MODULE}:tiny")
@@ -261,7 +261,7 @@ def test_unexpected_exceptions_are_one_line_too(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A failure dfquant did not foresee still ends in one line (and DFQUANT_DEBUG=1 re-raises it)."""
-    import dfquant.cli_models as cm
+    import dfquant.cli.quantize as cm
 
     def boom(args: object) -> dict:
         raise TypeError("something\nbroke")
@@ -278,7 +278,7 @@ def test_unexpected_exceptions_are_one_line_too(
 def test_warnings_are_held_back_on_failure(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
     import warnings
 
-    import dfquant.cli_models as cm
+    import dfquant.cli.quantize as cm
     from dfquant.errors import ConfigError
 
     def warn_then(fail: bool):  # type: ignore[no-untyped-def]
@@ -314,7 +314,7 @@ def test_options_of_the_method_rule_reach_the_file(
 ) -> None:
     """``--options`` sets the options of the ``--method`` rule, as a config file's ``options`` would, and the
     file records them in every term."""
-    from dfquant.io import read_manifest
+    from dfquant.io.manifest import read_manifest
 
     out = tmp_path / "q.safetensors"
     argv = ["quantize", files.path("tiny.safetensors"), B, "--method", "lloyd-optimal", "--bits", "3"]

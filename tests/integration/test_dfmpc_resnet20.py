@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from conftest import require_asset
-from dfquant.api import quantize_model
-from dfquant.cli import main
-from dfquant.compensation import compensate_model, dfmpc_config
+from dfquant.cli.main import main
 from dfquant.config import LayerRule
 from dfquant.eval.cifar10 import EXACT_FILE, load_cifar10, predict
-from dfquant.io import load_quantized
+from dfquant.io.load import load_quantized
+from dfquant.pipeline.compensate import compensate_model, dfmpc_config
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.zoo import build_architecture
 from dfquant.zoo.cifar_resnet import load_cifar_resnet
 

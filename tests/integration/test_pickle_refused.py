@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dfquant.checkpoints import load_state_dict
-from dfquant.cli import main
+from dfquant.cli.main import main
 from dfquant.errors import FileFormatError
+from dfquant.io.checkpoints import load_state_dict
 from dfquant.zoo.cifar_resnet import load_cifar_resnet
 
 

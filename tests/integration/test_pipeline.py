@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfquant.api import plan_quantization, quantize_model
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.errors import ConfigError, InputError, ModelError
-from dfquant.graph import FoldedBatchNorm
-from dfquant.io import load_quantized, save_quantized
-from dfquant.nn import QuantConv1d, QuantConv2d, QuantEmbedding, QuantHFConv1D, QuantLinear
+from dfquant.graph.modules import FoldedBatchNorm
+from dfquant.io.load import load_quantized
+from dfquant.io.save import save_quantized
+from dfquant.nn.layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantHFConv1D, QuantLinear
+from dfquant.pipeline.quantize import plan_quantization, quantize_model
 from dfquant.quantizers import available
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_asset
-from dfquant.cli import main
+from dfquant.cli.main import main
 from dfquant.eval.cifar10 import EXACT_FILE, JPEG_FILE
 
 pytestmark = [pytest.mark.assets, pytest.mark.slow]

@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from dfquant.cli import main
+from dfquant.cli.main import main
 from dfquant.errors import FileFormatError
-from dfquant.report_html import render_report, write_atomic
+from dfquant.report.html import render_report, write_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -105,8 +105,8 @@ def test_report_of_a_saved_file_renders_in_chromium(artifacts: Path, tmp_path: P
 
 
 def test_report_of_a_json_result_with_points_renders(artifacts: Path, tmp_path: Path) -> None:
-    from dfquant.api import quantize_model
     from dfquant.config import LayerRule, PatternRule, QuantConfig
+    from dfquant.pipeline.quantize import quantize_model
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import require_asset
-from dfquant.analysis import analyze_tensor, quantizer_variants, summarize, weight_tensors
-from dfquant.checkpoints import load_state_dict
+from dfquant.io.checkpoints import load_state_dict
+from dfquant.report.analysis import analyze_tensor, quantizer_variants, summarize, weight_tensors
 
 pytestmark = pytest.mark.assets
 

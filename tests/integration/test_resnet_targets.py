@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from conftest import require_asset
-from dfquant.api import quantize_model
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.eval.cifar10 import EXACT_FILE, JPEG_FILE, load_cifar10, predict
 from dfquant.eval.metrics import agreement, top1_accuracy
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.zoo.cifar_resnet import load_cifar_resnet
 
 pytestmark = pytest.mark.assets

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from conftest import require_asset
-from dfquant.api import quantize_model
-from dfquant.checkpoints import load_state_dict
-from dfquant.cli import main
+from dfquant.cli.main import main
 from dfquant.config import LayerRule, QuantConfig
-from dfquant.graph import get_module
+from dfquant.graph.modules import get_module
+from dfquant.io.checkpoints import load_state_dict
 from dfquant.methods.bn import fold_batchnorm
 from dfquant.methods.rex import (
     BoundLayer,
@@ -26,6 +25,7 @@ from dfquant.methods.rex import (
     max_output_change,
     relative_error,
 )
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers.registry import get_quantizer
 from dfquant.zoo import load_model
 

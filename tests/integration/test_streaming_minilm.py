@@ -45,7 +45,7 @@ def test_minilm_sharded_round_trip(tmp_path: Path) -> None:
     fid = json.loads(ev.stdout)["eval"]["fidelity"]["quantized"]
     cos = [v for k, v in fid.items() if "cos" in k and isinstance(v, float)]
     assert cos and min(cos) > 0.99, fid  # 8-bit per-channel weights keep the embeddings
-    from dfquant.io import load_quantized
+    from dfquant.io.load import load_quantized
 
     model, manifest = load_quantized(out)
     assert len(manifest["layers"]) == 6 * 6 + 3  # 36 linear layers and 3 embedding tables

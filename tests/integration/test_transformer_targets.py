@@ -20,11 +20,12 @@ import pytest
 import torch
 
 from conftest import require_asset, require_package
-from dfquant.api import quantize_model
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.eval import evaluate
-from dfquant.io import load_quantized, save_quantized
-from dfquant.nn import QuantEmbedding
+from dfquant.io.load import load_quantized
+from dfquant.io.save import save_quantized
+from dfquant.nn.layers import QuantEmbedding
+from dfquant.pipeline.quantize import quantize_model
 
 pytestmark = pytest.mark.assets
 

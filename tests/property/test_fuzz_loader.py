@@ -5,7 +5,7 @@ model with channel-subset expansion terms): the 8-byte header length, the safete
 shapes, byte offsets, entries added or dropped), every field of the JSON manifest (format version, layer types,
 dtypes, shapes, bit-widths, level and table counts, granularities, quantizer names, layer names, aliases, module
 arguments, the tensor table), truncations, flipped bytes and random bytes. Each case asserts that
-:func:`dfquant.io.load_quantized` either loads a model or raises :class:`~dfquant.errors.FileFormatError`, and
+:func:`dfquant.io.load.load_quantized` either loads a model or raises :class:`~dfquant.errors.FileFormatError`, and
 
 * no other exception escapes (a bug in the checks shows as KeyError, TypeError, RecursionError, ...);
 * no case hangs: each runs under a wall-clock alarm of :data:`CASE_SECONDS`;
@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dfquant.errors import FileFormatError
-from dfquant.io import load_quantized
+from dfquant.io.load import load_quantized
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 EXAMPLES = int(os.environ.get("DFQUANT_FUZZ_EXAMPLES", "40"))
@@ -107,9 +107,9 @@ def _pack(head: bytes, body: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> list[Seed]:
-    from dfquant.api import quantize_model
     from dfquant.config import LayerRule, QuantConfig
-    from dfquant.io import save_quantized
+    from dfquant.io.save import save_quantized
+    from dfquant.pipeline.quantize import quantize_model
 
     folder = tmp_path_factory.mktemp("fuzz-seeds")
     q, report = quantize_model(_sparse_net(), QuantConfig(LayerRule("minmax", 2, expand=3, sparsity=0.5)))

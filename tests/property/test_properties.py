@@ -7,9 +7,9 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dfquant.grids import FAMILIES, MINIFLOATS, make_grid
-from dfquant.packing import pack, packed_nbytes, unpack
+from dfquant.grids.formats import FAMILIES, MINIFLOATS, make_grid
 from dfquant.quantizers import available, get_quantizer
+from dfquant.quantizers.packing import pack, packed_nbytes, unpack
 
 FIXED = [*MINIFLOATS, "nf4"]
 SIZED = [f for f in FAMILIES if f not in FIXED and f not in ("int-sym",)]
@@ -92,7 +92,7 @@ def _bits(name: str) -> tuple[int, ...]:
 @example("int-mr", 5, [1e-30, -1e-30, 0.0, -0.0])
 def test_integer_fast_path_equals_nearest_level_search(family, bits, values) -> None:
     """The round-based encoder of integer grids gives exactly the codes of the midpoint search, ties included."""
-    from dfquant.grids import Grid
+    from dfquant.grids.formats import Grid
 
     g = make_grid(family, bits)
     generic = Grid("check", "codebook", "codebook", g.bits, g.levels)  # same levels, generic search path

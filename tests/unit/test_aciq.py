@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dfquant import ConfigError, InputError, get_quantizer
-from dfquant.distributions import DIST_CODES, LAPLACE_BETA, ppf, sample
-from dfquant.error_model import aciq_alpha
+from dfquant.grids.distributions import DIST_CODES, LAPLACE_BETA, ppf, sample
+from dfquant.grids.error_model import aciq_alpha
 
 N = 1_000_000
 DISTS = ("gaussian", "laplace")

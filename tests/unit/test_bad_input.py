@@ -21,9 +21,9 @@ import pytest
 import torch
 from torch import nn
 
-from dfquant.api import quantize_model
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.errors import ConfigError, InputError, ModelError
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers import available, get_quantizer, quantizer_class
 
 QUANTIZERS = available()

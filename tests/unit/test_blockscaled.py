@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from dfquant import get_quantizer
-from dfquant.api import quantize_model
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.errors import ConfigError
-from dfquant.io import load_quantized, read_manifest, save_quantized
+from dfquant.io.load import load_quantized
+from dfquant.io.manifest import read_manifest
+from dfquant.io.save import save_quantized
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers.blockscaled import e8m0_scale, fake_quantize_blocks
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]

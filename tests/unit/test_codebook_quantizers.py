@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dfquant import ConfigError, InputError, get_quantizer, make_grid
-from dfquant.distributions import DIST_CODES, cell_mse, sample
+from dfquant.grids.distributions import DIST_CODES, cell_mse, sample
 from dfquant.quantizers.codebook import optimal_clip
 
 N = 1_000_000

@@ -34,8 +34,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dfquant.errors import FileFormatError
-from dfquant.io import FORMAT_VERSION, METADATA_KEY, READ_VERSIONS, load_quantized, read_manifest
-from dfquant.nn import QuantModule
+from dfquant.io.load import load_quantized
+from dfquant.io.manifest import FORMAT_VERSION, METADATA_KEY, READ_VERSIONS, read_manifest
+from dfquant.nn.base import QuantModule
 
 pytestmark = pytest.mark.portable
 
@@ -73,7 +74,7 @@ def _run(model: nn.Module, version: int, expected: dict[str, torch.Tensor]) -> t
         return model(expected["ids"], expected["image"])
 
 
-# -- a plain reference decoder, independent of dfquant.packing and dfquant.quantizers ------------------------------
+# -- a plain reference decoder, independent of dfquant.quantizers (packing included) ----------------------------------
 
 
 def _ref_unpack(packed: torch.Tensor, bits: int, numel: int) -> np.ndarray:
@@ -250,7 +251,7 @@ def test_current_version_file_is_what_the_current_code_writes() -> None:
     magnitude (BatchNorm folding, fits and bias correction are float sums, whose last bits depend on the CPU);
     outputs within the tolerance above. A change in a quantizer's output shows here: then write a new format's
     files or fix the quantizer, never loosen this."""
-    from dfquant.api import quantize_model
+    from dfquant.pipeline.quantize import quantize_model
 
     path, expected_path = _kept(FORMAT_VERSION)
     q, _ = quantize_model(MAKER.trained(), MAKER.config())

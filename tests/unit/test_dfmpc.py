@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfquant import get_quantizer
-from dfquant.compensation import compensate_model
 from dfquant.config import LayerRule
 from dfquant.errors import ConfigError, InputError, ModelError
+from dfquant.graph.pairs import find_compensation_pairs
 from dfquant.methods.dfmpc import (
     compensate_layer,
     compensation_coefficients,
@@ -20,7 +20,7 @@ from dfquant.methods.dfmpc import (
     projection_noise_statistics,
     projection_statistics,
 )
-from dfquant.pairs import find_compensation_pairs
+from dfquant.pipeline.compensate import compensate_model
 from dfquant.zoo.cifar_resnet import CifarResNet
 
 # ------------------------------------------------------------------------------------------------------------
@@ -361,8 +361,8 @@ def test_coefficient_none_keeps_only_the_rederived_statistics() -> None:
 
 
 def test_cli_low_options_and_coefficient_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    from dfquant.cli import main
-    from dfquant.cli_models import parse_options
+    from dfquant.cli.main import main
+    from dfquant.cli.quantize import parse_options
 
     assert parse_options("weighting=input-variance,bins=64,x=0.5", "--low-options") == {
         "weighting": "input-variance",
@@ -379,7 +379,7 @@ def test_cli_low_options_and_coefficient_flags(capsys: pytest.CaptureFixture[str
 
 
 def test_cli_refuses_options_dfmpc_does_not_take(capsys: pytest.CaptureFixture[str]) -> None:
-    from dfquant.cli import main
+    from dfquant.cli.main import main
 
     assert main(["quantize", "cifar-resnet20", "--method", "dfmpc", "--bits", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dfquant.quantizers import get_quantizer
-from dfquant.quantizers.base import encode_rows, to_rows
+from dfquant.quantizers.codes import encode_rows
+from dfquant.quantizers.qtensor import to_rows
 
 CASES = [
     ("minmax", {}),

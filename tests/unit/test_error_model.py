@@ -11,8 +11,8 @@ import torch
 from scipy import integrate
 
 from dfquant import ConfigError
-from dfquant.distributions import cell_mse, pdf, ppf, sample
-from dfquant.error_model import (
+from dfquant.grids.distributions import cell_mse, pdf, ppf, sample
+from dfquant.grids.error_model import (
     aciq_alpha,
     approx_mse,
     approx_terms,
@@ -23,7 +23,7 @@ from dfquant.error_model import (
     optimal_clip,
     tail_mse,
 )
-from dfquant.grids import make_grid
+from dfquant.grids.formats import make_grid
 
 FORMATS = [f"int{b}-mr" for b in range(2, 9)] + [
     "int4",
@@ -115,7 +115,7 @@ def test_approx_of_int_mr_is_banner_at_the_range_edge(bits: int) -> None:
 
 def test_minifloat_granular_term_is_the_binade_sum() -> None:
     # FP4 E2M1 at unit scale (C = 6): subnormal+first binade [0, 2) step 0.5, [2, 4) step 1, [4, 6] step 2.
-    from dfquant.distributions import cdf
+    from dfquant.grids.distributions import cdf
 
     s = 0.5  # C = 3 sigma
     for dist in DISTS:

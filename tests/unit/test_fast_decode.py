@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dfquant.quantizers.base as qbase
-from dfquant import packing
+import dfquant.quantizers.codes as qbase
 from dfquant.methods.outliers import split_outliers
-from dfquant.nn import QuantEmbedding, QuantLinear, QuantModule, QuantTerm, decode_codes, oriented_weight
-from dfquant.nn_rex import SparseTerm
-from dfquant.quantizers import Granularity, QTensor, get_quantizer
-from dfquant.quantizers.base import from_rows, gather_levels
+from dfquant.nn.base import QuantModule, oriented_weight
+from dfquant.nn.layers import QuantEmbedding, QuantLinear
+from dfquant.nn.rex import SparseTerm
+from dfquant.nn.terms import QuantTerm
+from dfquant.quantizers import Granularity, QTensor, get_quantizer, packing
+from dfquant.quantizers.codes import decode_codes, gather_levels
+from dfquant.quantizers.qtensor import from_rows
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

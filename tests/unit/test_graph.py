@@ -12,17 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfquant.errors import ModelError
-from dfquant.graph import (
-    LayerReport,
-    QuantizationReport,
-    SkippedLayer,
-    analyze_graph,
-    dist_summary,
-    find_layers,
-    find_unsupported,
-    get_module,
-    replace_module,
-)
+from dfquant.graph.modules import find_layers, find_unsupported, get_module, replace_module
+from dfquant.graph.trace import analyze_graph
+from dfquant.pipeline.report import LayerReport, QuantizationReport, SkippedLayer, dist_summary
 
 
 class Conv1D(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dfquant.errors import ConfigError
-from dfquant.grids import NF4_LEVELS, make_grid
+from dfquant.grids.formats import NF4_LEVELS, make_grid
 
 
 def test_fp4_e2m1_levels() -> None:

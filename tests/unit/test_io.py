@@ -13,11 +13,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dfquant.api import quantize_model
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.errors import FileFormatError
-from dfquant.io import FORMAT_VERSION, METADATA_KEY, load_quantized, read_manifest, save_quantized
-from dfquant.nn import QuantModule
+from dfquant.io.load import load_quantized
+from dfquant.io.manifest import FORMAT_VERSION, METADATA_KEY, read_manifest
+from dfquant.io.save import save_quantized
+from dfquant.nn.base import QuantModule
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers import available
 
 SOURCE = {"zoo": "unit-test", "width": 8}
@@ -146,7 +148,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest
         Path(args[1]).write_bytes(b"half")  # type: ignore[arg-type]
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("dfquant.io.save_file", boom)
+    monkeypatch.setattr("dfquant.io.save.save_file", boom)
     with pytest.raises(FileFormatError, match="No space left"):
         save_quantized(q, dest, source=SOURCE)
     assert dest.read_bytes() == b"previous"

@@ -1,9 +1,9 @@
 """The fast ``lloyd-max`` path against the plain implementation it replaced, bit for bit.
 
-Fast path: :func:`dfquant.distributions.fit_groups` (blocked, NumPy sort per block, float64 standard deviation,
+Fast path: :func:`dfquant.grids.distributions.fit_groups` (blocked, NumPy sort per block, float64 standard deviation,
 column split of the Laplace CDF) and :func:`dfquant.quantizers.lloyd.encode_rows_fast` (lookup-table encoder).
-Reference: :func:`dfquant.distributions.fit_groups_reference` (the plain float32 formulas on the whole matrix),
-``torch.sort`` and :func:`dfquant.quantizers.base.encode_rows` (binary search), i.e. the code path of earlier
+Reference: :func:`dfquant.grids.distributions.fit_groups_reference` (the plain float32 formulas on the whole matrix),
+``torch.sort`` and :func:`dfquant.quantizers.codes.encode_rows` (binary search), i.e. the code path of earlier
 versions, kept here as ``_Old``. Every output must be identical: codes, scales, offsets, level tables, table
 indices, chosen families and KS statistics.
 """
@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from dfquant.distributions import (
+from dfquant.errors import ConfigError
+from dfquant.grids.distributions import (
     _exact_std,
     _uncertain_std,
     fit_groups,
@@ -27,12 +28,12 @@ from dfquant.distributions import (
     serial_torch,
     sort_rows,
 )
-from dfquant.errors import ConfigError
-from dfquant.lloyd_max import lloyd_max_table
+from dfquant.grids.lloyd_max import lloyd_max_table
 from dfquant.quantizers import get_quantizer
-from dfquant.quantizers.base import QParams, QTensor, constant_groups, encode_rows
+from dfquant.quantizers.codes import QParams, constant_groups, encode_rows
 from dfquant.quantizers.encoding import build_bin_table, encode_rows_fast, encode_thresholds
 from dfquant.quantizers.lloyd import LloydEmpirical, LloydMax, _Fit, constant_rows
+from dfquant.quantizers.qtensor import QTensor
 
 
 class _Old:

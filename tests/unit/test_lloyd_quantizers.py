@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dfquant import ConfigError, InputError, get_quantizer
-from dfquant.distributions import DIST_CODES, cell_mse, ks_critical, sample
-from dfquant.lloyd_max import lloyd_max_table
+from dfquant.grids.distributions import DIST_CODES, cell_mse, ks_critical, sample
+from dfquant.grids.lloyd_max import lloyd_max_table
 from dfquant.quantizers.lloyd import default_fallback_ks, group_sq_error
 
 N = 1_000_000

@@ -1,6 +1,6 @@
 """Data-free moment propagation for bias correction: the per-channel mean and variance rules against Monte
 Carlo, the moment program found in traced graphs (residual sums, option-A shortcuts, pooling), and the bias
-correction it enables in :func:`dfquant.api.quantize_model`."""
+correction it enables in :func:`dfquant.quantize_model`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfquant.api import quantize_model
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.errors import ConfigError
-from dfquant.graph import analyze_graph
+from dfquant.graph.trace import analyze_graph
 from dfquant.methods.bn import MomentOp, Moments, propagate_moments
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.zoo.cifar_resnet import CifarResNet
 
 

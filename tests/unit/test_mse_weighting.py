@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dfquant.errors import ConfigError
-from dfquant.grids import make_grid
+from dfquant.grids.formats import make_grid
 from dfquant.quantizers import get_quantizer
 
 

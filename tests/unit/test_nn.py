@@ -9,19 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfquant.errors import ConfigError, InputError
-from dfquant.nn import (
-    QuantConv1d,
-    QuantConv2d,
-    QuantEmbedding,
-    QuantHFConv1D,
-    QuantLinear,
-    QuantModule,
-    QuantTerm,
-    is_hf_conv1d,
-    layer_kind,
-    oriented_weight,
-    term_layout,
-)
+from dfquant.nn.base import QuantModule, is_hf_conv1d, layer_kind, oriented_weight
+from dfquant.nn.layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantHFConv1D, QuantLinear
+from dfquant.nn.terms import QuantTerm, term_layout
 from dfquant.quantizers import Granularity, QTensor, available, get_quantizer
 
 
@@ -218,8 +208,9 @@ def test_dtype_casts_keep_term_buffers_float32() -> None:
 
 
 def test_shared_layer_is_replaced_under_every_name(tmp_path) -> None:
-    from dfquant.api import quantize_model
-    from dfquant.io import load_quantized, save_quantized
+    from dfquant.io.load import load_quantized
+    from dfquant.io.save import save_quantized
+    from dfquant.pipeline.quantize import quantize_model
 
     def build(_: object = None) -> nn.Module:
         shared = nn.Linear(8, 8)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dfquant import ConfigError, InputError, get_quantizer
-from dfquant.distributions import sample
-from dfquant.lloyd_max import lloyd_max_table
+from dfquant.grids.distributions import sample
+from dfquant.grids.lloyd_max import lloyd_max_table
 from dfquant.quantizers import available, quantizer_class
 from dfquant.quantizers.optimal import optimal_levels
 
@@ -212,8 +212,8 @@ def test_pipeline_weights_by_input_variance() -> None:
     ``E[x^2]``)."""
     from torch import nn
 
-    from dfquant.api import quantize_model
     from dfquant.config import LayerRule, QuantConfig
+    from dfquant.pipeline.quantize import quantize_model
     from dfquant.zoo.cifar_resnet import CifarResNet
 
     model = CifarResNet(8).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfquant import packing
+from dfquant.quantizers import packing
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 5, 7])

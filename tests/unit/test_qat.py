@@ -8,13 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from dfquant.error_model import exact_mse, optimal_clip
 from dfquant.errors import ConfigError, ModelError
-from dfquant.grids import make_grid
-from dfquant.io import load_quantized, read_manifest, save_quantized
-from dfquant.nn import ActQuant, QuantModule
-from dfquant.qat import ActFakeQuant, QATConfig, QATLayer, WeightFakeQuant, convert, prepare_qat
-from dfquant.qat_train import train_qat
+from dfquant.grids.error_model import exact_mse, optimal_clip
+from dfquant.grids.formats import make_grid
+from dfquant.io.load import load_quantized
+from dfquant.io.manifest import read_manifest
+from dfquant.io.save import save_quantized
+from dfquant.nn.act import ActQuant
+from dfquant.nn.base import QuantModule
+from dfquant.qat.fake import ActFakeQuant, QATConfig, QATLayer, WeightFakeQuant, convert, prepare_qat
+from dfquant.qat.train import train_qat
 from dfquant.quantizers.blockscaled import round_to_levels
 
 
@@ -114,8 +117,8 @@ def test_trained_model_converts_saves_reloads_identically(method: str, fmt: str,
 
 @pytest.mark.parametrize("gran", ["channel", "group:16"])
 def test_iterative_weight_rule_starts_at_ptq_and_takes_least_squares_steps(gran: str, tmp_path: Path) -> None:
-    from dfquant.api import quantize_model
     from dfquant.config import LayerRule, QuantConfig
+    from dfquant.pipeline.quantize import quantize_model
 
     x, y = _data()
     net = _net()
@@ -154,7 +157,7 @@ def test_iterative_weight_rule_starts_at_ptq_and_takes_least_squares_steps(gran:
 
 
 def test_files_without_input_quantizers_have_no_new_key(tmp_path: Path) -> None:
-    from dfquant.api import quantize_model
+    from dfquant.pipeline.quantize import quantize_model
 
     q, _ = quantize_model(_net())
     man = read_manifest(save_quantized(q, tmp_path / "p.safetensors", source={"toy": 1}))

@@ -9,11 +9,12 @@ import torch
 
 from conftest import require_module
 from dfquant.errors import InputError
-from dfquant.io import load_quantized, save_quantized
-from dfquant.nn import QuantModule
-from dfquant.qat import QATConfig, QATLayer, convert, prepare_qat
-from dfquant.qat_lm import LM_KEEP_FLOAT, causal_lm_loss, lm_perplexity, lm_train_batches
-from dfquant.qat_train import train_qat
+from dfquant.io.load import load_quantized
+from dfquant.io.save import save_quantized
+from dfquant.nn.base import QuantModule
+from dfquant.qat.fake import QATConfig, QATLayer, convert, prepare_qat
+from dfquant.qat.lm import LM_KEEP_FLOAT, causal_lm_loss, lm_perplexity, lm_train_batches
+from dfquant.qat.train import train_qat
 
 transformers = require_module("transformers")  # the LM QAT path needs LlamaForCausalLM
 
@@ -90,7 +91,7 @@ def test_llama_qat_learns_converts_saves_and_reloads_identically(tmp_path: Path)
 
 
 def test_cli_refuses_unknown_tasks_and_bad_lm_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dfquant.cli import main
+    from dfquant.cli.main import main
 
     out = str(tmp_path / "m.safetensors")
     base = ["qat", "smollm2-135m", "--format", "int4", "--steps", "2", "--out", out]

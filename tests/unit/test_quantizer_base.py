@@ -9,7 +9,7 @@ import torch
 
 from dfquant.errors import ConfigError, InputError
 from dfquant.quantizers import Granularity, available, get_quantizer
-from dfquant.quantizers.base import from_rows, to_rows
+from dfquant.quantizers.qtensor import from_rows, to_rows
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,7 @@ def test_mse_beats_minmax_on_gaussian_rows() -> None:
 def test_scales_are_rounded_before_encoding(name: str, sdtype: torch.dtype) -> None:
     """The QTensor holds its scales/offsets in the storage dtype and its codes are the nearest levels for the
     *rounded* scales: re-encoding with the stored values gives the same codes."""
-    from dfquant.quantizers.base import encode_rows
+    from dfquant.quantizers.codes import encode_rows
 
     assert name in available()
     x = torch.randn(16, 96) * 0.02 + 0.003

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dfquant.report_html import build_page, render_report
+from dfquant.report.html import build_page, render_report
 
 
 def test_tradeoff_points_become_the_bops_plot(tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfquant.api import quantize_model
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.errors import ConfigError
-from dfquant.io import load_quantized, save_quantized
+from dfquant.io.load import load_quantized
+from dfquant.io.save import save_quantized
 from dfquant.methods.rex import (
     BoundLayer,
     BoundResidual,
@@ -30,6 +30,7 @@ from dfquant.methods.rex import (
     termwise_forward,
     total_cost,
 )
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers.registry import get_quantizer
 
 RULES = [

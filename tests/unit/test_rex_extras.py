@@ -15,12 +15,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import require_module
-from dfquant import cli_models
-from dfquant.api import quantize_model
-from dfquant.cli import main
+from dfquant.cli import quantize as cli_models
+from dfquant.cli.main import main
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.errors import ConfigError
-from dfquant.io import load_quantized, read_manifest, save_quantized
+from dfquant.io.load import load_quantized
+from dfquant.io.manifest import read_manifest
+from dfquant.io.save import save_quantized
 from dfquant.methods.outliers import outlier_bits, split_outliers
 from dfquant.methods.rex import expand, relative_error
 from dfquant.methods.rex_act import (
@@ -31,8 +32,9 @@ from dfquant.methods.rex_act import (
     paired_forward,
     termwise_pairs,
 )
-from dfquant.nn import QuantModule
-from dfquant.nn_rex import order_weights
+from dfquant.nn.base import QuantModule
+from dfquant.nn.rex import order_weights
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers.registry import get_quantizer
 from dfquant.zoo.registry import LoadedModel
 
@@ -315,7 +317,7 @@ def test_tradeoff_cli_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
 
 
 def test_cli_outlier_select_needs_outliers(capsys: pytest.CaptureFixture[str]) -> None:
-    from dfquant.cli import main
+    from dfquant.cli.main import main
 
     assert main(["quantize", "cifar-resnet20", "--bits", "3", "--outlier-select", "row"]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -331,8 +333,8 @@ def test_rule_field_and_method_name_the_same_selections() -> None:
 
 
 def test_cli_residual_method(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from dfquant.cli import main
-    from dfquant.cli_models import _rex_extras
+    from dfquant.cli.main import main
+    from dfquant.cli.quantize import _rex_extras
 
     base = ["quantize", "cifar-resnet20", "--bits", "2"]
     assert main([*base, "--residual-method", "mse"]) == 2

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from dfquant import ConfigError, InputError, get_quantizer
-from dfquant.distributions import DIST_CODES, ppf, sample
-from dfquant.error_model import optimal_clip
-from dfquant.grids import make_grid
+from dfquant.grids.distributions import DIST_CODES, ppf, sample
+from dfquant.grids.error_model import optimal_clip
+from dfquant.grids.formats import make_grid
 from dfquant.quantizers.statq import analytic_scale, round_to_grid
 
 N = 1_000_000

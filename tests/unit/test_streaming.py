@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dfquant.api import quantize_model
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.errors import ConfigError, FileFormatError, InputError
-from dfquant.io import load_quantized, read_manifest
-from dfquant.nn import QuantTerm
-from dfquant.quantizers.base import Granularity
+from dfquant.io.load import load_quantized
+from dfquant.io.manifest import read_manifest
+from dfquant.nn.terms import QuantTerm
+from dfquant.pipeline.quantize import quantize_model
+from dfquant.quantizers.granularity import Granularity
 from dfquant.quantizers.registry import get_quantizer
 from dfquant.stream import quantize_sharded, read_checkpoint, worker
 from dfquant.stream.plan import plan_checkpoint

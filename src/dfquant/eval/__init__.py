@@ -6,12 +6,12 @@ Tasks: ``cifar10`` (top-1 on exact test images, agreement on a 10k JPEG copy), `
 ``pairs`` (the shipped demo sentence pairs). Add one with :func:`register_evaluator`.
 """
 
-from . import cifar10, fidelity, sts, wikitext2
-from .fidelity import synthetic_inputs
-from .metrics import agreement, pearson, relative_error, spearman, top1_accuracy
-from .registry import Progress, available_tasks, check_task, evaluate, register_evaluator
-from .sts import encode_sentences, load_demo_pairs, parse_pairs, parse_sts
-from .wikitext2 import lm_logits, perplexity, tokenize_text
+from dfquant.eval import cifar10, fidelity, sts, wikitext2
+from dfquant.eval.fidelity import synthetic_inputs
+from dfquant.eval.metrics import agreement, pearson, relative_error, spearman, top1_accuracy
+from dfquant.eval.registry import Progress, available_tasks, check_task, evaluate, register_evaluator
+from dfquant.eval.sts import encode_sentences, load_demo_pairs, parse_pairs, parse_sts
+from dfquant.eval.wikitext2 import lm_logits, perplexity, tokenize_text
 
 __all__ = [
     "Progress",

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..assets import asset_path, missing_reason
-from ..errors import ConfigError
-from ..zoo.registry import LoadedModel
-from .metrics import agreement, top1_accuracy
-from .registry import Progress, models_to_run, no_grad_eval, register_evaluator
+from dfquant.errors import ConfigError
+from dfquant.eval.metrics import agreement, top1_accuracy
+from dfquant.eval.registry import Progress, models_to_run, no_grad_eval, register_evaluator
+from dfquant.zoo.assets import asset_path, missing_reason
+from dfquant.zoo.registry import LoadedModel
 
 __all__ = ["EXACT_FILE", "JPEG_FILE", "load_cifar10", "predict", "preprocess"]
 

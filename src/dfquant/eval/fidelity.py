@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
-from ..zoo.registry import LoadedModel
-from .metrics import agreement, relative_error
-from .registry import Progress, no_grad_eval, register_evaluator
-from .wikitext2 import lm_logits
+from dfquant.errors import ConfigError
+from dfquant.eval.metrics import agreement, relative_error
+from dfquant.eval.registry import Progress, no_grad_eval, register_evaluator
+from dfquant.eval.wikitext2 import lm_logits
+from dfquant.zoo.registry import LoadedModel
 
 __all__ = ["SEED", "synthetic_inputs"]
 

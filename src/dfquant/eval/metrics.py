@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError
+from dfquant.errors import InputError
 
 __all__ = ["agreement", "pearson", "relative_error", "spearman", "top1_accuracy"]
 

@@ -14,8 +14,8 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..zoo.registry import LoadedModel
+from dfquant.errors import ConfigError
+from dfquant.zoo.registry import LoadedModel
 
 __all__ = [
     "Progress",

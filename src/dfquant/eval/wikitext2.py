@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..assets import asset_path, missing_reason
-from ..errors import ConfigError, InputError
-from ..zoo.registry import LoadedModel
-from .metrics import agreement
-from .registry import Progress, models_to_run, no_grad_eval, register_evaluator
+from dfquant.errors import ConfigError, InputError
+from dfquant.eval.metrics import agreement
+from dfquant.eval.registry import Progress, models_to_run, no_grad_eval, register_evaluator
+from dfquant.zoo.assets import asset_path, missing_reason
+from dfquant.zoo.registry import LoadedModel
 
 __all__ = ["WINDOW", "WINDOWS", "lm_logits", "perplexity", "tokenize_text"]
 

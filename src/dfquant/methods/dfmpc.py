@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, InputError
+from dfquant.errors import ConfigError, InputError
 
 __all__ = [
     "COEFFICIENT_RULES",

@@ -38,8 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, InputError, check_finite
-from ..quantizers.base import Granularity, QTensor, Quantizer
+from dfquant.errors import ConfigError, InputError, check_finite
+from dfquant.quantizers.base import Quantizer
+from dfquant.quantizers.granularity import Granularity
+from dfquant.quantizers.qtensor import QTensor
 
 __all__ = [
     "OUTLIER_BASES",

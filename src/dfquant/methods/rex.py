@@ -41,8 +41,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, InputError, check_finite
-from ..quantizers.base import Granularity, QTensor, Quantizer
+from dfquant.errors import ConfigError, InputError, check_finite
+from dfquant.quantizers.base import Quantizer
+from dfquant.quantizers.granularity import Granularity
+from dfquant.quantizers.qtensor import QTensor
 
 __all__ = [
     "SPLIT_RULES",

@@ -2,12 +2,12 @@
 
 ACIQ ("Analytical Clipping for Integer Quantization") models a tensor as Gaussian or Laplace and clips it at the
 ``alpha`` minimizing the approximate error ``2 int_alpha^inf (x - alpha)^2 p(x) dx + alpha^2 / (3 * 4^M)`` of
-``2^M`` uniform bins over ``[-alpha, alpha]`` (:func:`dfquant.error_model.banner_mse`). The optimum is
+``2^M`` uniform bins over ``[-alpha, alpha]`` (:func:`dfquant.grids.error_model.banner_mse`). The optimum is
 proportional to the source's scale, ``alpha = c_M * sigma`` (Gaussian) or ``c_M * b`` (Laplace), with
-``c_M`` from :func:`dfquant.error_model.aciq_alpha` (Gaussian 1.71, 2.15, 2.55; Laplace 2.83, 3.90, 5.03 at
+``c_M`` from :func:`dfquant.grids.error_model.aciq_alpha` (Gaussian 1.71, 2.15, 2.55; Laplace 2.83, 3.90, 5.03 at
 2, 3, 4 bits).
 
-Per group: both families are fitted (:func:`dfquant.distributions.fit_groups`) and the one with the smaller
+Per group: both families are fitted (:func:`dfquant.grids.distributions.fit_groups`) and the one with the smaller
 Kolmogorov-Smirnov statistic gives ``alpha``. The grid is ``int-mr`` (``2^M`` mid-rise levels ``k + 1/2``, no
 zero level), so the bins are exactly ACIQ's: ``scale = alpha / 2^(M-1)`` and the top level sits half a bin
 inside ``alpha``. ``grid='int-sym'`` (``2^M - 1`` bins with a zero level) is accepted, with its own ``c`` from the
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from ..distributions import LAPLACE_BETA, cell_mse, check_dist
-from ..error_model import aciq_alpha, clipping_mse
-from ..errors import ConfigError
-from .base import QParams, constant_groups
-from .lloyd import fit_groups_chunked
-from .registry import register
-from .uniform import UniformRule
+from dfquant.errors import ConfigError
+from dfquant.grids.distributions import LAPLACE_BETA, cell_mse, check_dist
+from dfquant.grids.error_model import aciq_alpha, clipping_mse
+from dfquant.quantizers.codes import QParams, constant_groups
+from dfquant.quantizers.lloyd import fit_groups_chunked
+from dfquant.quantizers.registry import register
+from dfquant.quantizers.uniform import UniformRule
 
 _ACIQ_GRIDS = ("int-mr", "int-sym")
 
@@ -44,7 +44,7 @@ def aciq_clip(dist: str, num_bins: int) -> float:
     """ACIQ's clip for ``num_bins`` uniform bins over ``[-alpha, alpha]``, in units of sigma (unit variance).
 
     Minimizes ``clipping_mse(alpha) + Delta^2 / 12`` with ``Delta = 2 alpha / num_bins`` (Banner et al. 2019);
-    for ``num_bins = 2^M`` this is :func:`dfquant.error_model.aciq_alpha` times ``sigma`` (or ``b``).
+    for ``num_bins = 2^M`` this is :func:`dfquant.grids.error_model.aciq_alpha` times ``sigma`` (or ``b``).
     """
     check_dist(dist)
     bits = math.log2(num_bins)
@@ -63,7 +63,7 @@ def aciq_clip(dist: str, num_bins: int) -> float:
 class ACIQ(UniformRule):
     """Uniform quantization with ACIQ's analytic clip for the better-fitting Gaussian or Laplace, per group.
 
-    ``QParams.info`` holds per group ``dist`` (0 Gaussian, 1 Laplace: :data:`dfquant.distributions.DIST_CODES`),
+    ``QParams.info`` holds per group ``dist`` (0 Gaussian, 1 Laplace: :data:`dfquant.grids.distributions.DIST_CODES`),
     ``ks_gaussian``, ``ks_laplace`` and ``clip`` (``alpha``, in the group's units).
 
     Example:

@@ -18,7 +18,7 @@ Scales are kept in their format's dtype (``float8_e8m0fnu`` / ``float8_e4m3fn``)
 
 Option ``scale``: ``"minmax"`` (default, the formats' definition above: the block maximum on the largest level)
 or ``"analytic"``: the StatQAT rule per block, ``amax`` replaced by ``sigma_block * C* `` with ``C*`` the optimal
-clip of E2M1 for a unit Gaussian (:func:`dfquant.error_model.optimal_clip`), then cast to the scale format.
+clip of E2M1 for a unit Gaussian (:func:`dfquant.grids.error_model.optimal_clip`), then cast to the scale format.
 
 Example:
     >>> import torch
@@ -35,11 +35,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..error_model import optimal_clip
-from ..errors import ConfigError
-from ..grids import Grid, make_grid
-from .base import Granularity, QParams, QTensor, Quantizer
-from .registry import register
+from dfquant.errors import ConfigError
+from dfquant.grids.error_model import optimal_clip
+from dfquant.grids.formats import Grid, make_grid
+from dfquant.quantizers.base import Quantizer
+from dfquant.quantizers.codes import QParams
+from dfquant.quantizers.granularity import Granularity
+from dfquant.quantizers.qtensor import QTensor
+from dfquant.quantizers.registry import register
 
 __all__ = ["BLOCK_FORMATS", "MXFP4", "NVFP4", "block_scales", "e4m3_round", "e8m0_scale"]
 

@@ -3,7 +3,8 @@
 * ``nf4`` (Dettmers et al., 2023, "QLoRA"): the 16 NormalFloat levels in ``[-1, 1]`` scaled by the group's
   absolute maximum (absmax, block-wise as in QLoRA), no offset. The largest-magnitude value decodes exactly.
 * ``apot`` (Li, Dong, Wang, ICLR 2020, "Additive Powers-of-Two Quantization"): the signed APoT levels of
-  :func:`dfquant.grids.apot_levels` (max 1) with the paper's weight normalization ``(w - mean) / std`` and a clip
+  :func:`dfquant.grids.formats.apot_levels` (max 1) with the paper's weight normalization ``(w - mean) / std`` and
+  a clip
   ``alpha = c*(b) * std``: ``x_hat = mean + alpha * level``. The paper learns ``alpha`` with training data; without
   data, ``c*(b)`` is the clip minimizing the closed-form MSE of the unit-variance Gaussian or Laplace source
   (the family with the smaller Kolmogorov-Smirnov statistic per group, as ``lloyd-max`` chooses).
@@ -25,12 +26,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..distributions import DIST_CODES, absmax_expected_mse, cell_mse, check_dist, optimal_scale
-from ..errors import ConfigError
-from ..grids import Grid, make_grid
-from .base import QParams, Quantizer, constant_groups
-from .lloyd import fit_groups_chunked
-from .registry import register
+from dfquant.errors import ConfigError
+from dfquant.grids.distributions import DIST_CODES, absmax_expected_mse, cell_mse, check_dist, optimal_scale
+from dfquant.grids.formats import Grid, make_grid
+from dfquant.quantizers.base import Quantizer
+from dfquant.quantizers.codes import QParams, constant_groups
+from dfquant.quantizers.lloyd import fit_groups_chunked
+from dfquant.quantizers.registry import register
 
 _DIST_OPTIONS = ("auto", "gaussian", "laplace")
 
@@ -38,7 +40,7 @@ _DIST_OPTIONS = ("auto", "gaussian", "laplace")
 @cache
 def optimal_clip(dist: str, family: str, bits: int) -> tuple[float, float]:
     """Clip ``c`` (in units of sigma) minimizing ``cell_mse(dist, c * levels)`` for the grid ``family`` at
-    ``bits`` (largest level 1), and that MSE (see :func:`dfquant.distributions.optimal_scale`)."""
+    ``bits`` (largest level 1), and that MSE (see :func:`dfquant.grids.distributions.optimal_scale`)."""
     return optimal_scale(dist, tuple(make_grid(family, bits).levels))
 
 

@@ -1,4 +1,4 @@
-"""Encoding values to the nearest level by lookup table: the codes of :func:`dfquant.quantizers.base.encode_rows`,
+"""Encoding values to the nearest level by lookup table: the codes of :func:`dfquant.quantizers.codes.encode_rows`,
 bit for bit, in about a tenth of its time.
 
 Every rule's codes come from here (:meth:`dfquant.quantizers.base.Quantizer.encode`): for a value ``x`` of a
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..distributions import run_split, serial_torch, split_threads
-from ..errors import InputError
-from ..grids import Grid
-from .base import encode_rows
+from dfquant.errors import InputError
+from dfquant.grids.distributions import run_split, serial_torch, split_threads
+from dfquant.grids.formats import Grid
+from dfquant.quantizers.codes import encode_rows
 
 __all__ = ["BinTable", "build_bin_table", "encode_rows_fast", "encode_thresholds"]
 
@@ -49,7 +49,7 @@ class BinTable:
         base: ``(rows * (2 H + 1),)`` uint8 codes below each bin.
         thr: ``(rows * (2 H + 1),)`` float32 scaled threshold in each bin.
         row: ``(T,)`` int32 lookup row of each level table (``-1``: no lookup row, encoded exactly by
-            :func:`dfquant.quantizers.base.encode_rows`).
+            :func:`dfquant.quantizers.codes.encode_rows`).
     """
 
     scale: float
@@ -63,7 +63,7 @@ def encode_thresholds(levels: torch.Tensor) -> torch.Tensor:
     """Thresholds ``(T, L - 1)`` such that the code of ``z`` is ``#{k : z > t_k}``, as :func:`encode_rows` encodes.
 
     Stacked tables ``(T, L)``: the midpoints ``(y_k + y_{k+1}) / 2`` (float32; a value on a midpoint takes the lower
-    level). One shared table ``(L,)``: the midpoints of its :class:`dfquant.grids.Grid`, where a tie goes to the
+    level). One shared table ``(L,)``: the midpoints of its :class:`dfquant.grids.formats.Grid`, where a tie goes to the
     level at even distance from zero; such a midpoint becomes the float32 just below it, since
     ``z > prev(t)`` is ``z >= t``.
     """
@@ -156,12 +156,12 @@ def encode_rows_fast(
     glen: int,
     table_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The codes of :func:`dfquant.quantizers.base.encode_rows`, bit for bit, by a lookup table.
+    """The codes of :func:`dfquant.quantizers.codes.encode_rows`, bit for bit, by a lookup table.
 
     Per value: ``z = (x - offset) * inv`` as there (``inv = 1 / scale``, 0 for a constant group), then
     ``code = base[b] + (z s > thr[b])`` with the bin ``b`` of ``z s`` (:class:`BinTable`): ten element-wise ops
     in cache-sized blocks instead of a binary search per value (8x faster on 4096 x 4096 values), split over
-    torch's threads (:func:`dfquant.distributions.run_split`). Groups whose table has no lookup rows (thresholds
+    torch's threads (:func:`dfquant.grids.distributions.run_split`). Groups whose table has no lookup rows (thresholds
     closer than ``2^-13``, more than 255 of them, or too many tables) are encoded by ``encode_rows`` itself, and
     so is everything when a ``1 / scale`` is not finite (subnormal scales) or the inputs are not float32.
     """

@@ -1,20 +1,20 @@
 """Non-uniform minimum-MSE rules: ``lloyd-max`` (analytic tables) and ``lloyd-empirical`` (1-D k-means).
 
 ``lloyd-max`` fits each group with a Gaussian ``(mean, std)`` and a Laplace ``(median, sqrt(2) * b)`` with ``b``
-the mean absolute deviation about the median (:func:`dfquant.distributions.fit_groups`), keeps the one with the
+the mean absolute deviation about the median (:func:`dfquant.grids.distributions.fit_groups`), keeps the one with the
 smaller Kolmogorov-Smirnov statistic, and maps the cached Lloyd-Max levels of that unit-variance source
-(Lloyd 1957/1982, Max 1960; :func:`dfquant.lloyd_max.lloyd_max_table`) by location and scale:
+(Lloyd 1957/1982, Max 1960; :func:`dfquant.grids.lloyd_max.lloyd_max_table`) by location and scale:
 ``x_hat = location + sigma * y_k``. Groups that fit neither source fall back to the empirical solver.
 
 ``lloyd-empirical`` runs the same two-step iteration (midpoint thresholds, conditional-mean levels) on the
-group's own values (1-D k-means, :func:`dfquant.lloyd_max.lloyd_empirical`), warm-started from the
+group's own values (1-D k-means, :func:`dfquant.grids.lloyd_max.lloyd_empirical`), warm-started from the
 ``lloyd-max`` solution, so its squared error on a group never exceeds that of ``lloyd-max``.
 
 Both store levels in units of the group's scale (``offset`` = location, ``scale`` = unit-variance sigma), shared
 ``(L,)`` when every group uses one analytic table, per group ``(m, L)`` otherwise.
 
 Speed: the fit works on cache-sized blocks of groups, sorting each block as it goes
-(:func:`dfquant.distributions.fit_groups`), and the codes come from a lookup table with one comparison per value
+(:func:`dfquant.grids.distributions.fit_groups`), and the codes come from a lookup table with one comparison per value
 (:func:`encode_rows_fast`); both give the results of the plain formulas and of the binary-search encoder bit for
 bit.
 """
@@ -28,7 +28,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..distributions import (
+from dfquant.errors import ConfigError, InputError
+from dfquant.grids.distributions import (
     DIST_CODES,
     GroupFit,
     cell_mse,
@@ -39,11 +40,11 @@ from ..distributions import (
     serial_torch,
     sort_rows,
 )
-from ..errors import ConfigError, InputError
-from ..lloyd_max import lloyd_empirical, lloyd_max_table
-from .base import QParams, Quantizer
-from .encoding import encode_rows_fast
-from .registry import register
+from dfquant.grids.lloyd_max import lloyd_empirical, lloyd_max_table
+from dfquant.quantizers.base import Quantizer
+from dfquant.quantizers.codes import QParams
+from dfquant.quantizers.encoding import encode_rows_fast
+from dfquant.quantizers.registry import register
 
 #: Nominal significance of the KS test in the default fallback threshold (see :func:`default_fallback_ks`).
 FALLBACK_ALPHA = 0.05
@@ -151,7 +152,7 @@ def group_sq_error(
 def fit_groups_chunked(
     x: torch.Tensor, sorted_x: torch.Tensor | None, chunk_elems: int = 1 << 19, ks: str = "both"
 ) -> GroupFit:
-    """:func:`dfquant.distributions.fit_groups` with the blocking of earlier versions for rows of 32768 values or
+    """:func:`dfquant.grids.distributions.fit_groups` with the blocking of earlier versions for rows of 32768 values or
     more (blocks of ``chunk_elems`` values), so that their float32 row sums do not change.
 
     Shorter rows are fitted in cache-sized blocks whatever ``chunk_elems``; ``sorted_x`` may be None (then each
@@ -255,7 +256,7 @@ def refine_affine(x: torch.Tensor, params: QParams, steps: int) -> QParams:
 
 
 def _constant_groups(x: torch.Tensor, flat: torch.Tensor, params: QParams) -> QParams:
-    """:func:`dfquant.quantizers.base.constant_groups` with the constant groups ``flat`` known
+    """:func:`dfquant.quantizers.codes.constant_groups` with the constant groups ``flat`` known
     (:func:`constant_rows`)."""
     if not bool(flat.any()):
         return params
@@ -289,7 +290,7 @@ class LloydMax(Quantizer):
             steps (min-max 8.0e-3). The error model predicts the unrefined rule.
 
     ``QParams.info`` holds per group ``dist`` (0 Gaussian, 1 Laplace, 2 empirical fallback, see
-    :data:`dfquant.distributions.DIST_CODES`), ``ks_gaussian`` and ``ks_laplace`` (with a forced family only
+    :data:`dfquant.grids.distributions.DIST_CODES`), ``ks_gaussian`` and ``ks_laplace`` (with a forced family only
     that family's statistic, the only one computed).
 
     Example:
@@ -416,7 +417,7 @@ class LloydEmpirical(LloydMax):
     Each iteration sets thresholds at midpoints of the levels and moves each level to the mean of the values in
     its cell, ``y_k = mean{x : t_{k-1} < x <= t_k}``; the squared error never increases, so the result is never
     worse than ``lloyd-max`` on the same group (enforced per group against rounding). Vectorized over groups
-    with sorted values and prefix sums (:func:`dfquant.lloyd_max.lloyd_empirical`). Levels are per group,
+    with sorted values and prefix sums (:func:`dfquant.grids.lloyd_max.lloyd_empirical`). Levels are per group,
     stored in units of the analytic scale around the analytic location.
 
     Options:

@@ -24,7 +24,7 @@ value. Larger groups are first cut into ``bins`` atoms (default 1024, same bound
 half at equal widths of the range, so that sparse tails keep atoms of their own; each atom keeps the count,
 sum and sum of squares of its values, so every cost above stays exact. The optimum is then the best
 partition whose boundaries fall between atoms; Lloyd iterations on all values
-(:func:`dfquant.lloyd_max.lloyd_empirical`) refine it, and a group keeps the ``lloyd-empirical`` solution if
+(:func:`dfquant.grids.lloyd_max.lloyd_empirical`) refine it, and a group keeps the ``lloyd-empirical`` solution if
 that is better.
 
 Since every per-group rule with ``L`` levels and nearest-level encoding (uniform, Lloyd-Max, NF4, APoT,
@@ -49,11 +49,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError
-from ..lloyd_max import lloyd_empirical
-from .base import WEIGHTINGS, QParams, Quantizer, constant_groups
-from .lloyd import LloydEmpirical, group_sq_error, prefix_sums
-from .registry import register
+from dfquant.errors import ConfigError
+from dfquant.grids.lloyd_max import lloyd_empirical
+from dfquant.quantizers.base import WEIGHTINGS, Quantizer
+from dfquant.quantizers.codes import QParams, constant_groups
+from dfquant.quantizers.lloyd import LloydEmpirical, group_sq_error, prefix_sums
+from dfquant.quantizers.registry import register
 
 __all__ = ["WEIGHTINGS", "LloydOptimal", "optimal_levels"]
 
@@ -284,7 +285,7 @@ class LloydOptimal(Quantizer):
     exactly is never above that of any other rule with ``2^b`` levels; for larger groups it is never above
     that of ``lloyd-empirical`` (checked per group).
 
-    With ``weighting="input-variance"`` the rule asks :func:`dfquant.api.quantize_model` for importance
+    With ``weighting="input-variance"`` the rule asks :func:`dfquant.quantize_model` for importance
     weights (:attr:`wants_importance`) and minimizes ``sum_i a_i (w_i - w_hat_i)^2`` instead. For a layer
     ``y = W x`` whose input channels are uncorrelated with variances ``s_c^2``, the output error left after
     bias correction (which removes the mean part ``dW E[x]``) is ``E||dW (x - E[x])||^2 =

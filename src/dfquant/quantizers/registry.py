@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from ..errors import ConfigError
-from .base import Quantizer
+from dfquant.errors import ConfigError
+from dfquant.quantizers.base import Quantizer
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
 Q = TypeVar("Q", bound=type[Quantizer])

@@ -6,7 +6,7 @@ Two ways to choose each group's scale ``s`` (levels decode to ``s * y_k``):
 * ``analytic``: fit a Gaussian and a Laplace to the group, keep the one with the smaller Kolmogorov-Smirnov
   statistic, and put the grid's largest-magnitude level on that source's optimal clip:
   ``s = sigma_hat * C*(grid, dist) / max|y|`` with ``C*`` from the exact error model
-  (:func:`dfquant.error_model.optimal_clip`). One pass, no search; the expected error is the model's.
+  (:func:`dfquant.grids.error_model.optimal_clip`). One pass, no search; the expected error is the model's.
 * ``iterative``: alternate ``q = round_grid(x / s)`` and the least-squares scale ``s = <x, q> / <q, q>`` (a
   coordinate descent on ``||x - s q||^2``: neither half-step can increase the error), over-relaxed to converge in
   tens of steps rather than hundreds, and keeping only steps that lower the error, so it never ends above its
@@ -42,13 +42,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..distributions import DIST_CODES, check_dist
-from ..error_model import as_grid, exact_mse, model_levels, optimal_clip
-from ..errors import ConfigError
-from ..grids import FAMILIES, MINIFLOATS, Grid, make_grid
-from .base import QParams, Quantizer, constant_groups
-from .lloyd import default_fallback_ks, fit_groups_chunked
-from .registry import register
+from dfquant.errors import ConfigError
+from dfquant.grids.distributions import DIST_CODES, check_dist
+from dfquant.grids.error_model import as_grid, exact_mse, model_levels, optimal_clip
+from dfquant.grids.formats import FAMILIES, MINIFLOATS, Grid, make_grid
+from dfquant.quantizers.base import Quantizer
+from dfquant.quantizers.codes import QParams, constant_groups
+from dfquant.quantizers.lloyd import default_fallback_ks, fit_groups_chunked
+from dfquant.quantizers.registry import register
 
 RULES = ("analytic", "iterative", "auto")
 INITS = ("both", "analytic", "minmax")
@@ -60,14 +61,14 @@ def analytic_scale(sigma: torch.Tensor, grid: Grid | str, dist: str | torch.Tens
     """The analytic scale ``s = sigma * C*(grid, dist) / max|level|`` of StatQAT's weight rule.
 
     ``C*`` is the clip (in units of sigma) minimizing the exact expected MSE of ``grid`` for a unit-variance
-    ``dist`` source (:func:`dfquant.error_model.optimal_clip`, cached). No gradient flows into the constant; it
+    ``dist`` source (:func:`dfquant.grids.error_model.optimal_clip`, cached). No gradient flows into the constant; it
     flows through ``sigma`` if ``sigma`` requires one.
 
     Args:
         sigma: per-group standard deviations (any shape, any float dtype and device).
         grid: the grid or its name (``"int4-mr"``, ``"fp4_e2m1"``, ``"nf4"``, ...).
         dist: ``"gaussian"`` / ``"laplace"``, or an integer tensor shaped like ``sigma`` of codes 0 (Gaussian) and
-            1 (Laplace) (:data:`dfquant.distributions.DIST_CODES`).
+            1 (Laplace) (:data:`dfquant.grids.distributions.DIST_CODES`).
 
     Returns:
         The scales, shaped like ``sigma``.

@@ -25,15 +25,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError
-from ..grids import Grid, make_grid
-from .base import (
-    QParams,
-    Quantizer,
-    constant_groups,
-    group_batches,
-)
-from .registry import register
+from dfquant.errors import ConfigError
+from dfquant.grids.formats import Grid, make_grid
+from dfquant.quantizers.base import Quantizer
+from dfquant.quantizers.codes import QParams, constant_groups
+from dfquant.quantizers.qtensor import group_batches
+from dfquant.quantizers.registry import register
 
 __all__ = ["DoReFa", "Ternary"]
 

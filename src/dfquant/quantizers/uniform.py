@@ -9,7 +9,7 @@ asymmetric min/max variant with a zero point.
 * ``mse``: the clip ``c * max|x|`` with ``c`` chosen per group by minimizing the measured squared error, first on
   a coarse grid of ratios, then on a fine grid around the best coarse ratio. With ``weighting="input-variance"``
   the error minimized is ``sum_i a_i (x_i - x_hat_i)^2``, ``a_i`` the variance of the input channel that weight
-  ``i`` multiplies (supplied by :func:`dfquant.api.quantize_model` from the BatchNorm statistics; see
+  ``i`` multiplies (supplied by :func:`dfquant.quantize_model` from the BatchNorm statistics; see
   :class:`dfquant.quantizers.optimal.LloydOptimal` for the derivation). ``grid="nf4"`` searches the clip of the
   NF4 codebook instead of an integer grid.
 """
@@ -21,15 +21,16 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..distributions import absmax_expected_mse, cell_mse, optimal_scale
-from ..errors import ConfigError
-from ..grids import INT_FAMILIES, Grid, make_grid
-from .base import QParams, Quantizer, constant_groups
-from .registry import register
+from dfquant.errors import ConfigError
+from dfquant.grids.distributions import absmax_expected_mse, cell_mse, optimal_scale
+from dfquant.grids.formats import INT_FAMILIES, Grid, make_grid
+from dfquant.quantizers.base import Quantizer
+from dfquant.quantizers.codes import QParams, constant_groups
+from dfquant.quantizers.registry import register
 
 
 class UniformRule(Quantizer):
-    """Shared base of uniform rules: a grid family from :data:`dfquant.grids.INT_FAMILIES`."""
+    """Shared base of uniform rules: a grid family from :data:`dfquant.grids.formats.INT_FAMILIES`."""
 
     options_allowed: ClassVar[tuple[str, ...]] = ("grid",)
     default_family: ClassVar[str] = "int-mr"

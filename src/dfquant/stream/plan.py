@@ -5,7 +5,7 @@ Every tensor is classified without building the model (:func:`plan_checkpoint`):
 * a floating ``NAME.weight`` with 2 dimensions is the weight of layer ``NAME``: an ``embedding`` when a name
   component is an embedding table's (``embed_tokens``, ``word_embeddings``, ``position_embeddings``, ``wte``,
   ``wpe``, ...), else a ``linear`` layer stored ``(out, in)``; the rule is ``config.rule_for(NAME)``, exactly
-  as :func:`dfquant.api.quantize_model` resolves a module's qualified name;
+  as :func:`dfquant.quantize_model` resolves a module's qualified name;
 * ``NAME.bias`` of a quantized layer becomes that layer's float bias (the same key the single-file format
   uses), in the layer's dtype;
 * everything else (norms, biases of float layers, buffers, weights of 3 or more dimensions, whose convolution
@@ -15,7 +15,7 @@ When the folder also holds a Hugging Face ``config.json``, :class:`HFLayout` sup
 names the rebuilt model uses (a wrapper's prefix such as ``encoder.``, a base-model prefix such as ``bert.``),
 exact layer arguments (an embedding's ``padding_idx``; Hugging Face ``Conv1D`` layers stored ``(in, out)``) and
 tied parameters. It builds the model on the ``meta`` device, which allocates no memory. The output then
-records that folder as its ``source``, so :func:`dfquant.io.load_quantized` rebuilds the model from it.
+records that folder as its ``source``, so :func:`dfquant.io.load.load_quantized` rebuilds the model from it.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import LayerRule, QuantConfig
-from ..errors import ConfigError, ModelError
-from ..nn import QUANT_MODULES, layer_kind, term_layout
-from ..quantizers.base import Granularity
-from ..quantizers.registry import get_quantizer
-from .shards import Checkpoint
+from dfquant.config import LayerRule, QuantConfig
+from dfquant.errors import ConfigError, ModelError
+from dfquant.nn.base import QUANT_MODULES, layer_kind
+from dfquant.nn.terms import term_layout
+from dfquant.quantizers.granularity import Granularity
+from dfquant.quantizers.registry import get_quantizer
+from dfquant.stream.shards import Checkpoint
 
 __all__ = ["HFLayout", "Plan", "TensorTask", "plan_checkpoint"]
 
@@ -96,7 +97,7 @@ class HFLayout:
     """
 
     def __init__(self, folder: Path) -> None:
-        from ..zoo.hf import _build, _config_dict, _guess_kind, _sentence_layout, import_transformers
+        from dfquant.zoo.hf import _build, _config_dict, _guess_kind, _sentence_layout, import_transformers
 
         tf = import_transformers(f"streaming '{folder}'")
         layout = _sentence_layout(folder)
@@ -229,7 +230,7 @@ def plan_checkpoint(ckpt: Checkpoint, config: QuantConfig, layout: HFLayout | No
         weights[layer] = (kind, args, dt)
     if config.strict and skipped:
         raise ConfigError(f"strict mode: {len(skipped)} layer(s) left in float: {[s['name'] for s in skipped][:10]}")
-    from ..api import LayerPlan, _split_sparsity
+    from dfquant.pipeline.quantize import LayerPlan, _split_sparsity
 
     plans = []
     for layer, (kind, _, _dt) in weights.items():

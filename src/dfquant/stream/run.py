@@ -3,8 +3,8 @@ tasks), resume after an interruption, and publish the output folder atomically.
 
 Output folder (``OUT``): one output shard per input shard, under the input shard's file name, and
 ``model.safetensors.index.json``: ``{"metadata": {"total_size": N, "dfquant": MANIFEST}, "weight_map": {tensor:
-shard}}``. ``MANIFEST`` is the JSON manifest of the single-file format (:mod:`dfquant.io`: format, version,
-source, layers, tensors, aliases, report), so :func:`dfquant.io.load_quantized` reads the folder as it reads a
+shard}}``. ``MANIFEST`` is the JSON manifest of the single-file format (:mod:`dfquant.io.manifest`: format, version,
+source, layers, tensors, aliases, report), so :func:`dfquant.io.load.load_quantized` reads the folder as it reads a
 file, and the tensors carry the same names.
 
 Work folder and resuming: the run works in ``.OUT.partial`` next to ``OUT``. It holds ``run.json`` (the
@@ -37,13 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import QuantConfig
-from ..errors import ConfigError, FileFormatError, InputError
-from ..graph import LayerReport, QuantizationReport, SkippedLayer
-from ..io import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, _library_version, write_atomic
-from .plan import HFLayout, Plan, plan_checkpoint
-from .shards import INDEX_SUFFIX, Checkpoint, read_checkpoint
-from .worker import ShardJob, marker_path, peak_rss_bytes, process_shard
+from dfquant.config import QuantConfig
+from dfquant.errors import ConfigError, FileFormatError, InputError
+from dfquant.io.atomic import write_atomic
+from dfquant.io.manifest import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, _library_version
+from dfquant.pipeline.report import LayerReport, QuantizationReport, SkippedLayer
+from dfquant.stream.plan import HFLayout, Plan, plan_checkpoint
+from dfquant.stream.shards import INDEX_SUFFIX, Checkpoint, read_checkpoint
+from dfquant.stream.worker import ShardJob, marker_path, peak_rss_bytes, process_shard
 
 __all__ = ["OUTPUT_INDEX", "StreamResult", "quantize_sharded"]
 
@@ -58,7 +59,7 @@ class StreamResult:
     """What a streaming run did.
 
     Attributes:
-        out: the output folder. report: the per-layer report (as :func:`dfquant.api.quantize_model` gives).
+        out: the output folder. report: the per-layer report (as :func:`dfquant.quantize_model` gives).
         manifest: the manifest stored in the index. shards: output shard names. resumed: shards kept from an
         earlier, interrupted run. params: floating-point parameters read. seconds: wall time of this run.
         peak_rss_driver / peak_rss_worker: peak resident memory (bytes) of this process and of the busiest
@@ -264,7 +265,7 @@ def quantize_sharded(
         src: a folder with ``*.safetensors.index.json`` and its shards, or with ``.safetensors`` files.
         out: the output folder (created; an earlier output of this function there is replaced).
         config: the rules (see :mod:`dfquant.stream.plan` for how tensors become layers); default as
-            :func:`dfquant.api.quantize_model`. BatchNorm folding and bias correction do not apply.
+            :func:`dfquant.quantize_model`. BatchNorm folding and bias correction do not apply.
         workers: worker processes (1: in this process).
         ray_address: run the shards as Ray tasks on the cluster at this address, or on a local cluster of
             ``workers`` processes when ``"local"``; the work folder must be on a path every node sees.

@@ -3,7 +3,7 @@
 Input: a folder in the Hugging Face layout, ``*.safetensors.index.json`` (``{"metadata": ..., "weight_map":
 {tensor: shard file}}``) plus its shards, or a folder holding ``.safetensors`` files and no index (each file is a
 shard). Only the headers are read up front (:func:`read_checkpoint`, checked with the same rules as
-:func:`dfquant.io.load_quantized`: contiguous tensors covering the data exactly); a tensor's bytes are read when
+:func:`dfquant.io.load.load_quantized`: contiguous tensors covering the data exactly); a tensor's bytes are read when
 it is processed, with positioned reads of that tensor's bytes only (:class:`ShardReader`).
 
 Output: :class:`ShardWriter` appends each tensor's bytes to a scratch file as soon as it is made (so only the
@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from ..errors import FileFormatError, InputError
-from ..io import _ST_DTYPES, _ST_SIZES, _read_header, replace_atomic
+from dfquant.errors import FileFormatError, InputError
+from dfquant.io.atomic import replace_atomic
+from dfquant.io.manifest import _ST_DTYPES, _ST_SIZES, _read_header
 
 __all__ = ["Checkpoint", "InputShard", "ShardWriter", "read_checkpoint", "read_tensor"]
 
@@ -136,7 +137,7 @@ class ShardReader:
     process's resident set (file-backed pages count towards RSS until the kernel needs them), so a worker that
     walks a 2 GB shard ends at 2 GB resident whatever it keeps. Positioned reads put only the current tensor's
     bytes in the process; the page cache holds the rest outside it. The header is validated by
-    :func:`dfquant.io._read_header` (offsets inside the file, sizes matching dtypes and shapes).
+    :func:`dfquant.io.manifest._read_header` (offsets inside the file, sizes matching dtypes and shapes).
 
     Use as a context manager; :meth:`get_tensor` returns a tensor that owns its memory.
     """

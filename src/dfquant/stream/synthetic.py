@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
-from ..io import write_atomic
-from .shards import ShardWriter
+from dfquant.errors import ConfigError
+from dfquant.io.atomic import write_atomic
+from dfquant.stream.shards import ShardWriter
 
 __all__ = ["SyntheticSpec", "make_checkpoint"]
 

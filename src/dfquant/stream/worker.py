@@ -6,9 +6,9 @@ appears under its final name only when complete, and its completion marker (``NA
 manifest entries, the tensor table, the per-layer report) is written after it, so a shard with a marker is
 finished and one without is redone from the start.
 
-Each layer is quantized exactly as :func:`dfquant.api.quantize_model` quantizes a module's weight
-(:func:`dfquant.api._quantize_terms`: one term, or a residual expansion), stored with
-:class:`~dfquant.nn.QuantTerm` under the single-file format's names (``LAYER.terms.i.packed``, ``.scale``, ...).
+Each layer is quantized exactly as :func:`dfquant.quantize_model` quantizes a module's weight
+(:func:`dfquant.pipeline.quantize._quantize_terms`: one term, or a residual expansion), stored with
+:class:`~dfquant.nn.terms.QuantTerm` under the single-file format's names (``LAYER.terms.i.packed``, ``.scale``, ...).
 Computation runs with a fixed number of intra-op threads (``threads``, default 1): float32 reductions give
 the same bits for the same thread count, so the output is byte-identical whatever the number of workers.
 """
@@ -27,15 +27,18 @@ from typing import Any
 
 import torch
 
-from ..config import LayerRule
-from ..errors import DfquantError, InputError
-from ..graph import LayerReport, dist_summary
-from ..io import write_atomic
-from ..nn import DTYPES, QUANT_MODULES, QuantTerm
-from ..quantizers.base import Granularity, QTensor, Quantizer
-from ..quantizers.registry import get_quantizer
-from .plan import _TYPE_NAMES, ST_TO_TORCH, TensorTask
-from .shards import ShardWriter, open_shard, read_tensor
+from dfquant.config import LayerRule
+from dfquant.errors import DfquantError, InputError
+from dfquant.io.atomic import write_atomic
+from dfquant.nn.base import QUANT_MODULES
+from dfquant.nn.terms import DTYPES, QuantTerm
+from dfquant.pipeline.report import LayerReport, dist_summary
+from dfquant.quantizers.base import Quantizer
+from dfquant.quantizers.granularity import Granularity
+from dfquant.quantizers.qtensor import QTensor
+from dfquant.quantizers.registry import get_quantizer
+from dfquant.stream.plan import _TYPE_NAMES, ST_TO_TORCH, TensorTask
+from dfquant.stream.shards import ShardWriter, open_shard, read_tensor
 
 __all__ = ["ShardJob", "marker_path", "peak_rss_bytes", "process_shard"]
 
@@ -119,7 +122,7 @@ def _blocked(
 
 
 def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any], LayerReport]:
-    from ..api import LayerPlan, _quantize_terms, _realized_sparsity, _weight_bits_per_mac
+    from dfquant.pipeline.quantize import LayerPlan, _quantize_terms, _realized_sparsity, _weight_bits_per_mac
 
     rule = LayerRule.from_dict(task.rule)
     quantizer = get_quantizer(rule.quantizer, rule.bits, **dict(rule.options))

@@ -12,10 +12,10 @@ Example:
     'cifar10'
 """
 
-from . import cifar_resnet, gguf_llama, hf, safetensors_builder
-from .cifar_resnet import CifarResNet
-from .hf import SentenceEncoder
-from .registry import (
+from dfquant.zoo import cifar_resnet, gguf_llama, hf, safetensors_builder
+from dfquant.zoo.cifar_resnet import CifarResNet
+from dfquant.zoo.hf import SentenceEncoder
+from dfquant.zoo.registry import (
     LoadedModel,
     ZooEntry,
     available_models,

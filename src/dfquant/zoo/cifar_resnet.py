@@ -6,7 +6,7 @@ buffer names follow the widely used akamaster/pytorch_resnet_cifar10 checkpoints
 ``layer{1,2,3}.{i}.conv1/bn1/conv2/bn2``, ``linear``), so those checkpoints load directly.
 
 Checkpoints are read with ``torch.load(..., weights_only=True)`` only (through
-:func:`dfquant.checkpoints.load_state_dict`); a file that needs more than tensors is refused.
+:func:`dfquant.io.checkpoints.load_state_dict`); a file that needs more than tensors is refused.
 
 Example:
     >>> net = CifarResNet(20)
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..assets import asset_path, missing_reason
-from ..checkpoints import load_state_dict
-from ..errors import ModelError
-from .registry import LoadedModel, register_model
+from dfquant.errors import ModelError
+from dfquant.io.checkpoints import load_state_dict
+from dfquant.zoo.assets import asset_path, missing_reason
+from dfquant.zoo.registry import LoadedModel, register_model
 
 __all__ = ["DEPTHS", "BasicBlock", "CifarResNet", "ShortcutA", "load_cifar_resnet"]
 

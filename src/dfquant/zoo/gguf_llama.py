@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelError
-from .hf import import_transformers, package_dir
-from .registry import LoadedModel, register_model
+from dfquant.errors import ModelError
+from dfquant.zoo.hf import import_transformers, package_dir
+from dfquant.zoo.registry import LoadedModel, register_model
 
 __all__ = ["load_gguf", "load_smollm2", "permute_qk", "smollm2_path", "unpermute_qk"]
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import FileFormatError, ModelError
-from .registry import LoadedModel, register_model
+from dfquant.errors import FileFormatError, ModelError
+from dfquant.zoo.registry import LoadedModel, register_model
 
 __all__ = ["SentenceEncoder", "import_transformers", "load_hf", "load_minilm", "minilm_path"]
 
@@ -194,7 +194,7 @@ def _guess_kind(config: Any, layout: dict[str, Any] | None) -> str:
 
 
 #: Weight files that are Python pickles: loading one can run arbitrary code, so a folder holding only these is
-#: refused (as :func:`dfquant.checkpoints.load_state_dict` refuses code in a checkpoint).
+#: refused (as :func:`dfquant.io.checkpoints.load_state_dict` refuses code in a checkpoint).
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 

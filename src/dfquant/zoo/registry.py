@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from ..errors import ModelError
+from dfquant.errors import ModelError
 
 __all__ = [
     "LoadedModel",

@@ -16,9 +16,9 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoints import load_state_dict
-from ..errors import ModelError
-from .registry import LoadedModel, register_model
+from dfquant.errors import ModelError
+from dfquant.io.checkpoints import load_state_dict
+from dfquant.zoo.registry import LoadedModel, register_model
 
 __all__ = ["load_safetensors", "resolve_builder"]
 
