@@ -261,7 +261,7 @@ def test_unexpected_exceptions_are_one_line_too(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A failure dfquant did not foresee still ends in one line (and DFQUANT_DEBUG=1 re-raises it)."""
-    import dfquant.cli.quantize as cm
+    import dfquant.cli.inspect as cm
 
     def boom(args: object) -> dict:
         raise TypeError("something\nbroke")
@@ -278,7 +278,7 @@ def test_unexpected_exceptions_are_one_line_too(
 def test_warnings_are_held_back_on_failure(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
     import warnings
 
-    import dfquant.cli.quantize as cm
+    import dfquant.cli.inspect as cm
     from dfquant.errors import ConfigError
 
     def warn_then(fail: bool):  # type: ignore[no-untyped-def]

@@ -55,7 +55,7 @@ def test_theory_text_lists_uncovered_rules(capsys: pytest.CaptureFixture[str]) -
 def test_json_ready_writes_non_finite_numbers_as_null() -> None:
     import numpy as np
 
-    from dfquant.cli.main import json_ready
+    from dfquant.cli.common import json_ready
 
     got = json_ready(
         {"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": torch.tensor([1.0, float("nan")])}

@@ -361,8 +361,8 @@ def test_coefficient_none_keeps_only_the_rederived_statistics() -> None:
 
 
 def test_cli_low_options_and_coefficient_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from dfquant.cli.common import parse_options
     from dfquant.cli.main import main
-    from dfquant.cli.quantize import parse_options
 
     assert parse_options("weighting=input-variance,bins=64,x=0.5", "--low-options") == {
         "weighting": "input-variance",

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import require_module
-from dfquant.cli import quantize as cli_models
+from dfquant.cli import tradeoff as cli_tradeoff
 from dfquant.cli.main import main
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.errors import ConfigError
@@ -274,14 +274,14 @@ def test_tradeoff_cli_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     save_file(model.state_dict(), str(tmp_path / "mlp.safetensors"))
-    real_load = cli_models._load
+    real_load = cli_tradeoff.load_model_arg
 
     def load_with_shape(args: object) -> LoadedModel:  # a plain state dict has no input shape: give one
         loaded = real_load(args)
         loaded.input_shape = (16,)
         return loaded
 
-    monkeypatch.setattr(cli_models, "_load", load_with_shape)
+    monkeypatch.setattr(cli_tradeoff, "load_model_arg", load_with_shape)
     out = tmp_path / "out"
     out.mkdir()
     argv = ["tradeoff", str(tmp_path / "mlp.safetensors"), f"--builder={MODULE}:mlp", "--bits", "2"]
@@ -333,8 +333,8 @@ def test_rule_field_and_method_name_the_same_selections() -> None:
 
 
 def test_cli_residual_method(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from dfquant.cli.common import rex_extras
     from dfquant.cli.main import main
-    from dfquant.cli.quantize import _rex_extras
 
     base = ["quantize", "cifar-resnet20", "--bits", "2"]
     assert main([*base, "--residual-method", "mse"]) == 2
@@ -346,4 +346,4 @@ def test_cli_residual_method(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     import argparse
 
     ns = argparse.Namespace(act_bits=None, outliers=None, outlier_select=None, expand=2, residual_method="mse")
-    assert _rex_extras(ns) == {"residual_quantizer": "mse"}
+    assert rex_extras(ns) == {"residual_quantizer": "mse"}

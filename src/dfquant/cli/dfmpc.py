@@ -12,7 +12,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from dfquant.cli.common import evaluate_tasks, parse_options, print_summary, start_quantize
+from dfquant.config import LayerRule
 from dfquant.errors import ConfigError
+from dfquant.graph.modules import state_dict_bytes
+from dfquant.io.save import save_quantized
+from dfquant.methods.dfmpc import COEFFICIENT_RULES, STAT_RULES
+from dfquant.pipeline.compensate import compensate_model
+from dfquant.quantizers import quantizer_class
 
 __all__ = ["add_dfmpc_arguments", "cmd_quantize_dfmpc"]
 
@@ -21,7 +28,6 @@ METHOD = "dfmpc"
 
 def add_dfmpc_arguments(p: argparse.ArgumentParser) -> None:
     """The DF-MPC options of ``quantize`` (used only with ``--method dfmpc``)."""
-    from dfquant.methods.dfmpc import COEFFICIENT_RULES, STAT_RULES
 
     g = p.add_argument_group("DF-MPC (--method dfmpc)")
     g.add_argument("--low-bits", type=int, help="bits of the low layers of each pair (default 2)")
@@ -49,8 +55,6 @@ def add_dfmpc_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
-    from dfquant.config import LayerRule
-    from dfquant.quantizers import quantizer_class
 
     flags = (
         ("--bits", args.bits),
@@ -73,7 +77,6 @@ def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
     sdt = args.scale_dtype or "float32"
     if getattr(args, "options", None):
         raise ConfigError("--method dfmpc: give the low layers' rule options with --low-options, not --options")
-    from dfquant.cli.quantize import parse_options
 
     options = parse_options(args.low_options, "--low-options") if args.low_options else {}
     low = LayerRule(low_q, low_bits, gran, scale_dtype=sdt, options=options)
@@ -82,9 +85,6 @@ def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``quantize --method dfmpc``; returns the JSON-ready result."""
-    from dfquant.cli.quantize import _evaluate, _print_summary, _start_quantize
-    from dfquant.graph.modules import state_dict_bytes
-    from dfquant.pipeline.compensate import compensate_model
 
     if args.model is None:
         raise ConfigError("--method dfmpc needs a MODEL (for example cifar-resnet20)")
@@ -94,7 +94,7 @@ def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--lambda1/--lambda2 weight the DF-MPC loss: they apply to --coefficient loss, not none")
     # the lambdas only mean something for the loss coefficients: giving them selects those
     coefficient = args.coefficient or ("loss" if lambdas else "none")
-    tasks, progress, loaded = _start_quantize(args)
+    tasks, progress, loaded = start_quantize(args)
     qmodel, report, dreport = compensate_model(
         loaded.model,
         low=low,
@@ -107,11 +107,9 @@ def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:
         coefficient=coefficient,
     )
     progress.done()
-    evals = _evaluate(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
+    evals = evaluate_tasks(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
     size_bytes = None
     if args.out:
-        from dfquant.io.save import save_quantized
-
         size_bytes = save_quantized(qmodel, args.out, source=loaded.source, report=report).stat().st_size
     result = {
         "model": loaded.name,
@@ -132,5 +130,5 @@ def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:
         print(report.to_text())
         print()
         print(dreport.to_text())
-        _print_summary(result)
+        print_summary(result)
     return result

@@ -13,12 +13,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from dfquant.cli.common import Progress, build_config
 from dfquant.errors import ConfigError
+from dfquant.stream import is_streamable, quantize_sharded
 
 
 def wants_stream(args: argparse.Namespace) -> bool:
     """Whether ``quantize`` should stream ``args.model``."""
-    from dfquant.stream import is_streamable
 
     if args.model is None or args.builder:
         return False
@@ -26,8 +27,6 @@ def wants_stream(args: argparse.Namespace) -> bool:
 
 
 def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
-    from dfquant.cli.quantize import _build_config, _Progress
-    from dfquant.stream import quantize_sharded
 
     if not args.out:
         raise ConfigError(f"streaming '{args.model}' needs --out OUTDIR (the output folder)")
@@ -37,8 +36,8 @@ def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--workers must be a positive integer, got {args.workers}")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
-    config = _build_config(args)
-    progress = _Progress(not (args.quiet or args.json))
+    config = build_config(args)
+    progress = Progress(not (args.quiet or args.json))
 
     def shard_done(done: int, total: int, name: str) -> None:
         progress._show(f"shards {done}/{total} {name}")

@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from dfquant.errors import ConfigError
+from dfquant.grids.lloyd_max import lloyd_max_table
 
 GridKind = Literal["int", "float", "codebook"]
 
@@ -280,8 +281,6 @@ def make_grid(family: str, bits: int | None = None) -> Grid:
         prefix = "uint" if fam == "uint" else "int"
         return Grid(f"{prefix}{b}{suffix}", fam, "int", b, tuple(_int_levels(fam, b)))
     if fam in ("lloyd-gaussian", "lloyd-laplace"):
-        from dfquant.grids.lloyd_max import lloyd_max_table
-
         dist = fam.split("-")[1]
         lv = lloyd_max_table(dist, b).levels
         return Grid(f"{fam}{b}", fam, "codebook", b, tuple(float(v) for v in lv))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dfquant.errors import ConfigError
-from dfquant.grids.distributions import LAPLACE_BETA, check_dist, partial_moments, ppf
+from dfquant.grids.distributions import LAPLACE_BETA, check_dist, partial_moments, pdf, ppf
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,6 @@ def _newton(dist: str, y: np.ndarray, tol: float, max_iter: int = 100) -> tuple[
     ``d2D/dy_i dy_{i+1} = -p(t_i) (y_{i+1} - y_i)/2``. A step that does not lower ``D`` falls back to Lloyd.
     """
     from scipy.linalg import solve_banded
-
-    from dfquant.grids.distributions import pdf
 
     def dist_mse(v: np.ndarray) -> float:
         _, lo, hi = _cells(v)

@@ -28,6 +28,7 @@ from dfquant.io.manifest import (
 )
 from dfquant.nn.base import QuantModule, layer_kind, oriented_weight
 from dfquant.nn.terms import QuantTerm
+from dfquant.zoo import build_architecture
 
 
 def _build_quant_layers(
@@ -99,8 +100,6 @@ def load_quantized(
     qlayers = _build_quant_layers(p, manifest, tensors, cache_weight)
 
     if build is None:
-        from dfquant.zoo import build_architecture
-
         build = build_architecture
     model = build(dict(manifest["source"]))
     if not isinstance(model, nn.Module):

@@ -80,9 +80,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
+from dfquant._version import __version__
 from dfquant.errors import ConfigError, FileFormatError
+from dfquant.methods.rex_act import InputSpec
 from dfquant.nn.act import ActQuant
 from dfquant.nn.base import QUANT_MODULES
+from dfquant.nn.rex import SparseTerm
 from dfquant.nn.terms import DTYPES, QuantTerm
 from dfquant.quantizers.registry import quantizer_class
 
@@ -166,7 +169,6 @@ def _prefix(name: str) -> str:
 
 
 def _library_version() -> str:
-    from dfquant._version import __version__
 
     return str(__version__)
 
@@ -465,8 +467,6 @@ def _check_rex_extras(
     path: Path, where: str, prefix: str, layer: Mapping[str, Any], entry: Callable[[str], Any]
 ) -> None:
     """The optional ``outliers`` / ``act`` entries of a layer (see :mod:`dfquant.nn_rex`)."""
-    from dfquant.methods.rex_act import InputSpec
-    from dfquant.nn.rex import SparseTerm
 
     try:
         if layer.get("act") is not None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from dfquant.errors import ConfigError, InputError
 from dfquant.nn.terms import _is_int
+from dfquant.quantizers.blockscaled import BLOCK_FORMATS, fake_quantize_blocks, round_to_levels
 
 # ------------------------------------------------------------------------------------------------------------
 # Input quantization (quantization-aware training)
@@ -46,7 +47,6 @@ class ActQuant(nn.Module):
         self, *, fmt: str, scale: torch.Tensor, levels: torch.Tensor, block: int | None = None, axis: int = -1
     ) -> None:
         super().__init__()
-        from dfquant.quantizers.blockscaled import BLOCK_FORMATS
 
         if block is not None and (fmt not in BLOCK_FORMATS or BLOCK_FORMATS[fmt][0] != block):
             allowed = ", ".join(f"{k} (block {v[0]})" for k, v in BLOCK_FORMATS.items())
@@ -58,7 +58,6 @@ class ActQuant(nn.Module):
         self.register_buffer("levels", levels.detach().to(torch.float32).reshape(-1).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from dfquant.quantizers.blockscaled import fake_quantize_blocks, round_to_levels
 
         if self.block is not None:
             return fake_quantize_blocks(x, self.fmt, self.axis, tensor_scale=self.scale)

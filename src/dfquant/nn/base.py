@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from dfquant.errors import ConfigError, InputError
+from dfquant.methods.rex_act import InputSpec
 from dfquant.nn.act import ActQuant
+from dfquant.nn.rex import SparseTerm, input_expanded_forward
 from dfquant.nn.terms import DTYPES, QuantTerm, dtype_name
 
 # ------------------------------------------------------------------------------------------------------------
@@ -349,9 +351,6 @@ class QuantModule(nn.Module):
         for tm in meta["terms"]:
             mod.add_term(QuantTerm.from_meta(tm))
         if meta.get("outliers") is not None or meta.get("act") is not None:
-            from dfquant.methods.rex_act import InputSpec
-            from dfquant.nn.rex import SparseTerm
-
             if meta.get("outliers") is not None:
                 mod.outliers = SparseTerm.from_meta(meta["outliers"], mod.weight_shape)
             if meta.get("act") is not None:
@@ -402,8 +401,6 @@ class QuantModule(nn.Module):
         if self.input_quant is not None:
             x = self.input_quant(x)
         if self.input_spec is not None:
-            from dfquant.nn.rex import input_expanded_forward
-
             return input_expanded_forward(self, x)
         return self._forward(x, self.quantized_weight())
 

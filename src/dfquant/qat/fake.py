@@ -61,6 +61,7 @@ from dfquant.methods.bn import fold_batchnorm
 from dfquant.nn.act import ActQuant
 from dfquant.nn.base import QuantModule, layer_kind, oriented_weight
 from dfquant.nn.terms import QuantTerm
+from dfquant.quantizers import get_quantizer
 from dfquant.quantizers.blockscaled import (
     BLOCK_FORMATS,
     block_scales,
@@ -257,8 +258,6 @@ class WeightFakeQuant(nn.Module):
         self.iterative = method == "statq" and weight_rule == "iterative" and not self.block
         self.register_buffer("wscale", None)
         if self.iterative:
-            from dfquant.quantizers import get_quantizer
-
             ptq = get_quantizer("statq", self.grid.bits, format=self.grid.name, rule="iterative")
             qt = ptq.quantize(init.detach().to(torch.float32), str(self.gran))
             self.wscale = qt.scale.to(torch.float32).reshape(-1).clone()

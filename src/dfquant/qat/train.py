@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfquant.eval.cifar10 import preprocess
 from dfquant.io.atomic import replace_atomic
 
 __all__ = ["TRAIN_FIRST", "TrainState", "cifar_train_batches", "train_qat"]
@@ -50,7 +51,6 @@ def cifar_train_batches(images: torch.Tensor, labels: torch.Tensor, batch: int, 
     """``batches(step) -> (x, y)``: preprocessed, augmented CIFAR batches drawn from ``images`` (uint8 N x 3 x 32 x
     32), a new shuffle every epoch; the same step always gives the same batch (so a resumed run sees the same
     data)."""
-    from dfquant.eval.cifar10 import preprocess
 
     n = images.shape[0]
     per_epoch = max(n // batch, 1)

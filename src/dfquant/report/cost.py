@@ -101,3 +101,24 @@ def cost_summary(report: QuantizationReport, macs: dict[str, int], act_bits: int
         "layers": [vars(c) for c in costs],
         "totals": total_cost(costs),
     }
+
+
+def model_cost(loaded: Any, report: QuantizationReport) -> dict[str, Any]:
+    """The bit-operation cost of a quantized model (:func:`cost_summary`) with MACs counted per input of the
+    loaded model's ``input_shape``, or per output position (token) where the model has none or its forward does
+    not take a zero input of that shape; ``macs_per`` says which.
+
+    Args:
+        loaded: a :class:`dfquant.zoo.LoadedModel` (its float ``model`` and optional ``input_shape``).
+        report: the quantization report of that model.
+    """
+    shape = getattr(loaded, "input_shape", None)
+    example = torch.zeros((1, *shape)) if shape else None
+    per = "input" if example is not None else "output position (token)"
+    try:
+        macs = layer_macs(loaded.model, example)
+    except (RuntimeError, TypeError, ValueError):  # a forward that does not take a zero input: count per position
+        macs, per = layer_macs(loaded.model, None), "output position (token)"
+    out = cost_summary(report, macs)
+    out["macs_per"] = per
+    return out

@@ -24,7 +24,6 @@ atomically (temporary file, then rename).
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -36,9 +35,14 @@ from typing import Any
 import torch
 
 from dfquant.errors import DfquantError, FileFormatError, InputError
+from dfquant.io import load as io_load
+from dfquant.io import manifest as io
 from dfquant.io.atomic import write_atomic
+from dfquant.io.manifest import read_manifest
+from dfquant.nn.terms import term_layout
+from dfquant.quantizers import quantizer_class
 
-__all__ = ["add_command", "build_page", "render_report", "write_atomic"]
+__all__ = ["build_page", "render_report", "write_atomic"]
 
 MAX_HIST_LAYERS = 4
 BX_KEYS = ("bops", "gbops", "bops_vs_float", "rel_bops", "bits_per_weight")
@@ -65,7 +69,6 @@ def _read_input(path: Path) -> tuple[str, dict[str, Any]]:
         if not isinstance(data, dict):
             raise InputError(f"'{path}' holds a JSON {type(data).__name__}, not a dfquant result object")
         return "json", data
-    from dfquant.io.manifest import read_manifest
 
     return "file", read_manifest(path)
 
@@ -73,9 +76,6 @@ def _read_input(path: Path) -> tuple[str, dict[str, Any]]:
 def _decode_layers(path: Path, names: Sequence[str]) -> dict[str, Any]:
     """The quantized layers ``names`` of a dfquant file as modules, after the loader's checks."""
     from safetensors.torch import load_file
-
-    from dfquant.io import load as io_load
-    from dfquant.io import manifest as io
 
     header, _ = io._read_header(path)
     manifest = io._check_manifest(path, header)
@@ -89,8 +89,6 @@ def _decode_layers(path: Path, names: Sequence[str]) -> dict[str, Any]:
 
 def _predicted(layer: dict[str, Any]) -> float | None:
     """The error model's relative MSE for a report layer (None where the rule has no model)."""
-    from dfquant.nn.terms import term_layout
-    from dfquant.quantizers import quantizer_class
 
     try:
         q = quantizer_class(layer["quantizer"])(layer["bits"], **dict(layer.get("options") or {}))
@@ -105,7 +103,6 @@ def _predicted(layer: dict[str, Any]) -> float | None:
 
 
 def _unit_levels(layer: dict[str, Any], dist: str) -> list[float] | None:
-    from dfquant.quantizers import quantizer_class
 
     try:
         q = quantizer_class(layer["quantizer"])(layer["bits"], **dict(layer.get("options") or {}))
@@ -557,28 +554,3 @@ def render_report(path: str | os.PathLike[str], layers: Sequence[str] | None = N
 
 # ------------------------------------------------------------------------------------------------------------
 # Command line
-
-
-def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
-    src = Path(args.input)
-    out = Path(args.out) if args.out else src.with_name(src.stem + ".report.html")
-    if out.resolve() == src.resolve():
-        raise InputError(f"--out '{out}' would overwrite the input")
-    layers = [n.strip() for n in args.layers.split(",") if n.strip()] if args.layers else None
-    page, counts = render_report(src, layers)
-    write_atomic(out, page.encode("utf-8"))
-    if not args.json and not args.quiet:
-        print(f"wrote {out}: {counts['rows']} layers, {counts['plots']} plots")
-    return {"out": str(out), **counts}
-
-
-def add_command(sub: Any) -> None:
-    """Register ``report`` on the ``dfquant`` subparsers."""
-    from dfquant.cli.main import _common
-
-    p = sub.add_parser("report", help="render a self-contained HTML page for a JSON result or a saved file")
-    p.add_argument("input", help="a JSON result (--json output of quantize, eval, analyze, ...) or a dfquant file")
-    p.add_argument("--out", help="the HTML file to write (default: INPUT's name with .report.html)")
-    p.add_argument("--layers", help=f"comma-separated layers to plot (default: the first {MAX_HIST_LAYERS})")
-    _common(p)
-    p.set_defaults(func=cmd_report)

@@ -32,9 +32,11 @@ from dfquant.config import LayerRule, QuantConfig
 from dfquant.errors import ConfigError, ModelError
 from dfquant.nn.base import QUANT_MODULES, layer_kind
 from dfquant.nn.terms import term_layout
+from dfquant.pipeline.quantize import LayerPlan, _split_sparsity
 from dfquant.quantizers.granularity import Granularity
 from dfquant.quantizers.registry import get_quantizer
 from dfquant.stream.shards import Checkpoint
+from dfquant.zoo.hf import _build, _config_dict, _guess_kind, _sentence_layout, import_transformers
 
 __all__ = ["HFLayout", "Plan", "TensorTask", "plan_checkpoint"]
 
@@ -97,7 +99,6 @@ class HFLayout:
     """
 
     def __init__(self, folder: Path) -> None:
-        from dfquant.zoo.hf import _build, _config_dict, _guess_kind, _sentence_layout, import_transformers
 
         tf = import_transformers(f"streaming '{folder}'")
         layout = _sentence_layout(folder)
@@ -230,7 +231,6 @@ def plan_checkpoint(ckpt: Checkpoint, config: QuantConfig, layout: HFLayout | No
         weights[layer] = (kind, args, dt)
     if config.strict and skipped:
         raise ConfigError(f"strict mode: {len(skipped)} layer(s) left in float: {[s['name'] for s in skipped][:10]}")
-    from dfquant.pipeline.quantize import LayerPlan, _split_sparsity
 
     plans = []
     for layer, (kind, _, _dt) in weights.items():

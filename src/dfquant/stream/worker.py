@@ -32,6 +32,7 @@ from dfquant.errors import DfquantError, InputError
 from dfquant.io.atomic import write_atomic
 from dfquant.nn.base import QUANT_MODULES
 from dfquant.nn.terms import DTYPES, QuantTerm
+from dfquant.pipeline.quantize import LayerPlan, _quantize_terms, _realized_sparsity, _weight_bits_per_mac
 from dfquant.pipeline.report import LayerReport, dist_summary
 from dfquant.quantizers.base import Quantizer
 from dfquant.quantizers.granularity import Granularity
@@ -122,7 +123,6 @@ def _blocked(
 
 
 def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any], LayerReport]:
-    from dfquant.pipeline.quantize import LayerPlan, _quantize_terms, _realized_sparsity, _weight_bits_per_mac
 
     rule = LayerRule.from_dict(task.rule)
     quantizer = get_quantizer(rule.quantizer, rule.bits, **dict(rule.options))

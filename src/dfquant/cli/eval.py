@@ -1,0 +1,72 @@
+"""``dfquant eval FILE``: evaluate a saved quantized model against its float model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from dfquant.cli.common import (
+    Progress,
+    add_common,
+    check_limit,
+    check_tasks,
+    evaluate_tasks,
+    parse_tasks,
+    print_summary,
+)
+from dfquant.cli.inspect import _layers, _manifest_bits, _manifest_method
+from dfquant.graph.modules import state_dict_bytes
+from dfquant.io.load import load_quantized
+from dfquant.zoo import build_architecture, load_from_source
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+
+    tasks = parse_tasks(args.eval or "fidelity")
+    check_limit(args.eval_limit)
+    extra: dict[str, Any] = {"builder": args.builder} if args.builder else {}
+    qmodel, manifest = load_quantized(
+        args.file, build=lambda src: build_architecture(src, **extra), cache_weight=args.cache_weights
+    )
+    source = manifest.get("source", {})
+    loaded = load_from_source(source, **extra)
+    check_tasks(tasks, loaded)
+    progress = Progress(not (args.quiet or args.json))
+    evals = evaluate_tasks(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
+    layers = _layers(manifest)
+    result = {
+        "model": loaded.name,
+        "method": _manifest_method(manifest),
+        "bits": _manifest_bits(manifest),
+        "bits_per_weight": manifest.get("report", {}).get("totals", {}).get("bits_per_weight"),
+        "size_bytes": Path(args.file).stat().st_size,
+        "size_is_file": True,
+        "float_size_bytes": state_dict_bytes(loaded.model),
+        "eval": evals,
+        "layers": layers,
+    }
+    if not args.json:
+        print_summary(result)
+    return result
+
+
+def add_command(sub: Any) -> None:
+    """Register ``eval`` on the ``dfquant`` subparsers."""
+    p = sub.add_parser("eval", help="evaluate a saved quantized model against its float model")
+    p.add_argument("file")
+    p.add_argument("--eval", help="comma-separated tasks (default fidelity)")
+    p.add_argument("--eval-limit", type=int)
+    p.add_argument(
+        "--builder",
+        help="module:callable building the architecture, for a file made from a .safetensors state dict "
+        "(dfquant never imports code named in a file)",
+    )
+    p.add_argument(
+        "--cache-weights",
+        action="store_true",
+        help="keep each dequantized weight after its first use (float speed, float memory); default: decode per "
+        "forward, only the packed codes stay resident",
+    )
+    add_common(p)
+    p.set_defaults(func=cmd_eval)
