@@ -45,7 +45,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 #: The committed raw results: one ``NAME.json`` per benchmark; ``benchmarks/README.md`` shows the table each
 #: benchmark renders from its file, verbatim (``python benchmarks/readme_tables.py`` rewrites them, and
-#: ``tests/unit/test_benchmark_tables.py`` checks them).
+#: ``tests/unit/benchmarks/test_benchmark_tables.py`` checks them).
 RESULTS = Path(__file__).resolve().parent / "results"
 
 #: Packages whose versions a result records (those installed).

@@ -1,7 +1,7 @@
 """Write the backward-compatibility files of the current file format version into this folder.
 
 Run once per released file-format version (``python tests/data/make_compat_files.py``); the files are then
-kept forever and never regenerated: ``tests/unit/test_compat_files.py`` demands that every kept file still loads
+kept forever and never regenerated: ``tests/unit/io/test_compat_files.py`` demands that every kept file still loads
 and computes bit-identical outputs. The script refuses to overwrite a file that exists.
 
 For each version ``V`` it writes:

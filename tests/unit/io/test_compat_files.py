@@ -40,7 +40,7 @@ from dfquant.nn.base import QuantModule
 
 pytestmark = pytest.mark.portable
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 #: Relative tolerance of reloaded outputs against the outputs stored on the CPU that wrote the file.
 OUTPUT_RTOL = 1e-5
