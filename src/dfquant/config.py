@@ -60,34 +60,21 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from dfquant.errors import ConfigError
+from dfquant.nn.terms import term_layout
+from dfquant.quantizers.base import Quantizer
 from dfquant.quantizers.granularity import Granularity
 from dfquant.quantizers.qtensor import SCALE_DTYPES
+from dfquant.quantizers.registry import get_quantizer
 
 __all__ = ["LayerRule", "PatternRule", "QuantConfig"]
 
-_RULE_KEYS = (
-    "quantizer",
-    "bits",
-    "granularity",
-    "options",
-    "skip",
-    "reason",
-    "scale_dtype",
-    "expand",
-    "sparsity",
-    "act_bits",
-    "outliers",
-    "outlier_select",
-    "residual_quantizer",
-)
-_PATTERN_KEYS = ("pattern", *_RULE_KEYS)
 _CONFIG_KEYS = ("default", "rules", "fold_bn", "bias_correction", "strict", "sparsity_split")
 #: How a rule's expansion sparsity is split across layers (see :data:`dfquant.methods.rex.SPLIT_RULES`).
 SPARSITY_SPLITS = ("linear", "uniform")
@@ -114,14 +101,14 @@ def _freeze_options(options: object, where: str) -> Mapping[str, Any]:
     return MappingProxyType(dict(options))
 
 
-def _check_granularity(spec: object, where: str) -> str:
-    if not isinstance(spec, str):
+def _check_granularity(spec: object, where: str) -> Granularity:
+    """The granularity ``spec`` names, parsed once (a :class:`Granularity` is kept as it is)."""
+    if not isinstance(spec, (str, Granularity)):
         raise ConfigError(f"{where}: 'granularity' must be a string such as 'channel' or 'group:64', got {spec!r}")
     try:
-        Granularity.parse(spec)
+        return Granularity.parse(spec)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    return spec
 
 
 def _check_scale_dtype(value: object, where: str) -> str:
@@ -178,6 +165,81 @@ def _check_flag(value: object, key: str, where: str) -> bool:
     return value
 
 
+def _check_reason(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: 'reason' must be a string, got {value!r}")
+    return value
+
+
+def _check_optional_str(key: str) -> Callable[[object, str], str | None]:
+    def check(value: object, where: str) -> str | None:
+        return None if value is None else _check_str(value, key, where)
+
+    return check
+
+
+def _keep(check: Callable[[object, str], object]) -> Callable[[object, str], Any]:
+    """A checker that validates and keeps the value as given."""
+
+    def run(value: object, where: str) -> Any:
+        check(value, where)
+        return value
+
+    return run
+
+
+#: A rule's granularity unless it names one: one scale per output channel.
+DEFAULT_GRANULARITY = Granularity.parse("channel")
+
+#: The one table of rule fields: name -> the function that checks a value and returns it normalized (parsed
+#: once: ``granularity`` becomes a :class:`Granularity`, ``options`` a read-only mapping, numbers floats).
+#: :class:`LayerRule` checks every field with it, :class:`PatternRule` every field it sets; the defaults are
+#: :class:`LayerRule`'s.
+RULE_FIELDS: dict[str, Callable[[object, str], Any]] = {
+    "quantizer": lambda v, where: _check_str(v, "quantizer", where),
+    "bits": _check_bits,
+    "granularity": _check_granularity,
+    "options": _freeze_options,
+    "skip": lambda v, where: _check_flag(v, "skip", where),
+    "reason": _check_reason,
+    "scale_dtype": _check_scale_dtype,
+    "expand": _check_expand,
+    "sparsity": _check_sparsity,
+    "act_bits": _check_act_bits,
+    "outliers": _check_outliers,
+    "outlier_select": _check_outlier_select,
+    "residual_quantizer": _check_optional_str("residual_quantizer"),
+}
+_RULE_KEYS = tuple(RULE_FIELDS)
+_PATTERN_KEYS = ("pattern", *_RULE_KEYS)
+
+
+def _normalize(obj: object, where: str, skip_none: bool) -> None:
+    """Check and normalize every rule field of a frozen dataclass in place, from :data:`RULE_FIELDS`."""
+    for name, check in RULE_FIELDS.items():
+        value = getattr(obj, name)
+        if skip_none and value is None:
+            continue
+        object.__setattr__(obj, name, check(value, where))
+
+
+def _field_values(obj: object) -> tuple[Any, ...]:
+    """The rule fields' values as a hashable tuple (options as sorted JSON)."""
+    out = []
+    for name in RULE_FIELDS:
+        v = getattr(obj, name)
+        out.append(json.dumps(dict(v), sort_keys=True, default=repr) if name == "options" and v is not None else v)
+    return tuple(out)
+
+
+def _json_value(name: str, value: Any) -> Any:
+    if name == "options":
+        return dict(value)
+    if name == "granularity":
+        return str(value)
+    return value
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """The complete rule for one layer.
@@ -200,7 +262,7 @@ class LayerRule:
 
     quantizer: str = "minmax"
     bits: int = 4
-    granularity: str = "channel"
+    granularity: Granularity = DEFAULT_GRANULARITY
     options: Mapping[str, Any] = field(default_factory=dict)
     skip: bool = False
     reason: str = ""
@@ -213,41 +275,51 @@ class LayerRule:
     residual_quantizer: str | None = None
 
     def __post_init__(self) -> None:
-        where = "layer rule"
-        _check_str(self.quantizer, "quantizer", where)
-        _check_bits(self.bits, where)
-        _check_granularity(self.granularity, where)
-        object.__setattr__(self, "options", _freeze_options(self.options, where))
-        _check_flag(self.skip, "skip", where)
-        if not isinstance(self.reason, str):
-            raise ConfigError(f"{where}: 'reason' must be a string, got {self.reason!r}")
-        _check_scale_dtype(self.scale_dtype, where)
-        _check_expand(self.expand, where)
-        object.__setattr__(self, "sparsity", _check_sparsity(self.sparsity, where))
-        _check_act_bits(self.act_bits, where)
-        object.__setattr__(self, "outliers", _check_outliers(self.outliers, where))
-        _check_outlier_select(self.outlier_select, where)
-        if self.residual_quantizer is not None:
-            _check_str(self.residual_quantizer, "residual_quantizer", where)
+        _normalize(self, "layer rule", skip_none=False)
+        self.check()
+
+    def check(self) -> None:
+        """The checks that tie fields together (each field alone is checked by :data:`RULE_FIELDS`).
+
+        Raises:
+            ConfigError: ``outliers`` with an expansion (the outlier residual sits next to one plain term),
+                ``outlier_select`` other than ``global`` without ``outliers``, or a ``residual_quantizer`` (the rule
+                of expansion orders >= 2) without an expansion.
+        """
+        if self.skip:
+            return
+        if self.residual_quantizer is not None and self.expand < 2:
+            raise ConfigError(
+                f"layer rule: residual_quantizer '{self.residual_quantizer}' is the rule of expansion orders >= 2: "
+                f"give expand >= 2 (got {self.expand})"
+            )
+        if self.outliers > 0 and self.expand > 1:
+            raise ConfigError(
+                f"layer rule: outliers ({self.outliers}) combine with plain terms only, not expand={self.expand}"
+            )
+        if self.outlier_select != "global" and self.outliers == 0:
+            raise ConfigError(
+                f"layer rule: outlier_select '{self.outlier_select}' chooses the weights of 'outliers': "
+                "give outliers too"
+            )
+
+    def check_layer(self, shape: tuple[int, ...], where: str) -> Quantizer:
+        """This rule's quantizer, after checking that the rule applies to a weight of ``shape`` (in ``(out, in,
+        ...)`` layout): a registered quantizer that takes these bits and options, and a granularity that fits the
+        shape. The one rule-against-layer check of the pipeline and the streaming planner.
+
+        Raises:
+            ConfigError: naming ``where`` (the layer), the value and what is allowed.
+        """
+        try:
+            q = get_quantizer(self.quantizer, self.bits, **dict(self.options))
+            term_layout(shape, self.granularity)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        return q
 
     def __hash__(self) -> int:
-        return hash(
-            (
-                self.quantizer,
-                self.bits,
-                self.granularity,
-                json.dumps(dict(self.options), sort_keys=True, default=repr),
-                self.skip,
-                self.reason,
-                self.scale_dtype,
-                self.expand,
-                self.sparsity,
-                self.act_bits,
-                self.outliers,
-                self.outlier_select,
-                self.residual_quantizer,
-            )
-        )
+        return hash(_field_values(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "'default'") -> LayerRule:
@@ -264,22 +336,8 @@ class LayerRule:
             raise ConfigError(f"{where}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (every field)."""
-        return {
-            "quantizer": self.quantizer,
-            "bits": self.bits,
-            "granularity": self.granularity,
-            "options": dict(self.options),
-            "skip": self.skip,
-            "reason": self.reason,
-            "scale_dtype": self.scale_dtype,
-            "expand": self.expand,
-            "sparsity": self.sparsity,
-            "act_bits": self.act_bits,
-            "outliers": self.outliers,
-            "outlier_select": self.outlier_select,
-            "residual_quantizer": self.residual_quantizer,
-        }
+        """A JSON-ready dict (every field; the granularity as its text form)."""
+        return {name: _json_value(name, getattr(self, name)) for name in RULE_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -295,7 +353,7 @@ class PatternRule:
     pattern: str
     quantizer: str | None = None
     bits: int | None = None
-    granularity: str | None = None
+    granularity: Granularity | None = None
     options: Mapping[str, Any] | None = None
     skip: bool | None = None
     reason: str | None = None
@@ -315,53 +373,10 @@ class PatternRule:
                 re.compile(self.pattern[3:])
             except re.error as e:
                 raise ConfigError(f"{where}: invalid regular expression: {e}") from None
-        if self.quantizer is not None:
-            _check_str(self.quantizer, "quantizer", where)
-        if self.bits is not None:
-            _check_bits(self.bits, where)
-        if self.granularity is not None:
-            _check_granularity(self.granularity, where)
-        if self.options is not None:
-            object.__setattr__(self, "options", _freeze_options(self.options, where))
-        if self.skip is not None:
-            _check_flag(self.skip, "skip", where)
-        if self.reason is not None and not isinstance(self.reason, str):
-            raise ConfigError(f"{where}: 'reason' must be a string, got {self.reason!r}")
-        if self.scale_dtype is not None:
-            _check_scale_dtype(self.scale_dtype, where)
-        if self.expand is not None:
-            _check_expand(self.expand, where)
-        if self.sparsity is not None:
-            object.__setattr__(self, "sparsity", _check_sparsity(self.sparsity, where))
-        if self.act_bits is not None:
-            _check_act_bits(self.act_bits, where)
-        if self.outliers is not None:
-            object.__setattr__(self, "outliers", _check_outliers(self.outliers, where))
-        if self.outlier_select is not None:
-            _check_outlier_select(self.outlier_select, where)
-        if self.residual_quantizer is not None:
-            _check_str(self.residual_quantizer, "residual_quantizer", where)
+        _normalize(self, where, skip_none=True)
 
     def __hash__(self) -> int:
-        opts = None if self.options is None else json.dumps(dict(self.options), sort_keys=True, default=repr)
-        return hash(
-            (
-                self.pattern,
-                self.quantizer,
-                self.bits,
-                self.granularity,
-                opts,
-                self.skip,
-                self.reason,
-                self.scale_dtype,
-                self.expand,
-                self.sparsity,
-                self.act_bits,
-                self.outliers,
-                self.outlier_select,
-                self.residual_quantizer,
-            )
-        )
+        return hash((self.pattern, *_field_values(self)))
 
     def matches(self, name: str) -> bool:
         """Whether the qualified layer name matches this rule's pattern."""
@@ -403,7 +418,7 @@ class PatternRule:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name != "pattern" and value is not None:
-                out[f.name] = dict(value) if f.name == "options" else value
+                out[f.name] = _json_value(f.name, value)
         return out
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.errors import ConfigError
+from dfquant.quantizers import Granularity
 
 
 def test_defaults() -> None:
@@ -28,9 +29,10 @@ def test_later_rules_win_field_by_field() -> None:
         ),
     )
     r = cfg.rule_for("layer1.0.conv1")
-    assert (r.quantizer, r.bits, r.granularity) == ("minmax", 8, "group:64")
+    assert (r.quantizer, r.bits, str(r.granularity)) == ("minmax", 8, "group:64")
     r = cfg.rule_for("layer1.1.conv2")
-    assert (r.quantizer, r.bits, r.granularity) == ("mse", 3, "group:64")
+    assert (r.quantizer, r.bits, str(r.granularity)) == ("mse", 3, "group:64")
+    assert r.granularity == Granularity("group", 0, 64)  # parsed once, when the rule is made
     assert cfg.rule_for("layer2.0.conv1") == cfg.default
 
 

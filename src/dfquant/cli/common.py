@@ -14,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dfquant.config import LayerRule, QuantConfig
+from dfquant.config import DEFAULT_GRANULARITY, LayerRule, QuantConfig
 from dfquant.errors import ConfigError
 from dfquant.eval import available_tasks, check_task, evaluate
 from dfquant.quantizers import quantizer_class
+from dfquant.quantizers.granularity import Granularity
 from dfquant.zoo import load_model
 
 EXIT_USAGE = 2
@@ -65,7 +66,7 @@ def json_ready(o: object) -> object:
 DEFAULT_MODEL = "minilm"
 DEFAULT_METHOD = "lloyd-max"
 DEFAULT_BITS = 4
-DEFAULT_GRANULARITY = "group:64"
+DEFAULT_RUN_GRANULARITY = "group:64"
 DEFAULT_EVALS = "fidelity,pairs"
 
 
@@ -145,7 +146,7 @@ def build_config(args: argparse.Namespace) -> Any:
             default=LayerRule(
                 quantizer=method,
                 bits=args.bits if args.bits is not None else DEFAULT_BITS,
-                granularity=args.granularity or "channel",
+                granularity=Granularity.parse(args.granularity) if args.granularity else DEFAULT_GRANULARITY,
                 scale_dtype=args.scale_dtype or "float32",
                 expand=args.expand if args.expand is not None else 1,
                 sparsity=parse_sparsity(args.sparsity) if args.sparsity is not None else 0.0,
@@ -203,14 +204,9 @@ def rex_extras(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "outliers", None) is not None:
         out["outliers"] = args.outliers
     if getattr(args, "residual_method", None) is not None:
-        if not (getattr(args, "expand", None) or 1) > 1:
-            raise ConfigError("--residual-method is the rule of expansion orders >= 2: give --expand K (K >= 2)")
-
         quantizer_class(args.residual_method)  # unknown names fail here, with the list of known ones
         out["residual_quantizer"] = args.residual_method
     if getattr(args, "outlier_select", None) is not None:
-        if not out.get("outliers"):
-            raise ConfigError("--outlier-select chooses the weights of --outliers F: give --outliers too")
         out["outlier_select"] = args.outlier_select
     return out
 

@@ -13,13 +13,14 @@ import argparse
 from typing import Any
 
 from dfquant.cli.common import evaluate_tasks, parse_options, print_summary, start_quantize
-from dfquant.config import LayerRule
+from dfquant.config import DEFAULT_GRANULARITY, LayerRule
 from dfquant.errors import ConfigError
 from dfquant.graph.modules import state_dict_bytes
 from dfquant.io.save import save_quantized
 from dfquant.methods.dfmpc import COEFFICIENT_RULES, STAT_RULES
 from dfquant.pipeline.compensate import compensate_model
 from dfquant.quantizers import quantizer_class
+from dfquant.quantizers.granularity import Granularity
 
 __all__ = ["add_dfmpc_arguments", "cmd_quantize_dfmpc"]
 
@@ -73,7 +74,7 @@ def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
     high_q = args.high_quantizer or "minmax"
     quantizer_class(low_q)
     quantizer_class(high_q)
-    gran = args.granularity or "channel"
+    gran = Granularity.parse(args.granularity) if args.granularity else DEFAULT_GRANULARITY
     sdt = args.scale_dtype or "float32"
     if getattr(args, "options", None):
         raise ConfigError("--method dfmpc: give the low layers' rule options with --low-options, not --options")

@@ -22,9 +22,9 @@ from typing import Any
 from dfquant.cli.common import (
     DEFAULT_BITS,
     DEFAULT_EVALS,
-    DEFAULT_GRANULARITY,
     DEFAULT_METHOD,
     DEFAULT_MODEL,
+    DEFAULT_RUN_GRANULARITY,
     add_common,
     build_config,
     evaluate_tasks,
@@ -50,7 +50,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     default_run = args.model is None
     if default_run:
         args.model = DEFAULT_MODEL
-        args.granularity = args.granularity or DEFAULT_GRANULARITY
+        args.granularity = args.granularity or DEFAULT_RUN_GRANULARITY
         args.eval = args.eval if args.eval is not None else DEFAULT_EVALS
     config = build_config(args)
     tasks, progress, loaded = start_quantize(args)

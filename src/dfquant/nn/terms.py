@@ -128,7 +128,7 @@ class QuantTerm(nn.Module):
         super().__init__()
         self.bits = int(bits)
         self.shape = tuple(int(s) for s in shape)
-        self.granularity = str(Granularity.parse(granularity))
+        self.granularity = Granularity.parse(granularity)  # parsed once; files hold its text form
         self.quantizer = quantizer
         self.grid = grid
         self.options = dict(options or {})
@@ -230,7 +230,7 @@ class QuantTerm(nn.Module):
             levels=self.levels,
             bits=self.bits,
             shape=self.shape,
-            granularity=Granularity.parse(self.granularity),
+            granularity=self.granularity,
             dtype=dtype,
             quantizer=self.quantizer,
             grid=self.grid,
@@ -248,7 +248,7 @@ class QuantTerm(nn.Module):
     def _decode(self, *, from_zero: bool) -> torch.Tensor:
         """:meth:`dequantize`, or ``0 + dequantize()`` (``from_zero``: the first step of a sum started from a
         zero tensor, which turns ``-0.0`` into ``+0.0``), applied to the decode table instead of the values."""
-        gran = Granularity.parse(self.granularity)
+        gran = self.granularity
         rows, cols, _ = term_layout(self.shape, gran)
         codes = unpack(self.packed, self.bits, self.numel).view(rows, cols).to(self.scale.device)
         vals = decode_codes(
@@ -278,7 +278,7 @@ class QuantTerm(nn.Module):
             The rows' values, or None for a granularity whose rows do not run along axis 0 (``channel:1``,
             ``group:G:1``, ...), which only a full :meth:`dequantize` decodes.
         """
-        gran = Granularity.parse(self.granularity)
+        gran = self.granularity
         if not self.shape or (gran.kind != "tensor" and gran.axis != 0):
             return None
         n0 = self.shape[0]
@@ -337,7 +337,7 @@ class QuantTerm(nn.Module):
             "quantizer": self.quantizer,
             "bits": self.bits,
             "grid": self.grid,
-            "granularity": self.granularity,
+            "granularity": str(self.granularity),
             "shape": list(self.shape),
             "offset": self.offset is not None,
             "scale_dtype": next(k for k, v in STORED_SCALE_DTYPES.items() if v == self.scale.dtype),

@@ -49,7 +49,6 @@ from dfquant.methods.dfmpc import COEFFICIENT_RULES, STAT_RULES, compensate_laye
 from dfquant.nn.base import QuantModule, oriented_weight
 from dfquant.pipeline.quantize import Progress, quantize_model
 from dfquant.pipeline.report import QuantizationReport
-from dfquant.quantizers.granularity import Granularity
 from dfquant.quantizers.registry import get_quantizer
 
 __all__ = ["DfmpcPairReport", "DfmpcReport", "compensate_model", "dfmpc_config"]
@@ -139,7 +138,7 @@ def _rule_text(rule: dict[str, Any]) -> str:
 
 
 def _rule_dict(rule: LayerRule) -> dict[str, Any]:
-    return {"quantizer": rule.quantizer, "bits": rule.bits, "granularity": rule.granularity}
+    return {"quantizer": rule.quantizer, "bits": rule.bits, "granularity": str(rule.granularity)}
 
 
 def dfmpc_config(
@@ -201,7 +200,7 @@ def _input_moments(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
 
 
 def _check_low_granularity(rule: LayerRule) -> None:
-    g = Granularity.parse(rule.granularity)
+    g = rule.granularity
     if g.kind == "tensor" or g.axis != 0:
         raise ConfigError(
             f"DF-MPC: the low rule's granularity must be 'channel' or 'group:G' along output channels (axis 0), "

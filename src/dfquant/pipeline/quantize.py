@@ -66,7 +66,7 @@ from dfquant.methods.rex import expand, layer_sparsities
 from dfquant.methods.rex_act import InputSpec, choose_input_spec, pair_bits_per_mac
 from dfquant.nn.base import QuantModule, oriented_weight, weight_of
 from dfquant.nn.rex import SparseTerm
-from dfquant.nn.terms import QuantTerm, term_layout
+from dfquant.nn.terms import QuantTerm
 from dfquant.pipeline.report import (
     BiasCorrectionRecord,
     FoldedBN,
@@ -203,12 +203,8 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
         if rule.skip:
             plans.append(LayerPlan(info.name, info.kind, type(info.module).__name__, shape, rule, None, None))
             continue
-        try:
-            q = get_quantizer(rule.quantizer, rule.bits, **dict(rule.options))
-            gran = Granularity.parse(rule.granularity)
-            term_layout(tuple(w.shape), gran)
-        except ConfigError as e:
-            raise ConfigError(f"{label}: {e}") from None
+        q = rule.check_layer(tuple(w.shape), label)
+        gran = rule.granularity
         if not w.is_floating_point():
             raise InputError(f"{label}: weight must be floating point, got {w.dtype}")
         check_finite(w.detach(), f"{info.name}.weight" if info.name else "weight")
@@ -261,8 +257,6 @@ def _quantize_terms(
     assert p.quantizer is not None and p.granularity is not None
     name = p.name or "<root>"
     if p.rule.outliers > 0:
-        if p.rule.expand > 1:
-            raise ConfigError(f"outliers ({p.rule.outliers}) combine with plain terms only, not expand={p.rule.expand}")
         bulk, res = split_outliers(
             w,
             p.quantizer,

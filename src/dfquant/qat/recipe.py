@@ -31,6 +31,7 @@ from dfquant.pipeline.quantize import quantize_model
 from dfquant.qat.fake import QATConfig, convert, parse_format, prepare_qat
 from dfquant.qat.lm import causal_lm_loss, lm_perplexity, lm_train_batches, wikitext2_ids
 from dfquant.qat.train import TRAIN_FIRST, cifar_train_batches, train_qat
+from dfquant.quantizers.granularity import Granularity
 from dfquant.zoo import load_model
 
 #: Per-task defaults: learning rate, batch, layers left float.
@@ -195,7 +196,7 @@ def run_qat(run: QATRun, progress: Callable[[str], object] | None = None) -> dic
     ptq_rule = None
     if cfg.act_format is None:
         ptq_rule = (
-            LayerRule("statq", grid.bits, cfg.granularity, options={"format": grid.name})
+            LayerRule("statq", grid.bits, Granularity.parse(cfg.granularity), options={"format": grid.name})
             if grid is not None
             else LayerRule(cfg.format, 4)
         )
@@ -204,7 +205,9 @@ def run_qat(run: QATRun, progress: Callable[[str], object] | None = None) -> dic
         result[f"ptq_{metric}"] = evaluate(ptq)[metric]
     if ptq_rule is not None and grid is not None and run.data == "wikitext2":
         # the rule StatQAT's weights start from (analytic scale, Gaussian fit), as a post-training baseline
-        ana = LayerRule("statq", grid.bits, cfg.granularity, options={"format": grid.name, "rule": "analytic"})
+        ana = LayerRule(
+            "statq", grid.bits, Granularity.parse(cfg.granularity), options={"format": grid.name, "rule": "analytic"}
+        )
         ptq, _ = quantize_model(loaded.model, QuantConfig(ana, rules=skip))
         result[f"ptq_analytic_{metric}"] = evaluate(ptq)[metric]
     if run.float_baseline:

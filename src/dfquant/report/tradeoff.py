@@ -23,6 +23,7 @@ from dfquant.errors import ConfigError
 from dfquant.eval import evaluate
 from dfquant.io.atomic import write_atomic
 from dfquant.pipeline.quantize import quantize_model
+from dfquant.quantizers.granularity import Granularity
 from dfquant.report.cost import model_cost
 
 #: The headline figure of each task in the quantized model's results and whether higher is better.
@@ -180,7 +181,7 @@ def tradeoff_sweep(
     plain_bits: Sequence[int] = (),
     plain_method: str | None = None,
     residual_method: str | None = None,
-    granularity: str = "channel",
+    granularity: str | Granularity = "channel",
     act_bits: int | None = None,
     bias_correction: bool = True,
     eval_limit: int | None = None,
@@ -215,7 +216,7 @@ def tradeoff_sweep(
         rule = LayerRule(
             quantizer=method if kind == "rex" else plain_method or method,
             bits=b,
-            granularity=granularity,
+            granularity=Granularity.parse(granularity),
             expand=K,
             sparsity=s,
             act_bits=act_bits,

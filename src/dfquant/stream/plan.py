@@ -31,10 +31,7 @@ from torch import nn
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.errors import ConfigError, ModelError
 from dfquant.nn.base import QUANT_MODULES, layer_kind
-from dfquant.nn.terms import term_layout
 from dfquant.pipeline.quantize import LayerPlan, _split_sparsity
-from dfquant.quantizers.granularity import Granularity
-from dfquant.quantizers.registry import get_quantizer
 from dfquant.stream.shards import Checkpoint
 from dfquant.zoo.hf import _build, _config_dict, _guess_kind, _sentence_layout, import_transformers
 
@@ -187,11 +184,7 @@ def _name_kind(layer: str, shape: tuple[int, ...]) -> tuple[str | None, dict[str
 def _check_rule(layer: str, kind: str, shape: tuple[int, ...], rule: LayerRule) -> None:
     oriented = (shape[1], shape[0]) if kind == "hf-conv1d" else shape
     where = f"layer '{layer}' ({_TYPE_NAMES[kind]} {'x'.join(map(str, shape))})"
-    try:
-        get_quantizer(rule.quantizer, rule.bits, **dict(rule.options))
-        term_layout(oriented, Granularity.parse(rule.granularity))
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    rule.check_layer(oriented, where)
 
 
 def plan_checkpoint(ckpt: Checkpoint, config: QuantConfig, layout: HFLayout | None = None) -> Plan:

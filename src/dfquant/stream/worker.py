@@ -126,7 +126,7 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
 
     rule = LayerRule.from_dict(task.rule)
     quantizer = get_quantizer(rule.quantizer, rule.bits, **dict(rule.options))
-    gran = Granularity.parse(rule.granularity)
+    gran = rule.granularity
     shape = tuple(int(s) for s in w.shape)
     plan = LayerPlan(task.layer, task.kind, _TYPE_NAMES[task.kind], shape, rule, quantizer, gran)
     oriented = w.t().contiguous() if task.kind == "hf-conv1d" else w

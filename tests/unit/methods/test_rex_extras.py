@@ -321,8 +321,23 @@ def test_cli_outlier_select_needs_outliers(capsys: pytest.CaptureFixture[str]) -
 
     assert main(["quantize", "cifar-resnet20", "--bits", "3", "--outlier-select", "row"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "dfquant: error: --outlier-select chooses the weights of --outliers F: give --outliers too"
+        "dfquant: error: layer rule: outlier_select 'row' chooses the weights of 'outliers': give outliers too"
     )
+
+
+def test_cross_field_rules_are_checked_by_the_rule_itself() -> None:
+    """The API refuses what the command line refuses: LayerRule.check owns the checks that tie fields together."""
+    from dfquant.config import LayerRule
+    from dfquant.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="outlier_select 'row' chooses the weights of 'outliers'"):
+        LayerRule("minmax", 3, outlier_select="row")
+    with pytest.raises(ConfigError, match="residual_quantizer 'mse' is the rule of expansion orders >= 2"):
+        LayerRule("minmax", 2, residual_quantizer="mse")
+    with pytest.raises(ConfigError, match=r"outliers \(0.002\) combine with plain terms only, not expand=2"):
+        LayerRule("minmax", 3, expand=2, outliers=0.002)
+    assert LayerRule("minmax", 3, outliers=0.002, outlier_select="row").outlier_select == "row"
+    assert LayerRule("minmax", 2, expand=2, residual_quantizer="mse").residual_quantizer == "mse"
 
 
 def test_rule_field_and_method_name_the_same_selections() -> None:
@@ -339,7 +354,8 @@ def test_cli_residual_method(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     base = ["quantize", "cifar-resnet20", "--bits", "2"]
     assert main([*base, "--residual-method", "mse"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "dfquant: error: --residual-method is the rule of expansion orders >= 2: give --expand K (K >= 2)"
+        "dfquant: error: layer rule: residual_quantizer 'mse' is the rule of expansion orders >= 2: give "
+        "expand >= 2 (got 1)"
     )
     assert main([*base, "--expand", "2", "--residual-method", "nope"]) == 2
     assert "unknown quantizer 'nope'" in capsys.readouterr().err
