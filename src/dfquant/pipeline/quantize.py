@@ -8,7 +8,7 @@
 2. copies the model (unless ``inplace``), finds conv->BatchNorm pairs and BatchNorm->(ReLU)->layer chains
    (:func:`dfquant.graph.trace.analyze_graph`) and captures the BatchNorm statistics bias correction needs (before
    folding erases those BatchNorms);
-3. folds each BatchNorm into the layer before it (:func:`dfquant.methods.bn.fold_batchnorm`);
+3. folds each BatchNorm into the layer before it (:mod:`dfquant.pipeline.fold`);
 4. quantizes each layer into a quantized module holding one term (or ``K`` terms for a rule with
    ``expand = K``: the residual expansion of :mod:`dfquant.methods.rex`, group-sparse when the rule has a
    ``sparsity``, split across layers by ``config.sparsity_split``), and corrects its bias for the expected
@@ -44,7 +44,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.errors import ConfigError, DfquantError, InputError, ModelError, check_finite
 from dfquant.graph.modules import (
-    FoldedBatchNorm,
     find_layers,
     find_unsupported,
     get_module,
@@ -58,7 +57,6 @@ from dfquant.methods.bn import (
     Moments,
     correct_bias,
     expected_input_mean,
-    fold_batchnorm,
     propagate_moments,
 )
 from dfquant.methods.outliers import split_outliers
@@ -67,6 +65,7 @@ from dfquant.methods.rex_act import InputSpec, choose_input_spec, pair_bits_per_
 from dfquant.nn.base import QuantModule, oriented_weight, weight_of
 from dfquant.nn.rex import SparseTerm
 from dfquant.nn.terms import QuantTerm
+from dfquant.pipeline.fold import apply_folds, plan_folds
 from dfquant.pipeline.report import (
     BiasCorrectionRecord,
     FoldedBN,
@@ -472,25 +471,7 @@ def quantize_model(
     input_specs = _input_specs(target, active, graph, input_moments)
 
     # BatchNorm folding, computed first and applied at the end.
-    folded: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}
-    if graph is not None and config.fold_bn:
-        for layer_name, bn_name in graph.bn_pairs:
-            layer, bn = get_module(target, layer_name), _batchnorm(target, bn_name)
-            if bn.running_mean is None or bn.running_var is None:  # analyze_graph only pairs BNs with stats
-                continue
-            try:
-                fold_w, fold_b = fold_batchnorm(
-                    oriented_weight(layer).detach(),
-                    _bias_of(layer),
-                    bn.running_mean.detach(),
-                    bn.running_var.detach(),
-                    None if bn.weight is None else bn.weight.detach(),
-                    None if bn.bias is None else bn.bias.detach(),
-                    float(bn.eps),
-                )
-            except InputError as e:
-                raise InputError(f"BatchNorm '{bn_name}' after layer '{layer_name}': {e}") from None
-            folded[layer_name] = (fold_w, fold_b, bn_name)
+    folded = plan_folds(target, graph) if graph is not None and config.fold_bn else {}
 
     new_modules: dict[str, QuantModule] = {}
     # Tied weights: the first layer holding a weight quantizes it; later ones with its rule share its terms.
@@ -501,7 +482,7 @@ def quantize_model(
         layer = get_module(target, p.name)
         bias: torch.Tensor | None
         if p.name in folded:
-            w_float, bias = folded[p.name][0], folded[p.name][1]
+            w_float, bias = folded[p.name].weight, folded[p.name].bias
         else:
             w_float, bias = oriented_weight(layer).detach().contiguous(), _bias_of(layer)
         assert p.quantizer is not None and p.granularity is not None  # active plans are never skipped
@@ -573,18 +554,8 @@ def quantize_model(
 
     # Apply: folded float layers get their new weight and bias, BatchNorms become identities, layers are
     # swapped.
-    for layer_name, (fold_w, fold_b, bn_name) in folded.items():
-        if layer_name not in new_modules:
-            float_layer = get_module(target, layer_name)
-            weight = weight_of(float_layer)
-            weight.data = fold_w
-            current = getattr(float_layer, "bias", None)
-            if isinstance(current, torch.Tensor):
-                current.data = fold_b
-            else:
-                float_layer.register_parameter("bias", nn.Parameter(fold_b, requires_grad=weight.requires_grad))
-        target = replace_module(target, bn_name, FoldedBatchNorm(layer_name))
-        report.folded_bn.append(FoldedBN(layer_name, bn_name))
+    target = apply_folds(target, folded, replaced=new_modules)
+    report.folded_bn.extend(FoldedBN(f.layer, f.bn) for f in folded.values())
     names = module_names(target)  # a layer registered under several names is replaced under all of them
     for name, qmod in new_modules.items():
         for alias in names[id(get_module(target, name))]:

@@ -53,14 +53,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfquant.errors import ConfigError, ModelError
-from dfquant.graph.modules import FoldedBatchNorm, get_module, replace_module
-from dfquant.graph.trace import analyze_graph
+from dfquant.graph.modules import get_module, replace_module
 from dfquant.grids.error_model import optimal_clip
 from dfquant.grids.formats import Grid, make_grid
-from dfquant.methods.bn import fold_batchnorm
 from dfquant.nn.act import ActQuant
 from dfquant.nn.base import QuantModule, layer_kind, oriented_weight
 from dfquant.nn.terms import QuantTerm
+from dfquant.pipeline.fold import fold_batchnorms
 from dfquant.quantizers import get_quantizer
 from dfquant.quantizers.blockscaled import (
     BLOCK_FORMATS,
@@ -533,30 +532,7 @@ def fold_model_batchnorms(model: nn.Module) -> nn.Module:
     Returns:
         The model.
     """
-    graph = analyze_graph(model)
-    for layer_name, bn_name in graph.bn_pairs:
-        layer, bn = get_module(model, layer_name), get_module(model, bn_name)
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None or bn.running_var is None:
-            continue
-        bias = getattr(layer, "bias", None)
-        w, b = fold_batchnorm(
-            oriented_weight(layer).detach(),
-            None if bias is None else bias.detach(),
-            bn.running_mean.detach(),
-            bn.running_var.detach(),
-            None if bn.weight is None else bn.weight.detach(),
-            None if bn.bias is None else bn.bias.detach(),
-            float(bn.eps),
-        )
-        with torch.no_grad():
-            oriented_weight(layer).copy_(w.to(oriented_weight(layer).dtype))
-        if bias is None:
-            layer.register_parameter("bias", nn.Parameter(b.to(oriented_weight(layer).dtype)))
-        else:
-            with torch.no_grad():
-                bias.copy_(b)
-        model = replace_module(model, bn_name, FoldedBatchNorm(layer_name))
-    return model
+    return fold_batchnorms(model)[0]
 
 
 def _kept(name: str, config: QATConfig) -> bool:
