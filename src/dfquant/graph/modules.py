@@ -14,9 +14,9 @@ from torch import nn
 from dfquant.errors import ModelError
 from dfquant.nn.base import QuantModule, layer_kind
 
-_BN = nn.modules.batchnorm._BatchNorm
-_TRANSPARENT = (nn.Dropout, nn.Identity)
-_RELU_FUNCS = (F.relu, torch.relu, torch.relu_, F.relu_)
+BATCHNORM_TYPES = nn.modules.batchnorm._BatchNorm
+TRANSPARENT_TYPES = (nn.Dropout, nn.Identity)
+RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
 
 
 class FoldedBatchNorm(nn.Identity):

@@ -27,18 +27,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from dfquant.errors import ModelError
-from dfquant.nn.base import QuantModule, layer_kind, oriented_weight
+from dfquant.graph.modules import BATCHNORM_TYPES, TRANSPARENT_TYPES
+from dfquant.graph.trace import LeafTracer, is_relu
+from dfquant.nn.base import layer_kind, oriented_weight
 
 __all__ = ["CompensationPair", "find_compensation_pairs"]
-
-_BN = nn.modules.batchnorm._BatchNorm
-_TRANSPARENT = (nn.Dropout, nn.Identity)
-_RELU_FUNCS = (F.relu, torch.relu, torch.relu_, F.relu_)
 
 
 @dataclass(frozen=True)
@@ -54,15 +50,8 @@ class CompensationPair:
     high: str
 
 
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if layer_kind(m) is not None or isinstance(m, (_BN, QuantModule)):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
 def _channels_fit(low: nn.Module, bn: nn.Module, high: nn.Module) -> bool:
-    if not isinstance(bn, _BN) or bn.running_mean is None or bn.running_var is None:
+    if not isinstance(bn, BATCHNORM_TYPES) or bn.running_mean is None or bn.running_var is None:
         return False
     kinds = (layer_kind(low), layer_kind(high))
     if kinds[0] not in ("conv1d", "conv2d", "linear") or kinds[1] not in ("conv1d", "conv2d", "linear"):
@@ -74,7 +63,7 @@ def _channels_fit(low: nn.Module, bn: nn.Module, high: nn.Module) -> bool:
 
 def _links(model: nn.Module) -> list[tuple[str, str, str]]:
     try:
-        graph = _Tracer().trace(model)
+        graph = LeafTracer().trace(model)
     except Exception as e:  # tracing fails in many ways: say why, never guess a graph
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ModelError(
@@ -93,26 +82,19 @@ def _links(model: nn.Module) -> list[tuple[str, str, str]]:
         users = list(node.users)
         return users[0] if len(users) == 1 else None
 
-    def is_relu(node: fx.Node) -> bool:
-        if node.op == "call_module":
-            return isinstance(modules.get(str(node.target)), nn.ReLU)
-        if node.op == "call_function":
-            return node.target in _RELU_FUNCS
-        return node.op == "call_method" and node.target in ("relu", "relu_")
-
     links = []
     for node in graph.nodes:
         low = module(node)
         if low is None or layer_kind(low) is None:
             continue
         bn_node = only_user(node)
-        if bn_node is None or not isinstance(module(bn_node), _BN) or len(bn_node.args) != 1:
+        if bn_node is None or not isinstance(module(bn_node), BATCHNORM_TYPES) or len(bn_node.args) != 1:
             continue
         act = only_user(bn_node)
-        if act is None or not is_relu(act) or act.args[0] is not bn_node:
+        if act is None or not is_relu(act, modules) or act.args[0] is not bn_node:
             continue
         nxt = only_user(act)
-        while nxt is not None and isinstance(module(nxt), _TRANSPARENT):
+        while nxt is not None and isinstance(module(nxt), TRANSPARENT_TYPES):
             nxt = only_user(nxt)
         high = module(nxt) if nxt is not None else None
         bn = module(bn_node)

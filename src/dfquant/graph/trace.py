@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dfquant.graph.modules import _BN, _RELU_FUNCS, _TRANSPARENT
+from dfquant.graph.modules import BATCHNORM_TYPES, RELU_FUNCTIONS, TRANSPARENT_TYPES
 from dfquant.methods.bn import MomentOp
 from dfquant.nn.base import QuantModule, layer_kind, oriented_weight
 
@@ -54,11 +54,11 @@ class GraphInfo:
     input_moments: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
 
-class _LeafTracer(fx.Tracer):
+class LeafTracer(fx.Tracer):
     """Keeps quantizable layers and BatchNorms as leaf calls so the graph names them."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if layer_kind(m) is not None or isinstance(m, (_BN, QuantModule)):
+        if layer_kind(m) is not None or isinstance(m, (BATCHNORM_TYPES, QuantModule)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -78,7 +78,7 @@ def _in_features(m: nn.Module) -> int | None:
 
 def _bn_fits(layer: nn.Module, bn: nn.Module, side: str) -> bool:
     """Whether ``bn`` has running statistics and fits ``layer``'s output (side="out") or input (side="in")."""
-    if not isinstance(bn, _BN) or bn.running_mean is None or bn.running_var is None:
+    if not isinstance(bn, BATCHNORM_TYPES) or bn.running_mean is None or bn.running_var is None:
         return False
     kind = layer_kind(layer)
     if kind == "conv2d":
@@ -91,16 +91,16 @@ def _bn_fits(layer: nn.Module, bn: nn.Module, side: str) -> bool:
     return dims_ok and n == bn.num_features
 
 
-def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules.get(str(node.target)), nn.ReLU)
     if node.op == "call_function":
-        return node.target in _RELU_FUNCS
+        return node.target in RELU_FUNCTIONS
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
 def _analyze_fx(model: nn.Module) -> GraphInfo:
-    graph = _LeafTracer().trace(model)
+    graph = LeafTracer().trace(model)
     modules = dict(model.named_modules())
     calls = Counter(str(n.target) for n in graph.nodes if n.op == "call_module")
     info = GraphInfo("fx")
@@ -115,19 +115,19 @@ def _analyze_fx(model: nn.Module) -> GraphInfo:
         if mod is None or not node.args:
             continue
         src = node.args[0]
-        if isinstance(mod, _BN) and len(node.args) == 1 and not node.kwargs:
+        if isinstance(mod, BATCHNORM_TYPES) and len(node.args) == 1 and not node.kwargs:
             layer = single_module_call(src)
             if isinstance(src, fx.Node) and layer is not None and len(src.users) == 1 and _bn_fits(layer, mod, "out"):
                 info.bn_pairs.append((str(src.target), str(node.target)))
         elif layer_kind(mod) is not None and isinstance(src, fx.Node):
             cur: Any = src
-            while isinstance(single_module_call(cur), _TRANSPARENT) and cur.args:
+            while isinstance(single_module_call(cur), TRANSPARENT_TYPES) and cur.args:
                 cur = cur.args[0]
             act = "none"
-            if isinstance(cur, fx.Node) and _is_relu(cur, modules) and cur.args:
+            if isinstance(cur, fx.Node) and is_relu(cur, modules) and cur.args:
                 act, cur = "relu", cur.args[0]
             bn = single_module_call(cur)
-            if isinstance(bn, _BN) and _bn_fits(mod, bn, "in"):
+            if isinstance(bn, BATCHNORM_TYPES) and _bn_fits(mod, bn, "in"):
                 info.input_bn[str(node.target)] = (str(cur.target), act)
     info.moment_program, info.input_moments = _moment_program(graph, modules, calls)
     return info
@@ -177,7 +177,7 @@ def _moment_step(
 
     if node.op == "call_module":
         mod = modules.get(str(node.target))
-        if isinstance(mod, _BN) and mod.running_mean is not None and len(node.args) == 1:
+        if isinstance(mod, BATCHNORM_TYPES) and mod.running_mean is not None and len(node.args) == 1:
             ndim = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}.get(type(mod))
             value = _Value(mod.num_features, ndim, False, str(node.target), ref=str(node.target))
             return MomentOp(name, "batchnorm", source=str(node.target)), value
@@ -185,7 +185,7 @@ def _moment_step(
             return None
         if isinstance(mod, nn.ReLU):
             return step("relu", replace(x, ops=(*x.ops, "relu"), ref=str(node.target)))
-        if isinstance(mod, _TRANSPARENT):
+        if isinstance(mod, TRANSPARENT_TYPES):
             return step("identity", x)
         if isinstance(mod, _POOLS) and set(_const_ints(mod.output_size) or ()) == {1}:
             return step("mean", replace(x, spatial_one=True, ops=(*x.ops, "mean")))
@@ -195,7 +195,7 @@ def _moment_step(
     if x is None:
         return None
     target = node.target
-    is_relu = (node.op == "call_function" and target in _RELU_FUNCS) or (
+    is_relu = (node.op == "call_function" and target in RELU_FUNCTIONS) or (
         node.op == "call_method" and target in ("relu", "relu_")
     )
     if is_relu:
@@ -286,7 +286,7 @@ def _analyze_order(model: nn.Module, note: str) -> GraphInfo:
             info.bn_pairs.append((name, nxt[0]))
         # BN -> ReLU module -> layer, all siblings; a BN right before a layer is ambiguous (a functional
         # activation may sit between them), so it is not taken without a graph.
-        if i + 2 < len(leaves) and isinstance(m, _BN):
+        if i + 2 < len(leaves) and isinstance(m, BATCHNORM_TYPES):
             (rn, relu), (ln, layer) = leaves[i + 1], leaves[i + 2]
             same = parent(rn) == parent(name) == parent(ln)
             if same and isinstance(relu, nn.ReLU) and layer_kind(layer) is not None and _bn_fits(layer, m, "in"):
@@ -305,7 +305,7 @@ def analyze_graph(model: nn.Module) -> GraphInfo:
     Returns:
         A :class:`GraphInfo`; ``method == "none"`` when the model has no BatchNorm.
     """
-    if not any(isinstance(m, _BN) for m in model.modules()):
+    if not any(isinstance(m, BATCHNORM_TYPES) for m in model.modules()):
         return GraphInfo("none", "the model has no BatchNorm")
     try:
         return _analyze_fx(model)
