@@ -15,7 +15,7 @@ from dfquant.cli.common import (
     parse_tasks,
     print_summary,
 )
-from dfquant.cli.inspect import _layers, _manifest_bits, _manifest_method
+from dfquant.cli.inspect import manifest_bits, manifest_layers, manifest_method
 from dfquant.graph.modules import state_dict_bytes
 from dfquant.io.load import load_quantized
 from dfquant.zoo import build_architecture, load_from_source
@@ -34,11 +34,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     check_tasks(tasks, loaded)
     progress = Progress(not (args.quiet or args.json))
     evals = evaluate_tasks(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
-    layers = _layers(manifest)
+    layers = manifest_layers(manifest)
     result = {
         "model": loaded.name,
-        "method": _manifest_method(manifest),
-        "bits": _manifest_bits(manifest),
+        "method": manifest_method(manifest),
+        "bits": manifest_bits(manifest),
         "bits_per_weight": manifest.get("report", {}).get("totals", {}).get("bits_per_weight"),
         "size_bytes": Path(args.file).stat().st_size,
         "size_is_file": True,

@@ -9,19 +9,19 @@ from dfquant.cli.common import add_common
 from dfquant.io.manifest import read_manifest
 
 
-def _layers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def manifest_layers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     layers = manifest.get("layers", {})
     return [dict(v, name=k) for k, v in layers.items()] if isinstance(layers, dict) else list(layers)
 
 
-def _manifest_method(manifest: dict[str, Any]) -> str | None:
-    names = {t.get("quantizer") for lay in _layers(manifest) for t in lay.get("terms", [])}
+def manifest_method(manifest: dict[str, Any]) -> str | None:
+    names = {t.get("quantizer") for lay in manifest_layers(manifest) for t in lay.get("terms", [])}
     names.discard(None)
     return ",".join(sorted(str(n) for n in names)) or None
 
 
-def _manifest_bits(manifest: dict[str, Any]) -> int | list[int] | None:
-    bits = sorted({int(t["bits"]) for lay in _layers(manifest) for t in lay.get("terms", []) if "bits" in t})
+def manifest_bits(manifest: dict[str, Any]) -> int | list[int] | None:
+    bits = sorted({int(t["bits"]) for lay in manifest_layers(manifest) for t in lay.get("terms", []) if "bits" in t})
     if not bits:
         return None
     return bits[0] if len(bits) == 1 else bits

@@ -17,21 +17,21 @@ from dfquant.errors import ConfigError, InputError, ModelError
 from dfquant.graph.modules import FoldedBatchNorm, get_module, module_names, replace_module
 from dfquant.io.manifest import (
     Builder,
-    _check_manifest,
-    _check_tensors,
-    _fail,
-    _is_own_key,
-    _prefix,
-    _read_folder,
-    _read_header,
-    _read_tensors,
+    check_manifest,
+    check_tensors,
+    fail,
+    is_own_key,
+    layer_prefix,
+    read_folder,
+    read_header,
+    read_tensors,
 )
 from dfquant.nn.base import QuantModule, layer_kind, oriented_weight
 from dfquant.nn.terms import QuantTerm
 from dfquant.zoo import build_architecture
 
 
-def _build_quant_layers(
+def build_quant_layers(
     path: Path, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], cache_weight: bool
 ) -> dict[str, QuantModule]:
     out = {}
@@ -41,11 +41,11 @@ def _build_quant_layers(
         try:
             mod = QuantModule.from_meta(layer, cache_weight=cache_weight)
         except (ConfigError, InputError) as e:
-            raise _fail(path, f"{where}: {e}") from None
+            raise fail(path, f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
-            raise _fail(path, f"{where}: malformed metadata ({e})") from None
-        p = _prefix(name)
-        own = {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p) and _is_own_key(k[len(p) :])}
+            raise fail(path, f"{where}: malformed metadata ({e})") from None
+        p = layer_prefix(name)
+        own = {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p) and is_own_key(k[len(p) :])}
         try:
             mod.load_state_dict(own, strict=True, assign=True)
             for term in mod.quant_terms:
@@ -55,7 +55,7 @@ def _build_quant_layers(
             if mod.input_quant is not None:
                 mod.input_quant.validate()
         except (RuntimeError, InputError) as e:
-            raise _fail(path, f"{where}: {str(e).splitlines()[0]}") from None
+            raise fail(path, f"{where}: {str(e).splitlines()[0]}") from None
         for i, term in enumerate(mod.quant_terms):  # tied layers: share the very same term modules again
             ident = tuple(sorted((k, id(b)) for k, b in term.named_buffers(recurse=False)))
             first = terms_by_buffers.setdefault(ident, term)
@@ -89,15 +89,15 @@ def load_quantized(
     """
     p = Path(path)
     if p.is_dir():  # a sharded folder written by dfquant.stream: the same checks over its index and shards
-        manifest, tensors = _read_folder(p)
+        manifest, tensors = read_folder(p)
     else:
-        header, size = _read_header(p)
-        manifest = _check_manifest(p, header)
-        _check_tensors(p, header, manifest)
-        tensors = _read_tensors(p, size)
+        header, size = read_header(p)
+        manifest = check_manifest(p, header)
+        check_tensors(p, header, manifest)
+        tensors = read_tensors(p, size)
     for alias, target in manifest["aliases"].items():
         tensors[alias] = tensors[target]
-    qlayers = _build_quant_layers(p, manifest, tensors, cache_weight)
+    qlayers = build_quant_layers(p, manifest, tensors, cache_weight)
 
     if build is None:
         build = build_architecture
@@ -109,12 +109,12 @@ def load_quantized(
         try:
             return get_module(model, name)
         except ModelError:
-            raise _fail(p, f"the model built from source {manifest['source']} has no {what} '{name}'") from None
+            raise fail(p, f"the model built from source {manifest['source']} has no {what} '{name}'") from None
 
     for fb in manifest["folded_bn"]:
         bn = module_at(fb["bn"], "BatchNorm")
         if not isinstance(bn, (nn.modules.batchnorm._BatchNorm, FoldedBatchNorm)):
-            raise _fail(p, f"'{fb['bn']}' is a {type(bn).__name__} in the built model, not a BatchNorm")
+            raise fail(p, f"'{fb['bn']}' is a {type(bn).__name__} in the built model, not a BatchNorm")
         model = replace_module(model, fb["bn"], FoldedBatchNorm(fb["layer"]))
         layer = module_at(fb["layer"], "layer")
         if fb["layer"] not in qlayers and getattr(layer, "bias", 0) is None:
@@ -128,7 +128,7 @@ def load_quantized(
             built = type(float_layer).__name__
             if layer_kind(float_layer) == qmod.layer_type:
                 built += f" with {type(qmod).args_of(float_layer)}"
-            raise _fail(
+            raise fail(
                 p,
                 f"layer '{name or '<root>'}' is a {built} in the model built from source "
                 f"{manifest['source']}, but the file holds a {qmod.layer_type} with {qmod.module_args()}",
@@ -141,7 +141,7 @@ def load_quantized(
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
     if missing or unexpected or wrong:
-        raise _fail(
+        raise fail(
             p,
             f"the file's tensors do not match the model built from source {manifest['source']}: missing "
             f"{missing[:5]}, unexpected {unexpected[:5]}, shape differs {wrong[:5]}"
@@ -155,5 +155,5 @@ def load_quantized(
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
-        raise _fail(p, f"loading the tensors failed: {str(e).splitlines()[0]}") from None
+        raise fail(p, f"loading the tensors failed: {str(e).splitlines()[0]}") from None
     return model.eval(), manifest

@@ -97,7 +97,7 @@ METADATA_KEY = "dfquant"
 _MAX_HEADER = 100_000_000  # the safetensors limit
 
 #: torch dtype <-> safetensors header dtype, with item sizes.
-_ST_DTYPES: dict[torch.dtype, str] = {
+ST_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -111,7 +111,7 @@ _ST_DTYPES: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e8m0fnu: "F8_E8M0",
 }
-_ST_SIZES = {
+ST_SIZES = {
     "F64": 8,
     "F32": 4,
     "F16": 2,
@@ -164,11 +164,11 @@ Builder = Callable[[dict[str, Any]], nn.Module]
 # Saving
 
 
-def _prefix(name: str) -> str:
+def layer_prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def _library_version() -> str:
+def library_version() -> str:
 
     return str(__version__)
 
@@ -177,7 +177,7 @@ def _library_version() -> str:
 # Reading and checking
 
 
-def _fail(path: Path, msg: str) -> FileFormatError:
+def fail(path: Path, msg: str) -> FileFormatError:
     return FileFormatError(f"'{path.name}': {msg}")
 
 
@@ -185,7 +185,7 @@ def _short(e: BaseException) -> str:
     return str(e)[:200]
 
 
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The parsed safetensors header and the file size, after checking the size against the header's
     tensor offsets (contiguous, covering the data exactly)."""
     try:
@@ -197,68 +197,68 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     except OSError as e:
         raise FileFormatError(f"cannot read '{path}': {e.strerror or e}") from None
     if n < 0:
-        raise _fail(path, f"{size} bytes is too short for a safetensors file")
+        raise fail(path, f"{size} bytes is too short for a safetensors file")
     if n > _MAX_HEADER or 8 + n > size:
-        raise _fail(path, f"header length {n} does not fit a file of {size} bytes (truncated or not safetensors)")
+        raise fail(path, f"header length {n} does not fit a file of {size} bytes (truncated or not safetensors)")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # also bad UTF-8, numbers of > 4300 digits, too deep nesting
-        raise _fail(path, f"the safetensors header is not valid JSON ({_short(e)})") from None
+        raise fail(path, f"the safetensors header is not valid JSON ({_short(e)})") from None
     if not isinstance(header, dict):
-        raise _fail(path, "the safetensors header is not a JSON object")
+        raise fail(path, "the safetensors header is not a JSON object")
     spans = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
         try:
             dt, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            ok = dt in _ST_SIZES and all(isinstance(s, int) and s >= 0 for s in shape) and 0 <= start <= end
+            ok = dt in ST_SIZES and all(isinstance(s, int) and s >= 0 for s in shape) and 0 <= start <= end
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise _fail(path, f"tensor '{key}' has a malformed header entry {entry!r}")
-        if end - start != math.prod(shape) * _ST_SIZES[dt]:
-            raise _fail(
+            raise fail(path, f"tensor '{key}' has a malformed header entry {entry!r}")
+        if end - start != math.prod(shape) * ST_SIZES[dt]:
+            raise fail(
                 path,
-                f"tensor '{key}' spans {end - start} bytes but {dt} {shape} needs {math.prod(shape) * _ST_SIZES[dt]}",
+                f"tensor '{key}' spans {end - start} bytes but {dt} {shape} needs {math.prod(shape) * ST_SIZES[dt]}",
             )
         spans.append((start, end, key))
     spans.sort()
     pos = 0
     for start, end, key in spans:
         if start != pos:
-            raise _fail(path, f"tensor '{key}' starts at byte {start} of the data, expected {pos}")
+            raise fail(path, f"tensor '{key}' starts at byte {start} of the data, expected {pos}")
         pos = end
     have = size - 8 - n
     if pos != have:
-        raise _fail(path, f"the header describes {pos} bytes of tensor data but the file holds {have} (truncated?)")
+        raise fail(path, f"the header describes {pos} bytes of tensor data but the file holds {have} (truncated?)")
     return header, size
 
 
-def _check_manifest(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
+def check_manifest(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or METADATA_KEY not in meta:
-        raise _fail(path, "no dfquant manifest in the safetensors metadata: not a file written by dfquant")
+        raise fail(path, "no dfquant manifest in the safetensors metadata: not a file written by dfquant")
     try:
         manifest = json.loads(meta[METADATA_KEY])
     except (TypeError, ValueError, RecursionError) as e:
-        raise _fail(path, f"the manifest is not valid JSON ({_short(e)})") from None
+        raise fail(path, f"the manifest is not valid JSON ({_short(e)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         got = manifest.get("format") if isinstance(manifest, dict) else None
-        raise _fail(path, f"manifest format is {got!r}, expected '{FORMAT_NAME}'")
+        raise fail(path, f"manifest format is {got!r}, expected '{FORMAT_NAME}'")
     version = manifest.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise _fail(path, f"manifest format_version must be a positive integer, got {version!r}")
+        raise fail(path, f"manifest format_version must be a positive integer, got {version!r}")
     if version not in READ_VERSIONS:
-        raise _fail(
+        raise fail(
             path,
-            f"file format version {version} is newer than this dfquant ({_library_version()}) reads "
+            f"file format version {version} is newer than this dfquant ({library_version()}) reads "
             f"(version {FORMAT_VERSION}); upgrade dfquant",
         )
     unknown = sorted(set(manifest) - _MANIFEST_KEYS)
     missing = sorted(_MANIFEST_KEYS - {"report"} - set(manifest))
     if unknown or missing:
-        raise _fail(path, f"manifest keys: unknown {unknown}, missing {missing}")
+        raise fail(path, f"manifest keys: unknown {unknown}, missing {missing}")
     types = {
         "library_version": str,
         "source": dict,
@@ -269,7 +269,7 @@ def _check_manifest(path: Path, header: Mapping[str, Any]) -> dict[str, Any]:
     }
     for key, typ in types.items():
         if not isinstance(manifest[key], typ):
-            raise _fail(path, f"manifest '{key}' must be a {typ.__name__}, got {type(manifest[key]).__name__}")
+            raise fail(path, f"manifest '{key}' must be a {typ.__name__}, got {type(manifest[key]).__name__}")
     return manifest
 
 
@@ -281,28 +281,28 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     p = Path(path)
     if p.is_dir():  # a sharded folder written by dfquant.stream
-        return _read_folder(p, load=False)[0]
-    header, _ = _read_header(p)
-    return _check_manifest(p, header)
+        return read_folder(p, load=False)[0]
+    header, _ = read_header(p)
+    return check_manifest(p, header)
 
 
-def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
+def check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
     """Every tensor in the file is in the manifest with the same dtype and shape, and vice versa; every
     quantized layer's term buffers and bias have the dtypes and shapes its metadata imply."""
     table = manifest["tensors"]
     in_file = {k for k in header if k != "__metadata__"}
     if set(table) != in_file:
         extra, lost = sorted(in_file - set(table))[:5], sorted(set(table) - in_file)[:5]
-        raise _fail(path, f"the file's tensors differ from the manifest: not listed {extra}, missing {lost}")
+        raise fail(path, f"the file's tensors differ from the manifest: not listed {extra}, missing {lost}")
     for key in in_file:
         want = table[key]
         got = header[key]
         if not isinstance(want, dict) or want.get("dtype") != got["dtype"] or want.get("shape") != got["shape"]:
-            raise _fail(path, f"tensor '{key}' is {got['dtype']} {got['shape']} but the manifest says {want!r}")
+            raise fail(path, f"tensor '{key}' is {got['dtype']} {got['shape']} but the manifest says {want!r}")
     aliases = manifest["aliases"]
     for alias, target in aliases.items():
         if not isinstance(target, str) or target not in table or alias in table:
-            raise _fail(path, f"alias '{alias}' -> {target!r} does not name a tensor of the file")
+            raise fail(path, f"alias '{alias}' -> {target!r} does not name a tensor of the file")
 
     def entry(key: str) -> Any:  # the header entry of a key, through an alias
         return header.get(aliases.get(key, key))
@@ -310,23 +310,23 @@ def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str,
     term_keys = _TERM_KEYS[manifest["format_version"]]
     for fb in manifest["folded_bn"]:
         if not isinstance(fb, dict) or set(fb) != {"layer", "bn"} or not all(isinstance(v, str) for v in fb.values()):
-            raise _fail(path, f"folded_bn entries must be {{'layer': name, 'bn': name}}, got {fb!r}")
+            raise fail(path, f"folded_bn entries must be {{'layer': name, 'bn': name}}, got {fb!r}")
     for name, layer in manifest["layers"].items():
         where = f"layer '{name or '<root>'}'"
         if not isinstance(layer, dict) or not _LAYER_KEYS <= set(layer) <= _LAYER_ALLOWED:
             keys = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
-            raise _fail(path, f"{where}: metadata keys must be {sorted(_LAYER_KEYS)}, got {keys}")
+            raise fail(path, f"{where}: metadata keys must be {sorted(_LAYER_KEYS)}, got {keys}")
         if not isinstance(layer["type"], str) or layer["type"] not in QUANT_MODULES:
-            raise _fail(path, f"{where}: unknown layer type {layer['type']!r}; known: {', '.join(QUANT_MODULES)}")
+            raise fail(path, f"{where}: unknown layer type {layer['type']!r}; known: {', '.join(QUANT_MODULES)}")
         if not isinstance(layer["dtype"], str) or layer["dtype"] not in DTYPES:
-            raise _fail(path, f"{where}: unknown dtype {layer['dtype']!r}; allowed: {', '.join(DTYPES)}")
+            raise fail(path, f"{where}: unknown dtype {layer['dtype']!r}; allowed: {', '.join(DTYPES)}")
         terms = layer["terms"]
         if not isinstance(terms, list) or not terms:
-            raise _fail(path, f"{where}: 'terms' must be a non-empty list")
-        p = _prefix(name)
+            raise fail(path, f"{where}: 'terms' must be a non-empty list")
+        p = layer_prefix(name)
         for i, term in enumerate(terms):
             if not isinstance(term, dict) or set(term) != term_keys:
-                raise _fail(
+                raise fail(
                     path,
                     f"{where} term {i}: metadata keys must be {sorted(term_keys)} (format version "
                     f"{manifest['format_version']})",
@@ -339,44 +339,44 @@ def _check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str,
                     raise ConfigError(f"quantizer '{qcls.name}' does not support {term['bits']!r} bits")
                 specs = QuantTerm.buffer_specs(term)
             except ConfigError as e:
-                raise _fail(path, f"{where} term {i}: {e}") from None
+                raise fail(path, f"{where} term {i}: {e}") from None
             except (KeyError, TypeError, ValueError) as e:
-                raise _fail(path, f"{where} term {i}: malformed metadata ({e})") from None
+                raise fail(path, f"{where} term {i}: malformed metadata ({e})") from None
             for buf, (dtype, shape) in specs.items():
                 key = f"{p}terms.{i}.{buf}"
                 got = entry(key)
-                if got is None or got["dtype"] != _ST_DTYPES[dtype] or tuple(got["shape"]) != shape:
+                if got is None or got["dtype"] != ST_DTYPES[dtype] or tuple(got["shape"]) != shape:
                     desc = "missing" if got is None else f"{got['dtype']} {got['shape']}"
-                    raise _fail(
+                    raise fail(
                         path,
-                        f"tensor '{key}' is {desc}; the term's metadata need {_ST_DTYPES[dtype]} {list(shape)}",
+                        f"tensor '{key}' is {desc}; the term's metadata need {ST_DTYPES[dtype]} {list(shape)}",
                     )
         _check_rex_extras(path, where, p, layer, entry)
         _check_input_quant(path, where, p, layer, entry)
         if not isinstance(layer["bias"], bool):  # a bias is allocated from weight_shape: only true/false
-            raise _fail(path, f"{where}: 'bias' must be true or false, got {layer['bias']!r}")
+            raise fail(path, f"{where}: 'bias' must be true or false, got {layer['bias']!r}")
         if layer["bias"]:
             got = entry(f"{p}bias")
             ws = layer["weight_shape"]
-            want_dt = _ST_DTYPES[DTYPES[layer["dtype"]]]
+            want_dt = ST_DTYPES[DTYPES[layer["dtype"]]]
             if got is None or not isinstance(ws, list) or not ws or got["shape"] != [ws[0]] or got["dtype"] != want_dt:
                 out = ws[0] if isinstance(ws, list) and ws else "?"
-                raise _fail(path, f"{where}: bias tensor missing, or not {want_dt} of shape [{out}]")
+                raise fail(path, f"{where}: bias tensor missing, or not {want_dt} of shape [{out}]")
 
 
-def _read_tensors(p: Path, size: int) -> dict[str, torch.Tensor]:
+def read_tensors(p: Path, size: int) -> dict[str, torch.Tensor]:
     """All tensors of a checked safetensors file of ``size`` bytes."""
     try:
         data = p.read_bytes()
     except OSError as e:
         raise FileFormatError(f"cannot read '{p}': {e.strerror or e}") from None
     if len(data) != size:
-        raise _fail(p, f"the file changed while it was read ({size} then {len(data)} bytes)")
+        raise fail(p, f"the file changed while it was read ({size} then {len(data)} bytes)")
     data, e8m0 = _e8m0_as_bytes(data)
     try:
         out = st_load(data)
     except SafetensorError as e:
-        raise _fail(p, f"safetensors could not read the tensors ({e})") from None
+        raise fail(p, f"safetensors could not read the tensors ({e})") from None
     for key in e8m0:
         out[key] = out[key].view(torch.float8_e8m0fnu)
     return out
@@ -397,7 +397,7 @@ def _e8m0_as_bytes(data: bytes) -> tuple[bytes, list[str]]:
     return len(raw).to_bytes(8, "little") + raw + data[8 + n :], keys
 
 
-def _read_folder(path: Path, load: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_folder(path: Path, load: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A sharded output folder (see :mod:`dfquant.stream`): ``model.safetensors.index.json`` holds the manifest
     (``metadata.dfquant``) and which shard holds each tensor (``weight_map``). Every shard's header gets the
     single-file checks; together they must hold exactly the tensors the index lists, each where it says, and
@@ -407,32 +407,32 @@ def _read_folder(path: Path, load: bool = True) -> tuple[dict[str, Any], dict[st
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
-        raise _fail(path, f"not a quantized file nor a folder with a readable '{index.name}' ({_short(e)})") from None
+        raise fail(path, f"not a quantized file nor a folder with a readable '{index.name}' ({_short(e)})") from None
     meta = data.get("metadata") if isinstance(data, dict) else None
     wmap = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(meta, dict) or not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-        raise _fail(path, f"'{index.name}' needs a 'metadata' object and a 'weight_map' of tensor -> shard file")
+        raise fail(path, f"'{index.name}' needs a 'metadata' object and a 'weight_map' of tensor -> shard file")
     header: dict[str, Any] = {"__metadata__": {METADATA_KEY: meta[METADATA_KEY]}} if METADATA_KEY in meta else {}
     shards = sorted(set(wmap.values()))
     sizes = []
     for name in shards:
         if Path(name).name != name or not name.endswith(".safetensors"):
-            raise _fail(path, f"the index names shard {name!r}; allowed: a .safetensors file in the folder")
-        shard_header, size = _read_header(path / name)
+            raise fail(path, f"the index names shard {name!r}; allowed: a .safetensors file in the folder")
+        shard_header, size = read_header(path / name)
         sizes.append(size)
         for key, entry in shard_header.items():
             if key != "__metadata__" and (wmap.get(key) != name or key in header):
-                raise _fail(path, f"tensor '{key}' of shard '{name}' is not where the index says ({wmap.get(key)!r})")
+                raise fail(path, f"tensor '{key}' of shard '{name}' is not where the index says ({wmap.get(key)!r})")
             if key != "__metadata__":
                 header[key] = entry
     lost = sorted(set(wmap) - set(header))
     if lost:
-        raise _fail(path, f"the index lists tensors no shard holds: {lost[:5]}")
-    manifest = _check_manifest(path, header)
-    _check_tensors(path, header, manifest)
+        raise fail(path, f"the index lists tensors no shard holds: {lost[:5]}")
+    manifest = check_manifest(path, header)
+    check_tensors(path, header, manifest)
     tensors: dict[str, torch.Tensor] = {}
     for name, size in zip(shards, sizes, strict=True) if load else ():
-        tensors.update(_read_tensors(path / name, size))
+        tensors.update(read_tensors(path / name, size))
     return manifest, tensors
 
 
@@ -445,16 +445,16 @@ def _check_input_quant(path: Path, where: str, prefix: str, layer: Mapping[str, 
     try:
         ActQuant.from_meta(meta)
     except ConfigError as e:
-        raise _fail(path, f"{where}: {e}") from None
+        raise fail(path, f"{where}: {e}") from None
     for buf, shape in (("scale", [1]), ("levels", [meta["num_levels"]])):
         key = f"{prefix}{_INPUT_QUANT}.{buf}"
         got = entry(key)
         if got is None or got["dtype"] != "F32" or got["shape"] != shape:
             desc = "missing" if got is None else f"{got['dtype']} {got['shape']}"
-            raise _fail(path, f"tensor '{key}' is {desc}; the input_quant metadata need F32 {shape}")
+            raise fail(path, f"tensor '{key}' is {desc}; the input_quant metadata need F32 {shape}")
 
 
-def _is_own_key(rest: str) -> bool:
+def is_own_key(rest: str) -> bool:
     return (
         rest == "bias"
         or (rest.startswith("terms.") and rest.count(".") == 2)
@@ -478,10 +478,10 @@ def _check_rex_extras(
             raise ConfigError(f"weight_shape must be positive integers, got {ws!r}")
         specs = SparseTerm.buffer_specs(layer["outliers"], ws)
     except ConfigError as e:
-        raise _fail(path, f"{where}: {e}") from None
+        raise fail(path, f"{where}: {e}") from None
     for buf, (dtype, shape) in specs.items():
         key = f"{prefix}outliers.{buf}"
         got = entry(key)
-        if got is None or got["dtype"] != _ST_DTYPES[dtype] or tuple(got["shape"]) != shape:
+        if got is None or got["dtype"] != ST_DTYPES[dtype] or tuple(got["shape"]) != shape:
             desc = "missing" if got is None else f"{got['dtype']} {got['shape']}"
-            raise _fail(path, f"tensor '{key}' is {desc}; the outlier metadata need {_ST_DTYPES[dtype]} {list(shape)}")
+            raise fail(path, f"tensor '{key}' is {desc}; the outlier metadata need {ST_DTYPES[dtype]} {list(shape)}")

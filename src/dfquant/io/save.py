@@ -17,7 +17,7 @@ from torch import nn
 from dfquant.errors import InputError
 from dfquant.graph.modules import FoldedBatchNorm
 from dfquant.io.atomic import replace_atomic
-from dfquant.io.manifest import _ST_DTYPES, FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, _library_version
+from dfquant.io.manifest import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, ST_DTYPES, library_version
 from dfquant.nn.base import QuantModule
 from dfquant.pipeline.report import QuantizationReport
 
@@ -31,7 +31,7 @@ def _collect_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     for key, t in model.state_dict().items():
         if not isinstance(t, torch.Tensor):
             raise InputError(f"state-dict entry '{key}' is a {type(t).__name__}, not a tensor; cannot be saved")
-        if t.dtype not in _ST_DTYPES:
+        if t.dtype not in ST_DTYPES:
             raise InputError(f"tensor '{key}' has dtype {t.dtype}, which the file format does not store")
         view = (
             t.untyped_storage().data_ptr(),
@@ -76,11 +76,11 @@ def build_manifest(
     manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "library_version": _library_version(),
+        "library_version": library_version(),
         "source": dict(source),
         "layers": layers,
         "folded_bn": folded,
-        "tensors": {k: {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()},
+        "tensors": {k: {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()},
         "aliases": aliases,
     }
     if report is not None:

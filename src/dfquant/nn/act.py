@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dfquant.errors import ConfigError, InputError
-from dfquant.nn.terms import _is_int
+from dfquant.nn.terms import is_int
 from dfquant.quantizers.blockscaled import BLOCK_FORMATS, fake_quantize_blocks, round_to_levels
 
 # ------------------------------------------------------------------------------------------------------------
@@ -78,9 +78,9 @@ class ActQuant(nn.Module):
         if not isinstance(meta, Mapping) or set(meta) != {"format", "block", "axis", "num_levels"}:
             raise ConfigError(f"input_quant metadata keys must be axis, block, format, num_levels; got {meta!r}")
         L, block, axis = meta["num_levels"], meta["block"], meta["axis"]
-        if not _is_int(L) or not 2 <= L <= 256:
+        if not is_int(L) or not 2 <= L <= 256:
             raise ConfigError(f"input_quant num_levels must be an integer in 2..256, got {L!r}")
-        if not _is_int(axis) or (block is not None and not _is_int(block)) or not isinstance(meta["format"], str):
+        if not is_int(axis) or (block is not None and not is_int(block)) or not isinstance(meta["format"], str):
             raise ConfigError(f"input_quant format, block, axis must be a name, an integer or null, an integer: {meta}")
         return cls(fmt=meta["format"], scale=torch.ones(1), levels=torch.zeros(L), block=block, axis=axis)
 

@@ -46,7 +46,7 @@ from torch import nn
 
 from dfquant.errors import ConfigError
 from dfquant.nn.base import QuantModule, register_quant_module, weight_of
-from dfquant.nn.terms import _is_int, _is_pos_int
+from dfquant.nn.terms import is_int, is_pos_int
 
 
 @register_quant_module
@@ -165,7 +165,7 @@ class QuantEmbedding(QuantModule):
     def _from_args(cls, args: dict[str, Any], dtype: torch.dtype, cache_weight: bool) -> QuantModule:
         _check_args(args, ("num_embeddings", "embedding_dim", "padding_idx"), cls.layer_type)
         pad = args["padding_idx"]
-        if pad is not None and not _is_int(pad):
+        if pad is not None and not is_int(pad):
             raise ConfigError(f"embedding: padding_idx must be an integer or null, got {pad!r}")
         return cls(
             _pos_int(args, "num_embeddings"),
@@ -275,12 +275,12 @@ class _QuantConvNd(QuantModule):
         tuples = {}
         for key in ("kernel_size", "stride", "dilation"):
             v = args[key]
-            if not isinstance(v, list) or len(v) != cls.dims or not all(_is_pos_int(i) for i in v):
+            if not isinstance(v, list) or len(v) != cls.dims or not all(is_pos_int(i) for i in v):
                 raise ConfigError(f"{cls.layer_type}: {key} must be {cls.dims} positive integers, got {v!r}")
             tuples[key] = v
         pad = args["padding"]
         ok_pad = pad in ("same", "valid") or (
-            isinstance(pad, list) and len(pad) == cls.dims and all(_is_int(p) and p >= 0 for p in pad)
+            isinstance(pad, list) and len(pad) == cls.dims and all(is_int(p) and p >= 0 for p in pad)
         )
         if not ok_pad:
             raise ConfigError(f"{cls.layer_type}: padding must be 'same', 'valid' or {cls.dims} integers, got {pad!r}")
@@ -352,7 +352,7 @@ def _reversed_padding(padding: tuple[int, ...] | str, kernel: tuple[int, ...], d
 
 def _pos_int(args: Mapping[str, Any], key: str) -> int:
     v = args[key]
-    if not _is_pos_int(v):
+    if not is_pos_int(v):
         raise ConfigError(f"'{key}' must be a positive integer, got {v!r}")
     return int(v)
 

@@ -357,14 +357,14 @@ class QuantTerm(nn.Module):
             ConfigError: metadata that do not describe a valid term.
         """
         bits = meta["bits"]
-        if not _is_int(bits) or not 1 <= bits <= 8:
+        if not is_int(bits) or not 1 <= bits <= 8:
             raise ConfigError(f"bits must be an integer in 1..8, got {bits!r}")
         shape = tuple(meta["shape"])
-        if not shape or not all(_is_pos_int(s) for s in shape):
+        if not shape or not all(is_pos_int(s) for s in shape):
             raise ConfigError(f"shape must be a list of positive integers, got {meta['shape']!r}")
         rows, _, groups = term_layout(shape, meta["granularity"])
         L = meta["num_levels"]
-        if not _is_int(L) or not 1 <= L <= 2**bits:
+        if not is_int(L) or not 1 <= L <= 2**bits:
             raise ConfigError(f"num_levels must be an integer in 1..{2**bits} for {bits} bits, got {L!r}")
         sd_name = meta.get("scale_dtype", "float32")
         sdt = STORED_SCALE_DTYPES.get(sd_name) if isinstance(sd_name, str) else None
@@ -381,7 +381,7 @@ class QuantTerm(nn.Module):
         T = meta["num_tables"]
         if T is None:
             specs["levels"] = (torch.float32, (L,))
-        elif _is_int(T) and 2 <= T <= rows * groups:
+        elif is_int(T) and 2 <= T <= rows * groups:
             specs["levels"] = (torch.float32, (T, L))
             nb = index_bits(T)
             specs["table_index"] = (
@@ -391,7 +391,7 @@ class QuantTerm(nn.Module):
             raise ConfigError(f"num_tables must be null or an integer in 2..{rows * groups}, got {T!r}")
         ch = meta["channels"]
         if ch is not None:
-            if not _is_int(ch) or ch != shape[0]:
+            if not is_int(ch) or ch != shape[0]:
                 raise ConfigError(f"channels must equal the term's first dimension {shape[0]}, got {ch!r}")
             specs["channels"] = (torch.int64, (ch,))
         return specs
@@ -463,9 +463,9 @@ def _store_index(index: torch.Tensor, tables: int) -> torch.Tensor:
     return index.to(torch.int32).contiguous().clone()
 
 
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_pos_int(v: object) -> bool:
-    return _is_int(v) and v > 0  # type: ignore[operator]
+def is_pos_int(v: object) -> bool:
+    return is_int(v) and v > 0  # type: ignore[operator]

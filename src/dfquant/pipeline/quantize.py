@@ -231,7 +231,7 @@ def _same_rule(a: LayerRule, b: LayerRule) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keys) and dict(a.options) == dict(b.options)
 
 
-def _split_sparsity(plans: list[LayerPlan], split: str) -> dict[str, float]:
+def split_sparsity(plans: list[LayerPlan], split: str) -> dict[str, float]:
     """Per-layer expansion sparsity: each rule's budget split over the layers that share it (in registration
     order, taken as depth), weighted by parameters (:func:`dfquant.methods.rex.layer_sparsities`)."""
     groups: dict[float, list[LayerPlan]] = {}
@@ -246,7 +246,7 @@ def _split_sparsity(plans: list[LayerPlan], split: str) -> dict[str, float]:
     return out
 
 
-def _quantize_terms(
+def quantize_weight(
     p: LayerPlan, w: torch.Tensor, sparsity: float, importance: torch.Tensor | None = None
 ) -> tuple[list[QuantTerm], QTensor, SparseTerm | None]:
     """The layer's terms: one (plain) or ``K`` residual expansion orders; the first order's QTensor; and the
@@ -285,7 +285,7 @@ def _quantize_terms(
     return qterms, terms[0].qtensor, None
 
 
-def _weight_bits_per_mac(qmod: QuantModule) -> float:
+def weight_bits_per_mac(qmod: QuantModule) -> float:
     """``sum_k bits_k c_k / C`` over the layer's terms (plus one bit per outlier weight, the sparse residual
     being binary); with an input expansion, :func:`~dfquant.methods.rex_act.pair_bits_per_mac` over the
     activation bits."""
@@ -320,7 +320,7 @@ def _input_specs(
     return out
 
 
-def _realized_sparsity(qmod: QuantModule, order: int) -> float:
+def realized_sparsity(qmod: QuantModule, order: int) -> float:
     """Fraction of the ``(K - 1) C`` channel-terms of orders ``2..K`` that were dropped."""
     if order < 2:
         return 0.0
@@ -438,7 +438,7 @@ def quantize_model(
     if graph is not None:
         report.graph_method, report.graph_note = graph.method, graph.note
     active = {p.name: p for p in plans if not p.skip}
-    sparsities = _split_sparsity(plans, config.sparsity_split)
+    sparsities = split_sparsity(plans, config.sparsity_split)
 
     # Bias-correction statistics, captured before folding turns those BatchNorms into identities.
     input_stats: dict[str, tuple[str, str, torch.Tensor]] = {}
@@ -499,7 +499,7 @@ def quantize_model(
             try:
                 stats = input_moments.get(p.name)
                 importance = _input_importance(layer, w_float, stats, p.name in input_stats)
-                qterms, qt, sparse = _quantize_terms(p, w_float, sparsities.get(p.name, 0.0), importance)
+                qterms, qt, sparse = quantize_weight(p, w_float, sparsities.get(p.name, 0.0), importance)
             except DfquantError as e:
                 raise type(e)(f"{_label(p.name, layer, p.shape)}: {e}") from None
             qmod = QuantModule.from_float(layer, qterms)
@@ -539,8 +539,8 @@ def quantize_model(
                 options=dict(p.rule.options),
                 tied_to=shared.get(p.name, ""),
                 order=p.rule.expand,
-                sparsity=_realized_sparsity(qmod, p.rule.expand),
-                weight_bits_per_mac=_weight_bits_per_mac(qmod),
+                sparsity=realized_sparsity(qmod, p.rule.expand),
+                weight_bits_per_mac=weight_bits_per_mac(qmod),
                 act_bits=qmod.input_spec.bits if qmod.input_spec is not None else 32,
                 act=qmod.input_spec.to_dict() if qmod.input_spec is not None else None,
                 outliers=qmod.outliers.count if qmod.outliers is not None else 0,

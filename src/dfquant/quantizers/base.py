@@ -23,7 +23,7 @@ import torch
 
 from dfquant.errors import ConfigError, InputError, check_finite
 from dfquant.grids.formats import Grid
-from dfquant.quantizers.codes import QParams, _describe, merge_tables, round_params
+from dfquant.quantizers.codes import QParams, describe, merge_tables, round_params
 from dfquant.quantizers.encoding import encode_rows_fast
 from dfquant.quantizers.granularity import Granularity
 from dfquant.quantizers.qtensor import QTensor, group_batches, parse_scale_dtype, to_rows
@@ -153,7 +153,7 @@ class Quantizer(ABC):
         gran = Granularity.parse(granularity)
         sdtype = parse_scale_dtype(scale_dtype)
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise InputError(f"tensor '{name}' must be a floating-point torch.Tensor, got {_describe(x)}")
+            raise InputError(f"tensor '{name}' must be a floating-point torch.Tensor, got {describe(x)}")
         if x.numel() == 0:
             raise InputError(f"tensor '{name}' is empty (shape {tuple(x.shape)}); nothing to quantize")
         if gran.kind != "tensor" and x.dim() == 0:
@@ -231,7 +231,7 @@ class Quantizer(ABC):
         if not isinstance(importance, torch.Tensor) or tuple(importance.shape) != tuple(x.shape):
             raise InputError(
                 f"importance weights of tensor '{name}' must be a tensor of shape {tuple(x.shape)}, got "
-                f"{_describe(importance)}"
+                f"{describe(importance)}"
             )
         imp = importance.detach().to(device="cpu", dtype=torch.float32)
         check_finite(imp, f"{name} importance")

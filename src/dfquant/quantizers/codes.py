@@ -236,7 +236,7 @@ def _encode_nearest(z: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return grid.encode(z)
 
 
-def _describe(x: object) -> str:
+def describe(x: object) -> str:
     if isinstance(x, torch.Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
     return type(x).__name__

@@ -77,14 +77,14 @@ def _decode_layers(path: Path, names: Sequence[str]) -> dict[str, Any]:
     """The quantized layers ``names`` of a dfquant file as modules, after the loader's checks."""
     from safetensors.torch import load_file
 
-    header, _ = io._read_header(path)
-    manifest = io._check_manifest(path, header)
-    io._check_tensors(path, header, manifest)
+    header, _ = io.read_header(path)
+    manifest = io.check_manifest(path, header)
+    io.check_tensors(path, header, manifest)
     tensors = load_file(str(path))
     for alias, target in manifest["aliases"].items():
         tensors[alias] = tensors[target]
     sub = {"layers": {n: manifest["layers"][n] for n in names}}
-    return io_load._build_quant_layers(path, sub, tensors, cache_weight=False)
+    return io_load.build_quant_layers(path, sub, tensors, cache_weight=False)
 
 
 def _predicted(layer: dict[str, Any]) -> float | None:

@@ -31,15 +31,15 @@ from torch import nn
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.errors import ConfigError, ModelError
 from dfquant.nn.base import QUANT_MODULES, layer_kind
-from dfquant.pipeline.quantize import LayerPlan, _split_sparsity
+from dfquant.pipeline.quantize import LayerPlan, split_sparsity
 from dfquant.stream.shards import Checkpoint
-from dfquant.zoo.hf import _build, _config_dict, _guess_kind, _sentence_layout, import_transformers
+from dfquant.zoo.hf import build_hf, config_dict, guess_kind, import_transformers, sentence_layout
 
 __all__ = ["HFLayout", "Plan", "TensorTask", "plan_checkpoint"]
 
 _FLOATS = ("F64", "F32", "F16", "BF16")
 _EMBED = re.compile(r"(embed_tokens|embeddings?|word_embeddings|position_embeddings|token_type_embeddings|wte|wpe)$")
-_TYPE_NAMES = {"linear": "Linear", "embedding": "Embedding", "hf-conv1d": "Conv1D"}
+TYPE_NAMES = {"linear": "Linear", "embedding": "Embedding", "hf-conv1d": "Conv1D"}
 ST_TO_TORCH = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -98,19 +98,19 @@ class HFLayout:
     def __init__(self, folder: Path) -> None:
 
         tf = import_transformers(f"streaming '{folder}'")
-        layout = _sentence_layout(folder)
+        layout = sentence_layout(folder)
         try:
             config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"cannot read the config of '{folder}': {e}") from None
-        kind = _guess_kind(config, layout)
-        arch: dict[str, Any] = {"config": _config_dict(config), "kind": kind}
+        kind = guess_kind(config, layout)
+        arch: dict[str, Any] = {"config": config_dict(config), "kind": kind}
         if kind == "sentence-encoder":
             arch.update(layout or {}, add_pooling_layer=False)
         self.source: dict[str, Any] = {"zoo": "hf", "path": str(folder), "arch": arch}
         try:
             with torch.device("meta"):
-                self.model: nn.Module = _build(self.source)
+                self.model: nn.Module = build_hf(self.source)
         except Exception as e:  # a config transformers cannot instantiate
             raise ModelError(f"cannot build the model that '{folder}/config.json' describes: {e}") from None
         params = dict(self.model.named_parameters(remove_duplicate=False))
@@ -183,7 +183,7 @@ def _name_kind(layer: str, shape: tuple[int, ...]) -> tuple[str | None, dict[str
 
 def _check_rule(layer: str, kind: str, shape: tuple[int, ...], rule: LayerRule) -> None:
     oriented = (shape[1], shape[0]) if kind == "hf-conv1d" else shape
-    where = f"layer '{layer}' ({_TYPE_NAMES[kind]} {'x'.join(map(str, shape))})"
+    where = f"layer '{layer}' ({TYPE_NAMES[kind]} {'x'.join(map(str, shape))})"
     rule.check_layer(oriented, where)
 
 
@@ -228,8 +228,8 @@ def plan_checkpoint(ckpt: Checkpoint, config: QuantConfig, layout: HFLayout | No
     plans = []
     for layer, (kind, _, _dt) in weights.items():
         shape = entries[outs[f"{layer}.weight"]][1]
-        plans.append(LayerPlan(layer, kind, _TYPE_NAMES[kind], shape, config.rule_for(layer), None, None))
-    sparsity = _split_sparsity([p for p in plans], config.sparsity_split) if plans else {}
+        plans.append(LayerPlan(layer, kind, TYPE_NAMES[kind], shape, config.rule_for(layer), None, None))
+    sparsity = split_sparsity([p for p in plans], config.sparsity_split) if plans else {}
     tasks: dict[str, list[TensorTask]] = {s.name: [] for s in ckpt.shards}
     has_bias = dict.fromkeys(weights, False)
     for s in ckpt.shards:

@@ -40,7 +40,7 @@ from typing import Any
 from dfquant.config import QuantConfig
 from dfquant.errors import ConfigError, FileFormatError, InputError
 from dfquant.io.atomic import write_atomic
-from dfquant.io.manifest import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, _library_version
+from dfquant.io.manifest import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, library_version
 from dfquant.pipeline.report import LayerReport, QuantizationReport, SkippedLayer
 from dfquant.stream.plan import HFLayout, Plan, plan_checkpoint
 from dfquant.stream.shards import INDEX_SUFFIX, Checkpoint, read_checkpoint
@@ -236,7 +236,7 @@ def _manifest(
         {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "library_version": _library_version(),
+            "library_version": library_version(),
             "source": plan.source,
             "layers": {n: layers[n] for n in order if n in layers},
             "folded_bn": [],
@@ -300,7 +300,7 @@ def quantize_sharded(
         raise InputError(f"shard name clashes with the output index '{OUTPUT_INDEX}'")
     run = {
         "format_version": FORMAT_VERSION,
-        "library_version": _library_version(),
+        "library_version": library_version(),
         "config": config.to_dict(),
         "input": ckpt.fingerprint(),
         "threads": threads,

@@ -27,13 +27,13 @@ import torch
 
 from dfquant.errors import FileFormatError, InputError
 from dfquant.io.atomic import replace_atomic
-from dfquant.io.manifest import _ST_DTYPES, _ST_SIZES, _read_header
+from dfquant.io.manifest import ST_DTYPES, ST_SIZES, read_header
 
 __all__ = ["Checkpoint", "InputShard", "ShardWriter", "read_checkpoint", "read_tensor"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
-_ITEM_SIZES = _ST_SIZES
-_DTYPES = _ST_DTYPES
+_ITEM_SIZES = ST_SIZES
+_DTYPES = ST_DTYPES
 _COPY_CHUNK = 16 << 20
 
 
@@ -71,7 +71,7 @@ def is_sharded_folder(path: str | os.PathLike[str]) -> bool:
 
 
 def _shard(path: Path) -> InputShard:
-    header, size = _read_header(path)
+    header, size = read_header(path)
     entries = [(v["data_offsets"][0], k, v) for k, v in header.items() if k != "__metadata__"]
     entries.sort()
     tensors = {k: (str(v["dtype"]), tuple(int(s) for s in v["shape"])) for _, k, v in entries}
@@ -137,14 +137,14 @@ class ShardReader:
     process's resident set (file-backed pages count towards RSS until the kernel needs them), so a worker that
     walks a 2 GB shard ends at 2 GB resident whatever it keeps. Positioned reads put only the current tensor's
     bytes in the process; the page cache holds the rest outside it. The header is validated by
-    :func:`dfquant.io.manifest._read_header` (offsets inside the file, sizes matching dtypes and shapes).
+    :func:`dfquant.io.manifest.read_header` (offsets inside the file, sizes matching dtypes and shapes).
 
     Use as a context manager; :meth:`get_tensor` returns a tensor that owns its memory.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        header, _ = _read_header(self.path)
+        header, _ = read_header(self.path)
         self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
         self._fd = os.open(self.path, os.O_RDONLY)
         self._base = 8 + int.from_bytes(os.pread(self._fd, 8, 0), "little")

@@ -7,7 +7,7 @@ manifest entries, the tensor table, the per-layer report) is written after it, s
 finished and one without is redone from the start.
 
 Each layer is quantized exactly as :func:`dfquant.quantize_model` quantizes a module's weight
-(:func:`dfquant.pipeline.quantize._quantize_terms`: one term, or a residual expansion), stored with
+(:func:`dfquant.pipeline.quantize.quantize_weight`: one term, or a residual expansion), stored with
 :class:`~dfquant.nn.terms.QuantTerm` under the single-file format's names (``LAYER.terms.i.packed``, ``.scale``, ...).
 Computation runs with a fixed number of intra-op threads (``threads``, default 1): float32 reductions give
 the same bits for the same thread count, so the output is byte-identical whatever the number of workers.
@@ -32,13 +32,13 @@ from dfquant.errors import DfquantError, InputError
 from dfquant.io.atomic import write_atomic
 from dfquant.nn.base import QUANT_MODULES
 from dfquant.nn.terms import DTYPES, QuantTerm
-from dfquant.pipeline.quantize import LayerPlan, _quantize_terms, _realized_sparsity, _weight_bits_per_mac
+from dfquant.pipeline.quantize import LayerPlan, quantize_weight, realized_sparsity, weight_bits_per_mac
 from dfquant.pipeline.report import LayerReport, dist_summary
 from dfquant.quantizers.base import Quantizer
 from dfquant.quantizers.granularity import Granularity
 from dfquant.quantizers.qtensor import QTensor
 from dfquant.quantizers.registry import get_quantizer
-from dfquant.stream.plan import _TYPE_NAMES, ST_TO_TORCH, TensorTask
+from dfquant.stream.plan import ST_TO_TORCH, TYPE_NAMES, TensorTask
 from dfquant.stream.shards import ShardWriter, open_shard, read_tensor
 
 __all__ = ["ShardJob", "marker_path", "peak_rss_bytes", "process_shard"]
@@ -128,7 +128,7 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
     quantizer = get_quantizer(rule.quantizer, rule.bits, **dict(rule.options))
     gran = rule.granularity
     shape = tuple(int(s) for s in w.shape)
-    plan = LayerPlan(task.layer, task.kind, _TYPE_NAMES[task.kind], shape, rule, quantizer, gran)
+    plan = LayerPlan(task.layer, task.kind, TYPE_NAMES[task.kind], shape, rule, quantizer, gran)
     oriented = w.t().contiguous() if task.kind == "hf-conv1d" else w
     where = f"layer '{task.layer}' ({plan.type} {'x'.join(map(str, shape))})"
     blocked = None
@@ -146,7 +146,7 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
             qt = blocked[0]
             terms = [QuantTerm.from_qtensor(qt, options=rule.options)]
         else:
-            terms, qt, sparse = _quantize_terms(plan, oriented, task.sparsity)
+            terms, qt, sparse = quantize_weight(plan, oriented, task.sparsity)
     except DfquantError as e:
         raise type(e)(f"{where}: {e}") from None
     dtype = DTYPES[_dtype_name(task.dtype)]
@@ -179,8 +179,8 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
         dist=dist_summary(qt.info.get("dist")),
         options=dict(rule.options),
         order=rule.expand,
-        sparsity=_realized_sparsity(qmod, rule.expand),
-        weight_bits_per_mac=_weight_bits_per_mac(qmod),
+        sparsity=realized_sparsity(qmod, rule.expand),
+        weight_bits_per_mac=weight_bits_per_mac(qmod),
     )
     return tensors, meta, report
 

