@@ -1,4 +1,4 @@
-"""Whole-model commands of the ``dfquant`` command line: ``quantize``, ``eval`` and ``inspect``.
+"""``dfquant quantize [MODEL]``: quantize a model, report per layer, evaluate, write the file.
 
 ``quantize`` with no model runs the embedded default: the MiniLM sentence encoder at 4 bits with ``lloyd-max``
 in groups of 64, evaluated with the data-free fidelity check and on the sentence pairs the project ships.

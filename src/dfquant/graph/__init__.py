@@ -1,3 +1,4 @@
-"""Walking a model: the fx tracer that finds quantizable layers, their BatchNorms and activations
-(:mod:`~dfquant.graph.trace`), and the layer pairs DF-MPC compensates (:mod:`~dfquant.graph.pairs`).
+"""Walking a model: its quantizable modules, lookup and swap by name (:mod:`~dfquant.graph.modules`), the one fx
+tracer with its BatchNorm and ReLU predicates and the moment program (:mod:`~dfquant.graph.trace`), and the layer
+pairs DF-MPC compensates (:mod:`~dfquant.graph.pairs`).
 """

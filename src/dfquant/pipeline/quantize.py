@@ -249,10 +249,21 @@ def split_sparsity(plans: list[LayerPlan], split: str) -> dict[str, float]:
 def quantize_weight(
     p: LayerPlan, w: torch.Tensor, sparsity: float, importance: torch.Tensor | None = None
 ) -> tuple[list[QuantTerm], QTensor, SparseTerm | None]:
-    """The layer's terms: one (plain) or ``K`` residual expansion orders; the first order's QTensor; and the
-    sparse outlier residual when the rule has ``outliers`` (:mod:`dfquant.methods.outliers`: the bulk is
-    fitted with the outliers clipped). ``importance`` (element weights of a plain term's error, see
-    :func:`_input_importance`) is used by rules that ask for it."""
+    """Quantize one layer's (oriented, BatchNorm-folded) weight by its plan: the pipeline's per-layer stage, which
+    :func:`quantize_model` and the streaming workers both call.
+
+    Args:
+        p: the layer's plan (:func:`plan_quantization`: its checked rule, quantizer and granularity).
+        w: the float weight in ``(out, in, *kernel)`` layout.
+        sparsity: the fraction of output channels dropped from each expansion order ``k >= 2`` for this layer.
+        importance: element weights of a plain term's error (see :func:`_input_importance`), for rules that ask
+            for them.
+
+    Returns:
+        The layer's terms (one for plain quantization, ``K`` residual expansion orders otherwise), the first
+        order's QTensor, and the sparse outlier residual when the rule has ``outliers``
+        (:mod:`dfquant.methods.outliers`: the bulk is fitted with the outliers clipped), else None.
+    """
     assert p.quantizer is not None and p.granularity is not None
     name = p.name or "<root>"
     if p.rule.outliers > 0:
