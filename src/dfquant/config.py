@@ -47,7 +47,7 @@ kept in a sparse binary-valued residual next to the bulk (:mod:`dfquant.methods.
 
 Unknown keys anywhere raise :class:`~dfquant.errors.ConfigError` naming them. Whether a quantizer name and
 its bits exist is checked against the registry when a model is planned
-(:func:`dfquant.pipeline.quantize.plan_quantization`), because rules may be registered after a config is read.
+(:func:`dfquant.pipeline.plan.plan_quantization`), because rules may be registered after a config is read.
 
 Example:
     >>> cfg = QuantConfig(LayerRule("minmax", 4), rules=(PatternRule("linear", bits=8),))

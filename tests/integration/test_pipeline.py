@@ -18,7 +18,8 @@ from dfquant.graph.modules import FoldedBatchNorm
 from dfquant.io.load import load_quantized
 from dfquant.io.save import save_quantized
 from dfquant.nn.layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantHFConv1D, QuantLinear
-from dfquant.pipeline.quantize import plan_quantization, quantize_model
+from dfquant.pipeline.plan import plan_quantization
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers import available
 
 

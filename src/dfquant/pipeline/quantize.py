@@ -2,8 +2,8 @@
 
 :func:`quantize_model` is the one orchestrator. It
 
-1. plans every layer (:func:`plan_quantization`): resolves its rule, builds its quantizer through the registry
-   and checks the granularity against the weight's shape and the weight's values, raising before any module
+1. plans every layer (:func:`dfquant.pipeline.plan.plan_quantization`): resolves its rule, builds its
+   quantizer through the registry and checks the granularity against the weight's shape and the weight's values, raising before any module
    is changed;
 2. copies the model (unless ``inplace``), finds conv->BatchNorm pairs and BatchNorm->(ReLU)->layer chains
    (:func:`dfquant.graph.trace.analyze_graph`) and captures the BatchNorm statistics bias correction needs (before
@@ -30,11 +30,9 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import cast
 
 import torch
@@ -42,9 +40,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dfquant.config import LayerRule, QuantConfig
-from dfquant.errors import ConfigError, DfquantError, InputError, ModelError, check_finite
+from dfquant.errors import ConfigError, DfquantError, ModelError, check_finite
 from dfquant.graph.modules import (
-    find_layers,
     find_unsupported,
     get_module,
     module_names,
@@ -60,12 +57,13 @@ from dfquant.methods.bn import (
     propagate_moments,
 )
 from dfquant.methods.outliers import split_outliers
-from dfquant.methods.rex import expand, layer_sparsities
+from dfquant.methods.rex import expand
 from dfquant.methods.rex_act import InputSpec, choose_input_spec, pair_bits_per_mac
-from dfquant.nn.base import QuantModule, oriented_weight, weight_of
+from dfquant.nn.base import QuantModule, oriented_weight
 from dfquant.nn.rex import SparseTerm
 from dfquant.nn.terms import QuantTerm
 from dfquant.pipeline.fold import apply_folds, plan_folds
+from dfquant.pipeline.plan import LayerPlan, _label, plan_quantization, split_sparsity
 from dfquant.pipeline.report import (
     BiasCorrectionRecord,
     FoldedBN,
@@ -74,38 +72,11 @@ from dfquant.pipeline.report import (
     SkippedLayer,
     dist_summary,
 )
-from dfquant.quantizers.base import Quantizer
-from dfquant.quantizers.granularity import Granularity
 from dfquant.quantizers.qtensor import QTensor
 from dfquant.quantizers.registry import get_quantizer
 
-__all__ = ["LayerPlan", "plan_quantization", "quantize_model"]
-
 #: ``progress(done, total, layer_name)``, called after each layer is quantized (done = 1..total).
 Progress = Callable[[int, int, str], None]
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """The validated plan of one layer.
-
-    Attributes:
-        name: qualified name. kind: ``linear``/``conv1d``/``conv2d``/``hf-conv1d``. type: the class name.
-        shape: the weight's stored shape. rule: the resolved rule.
-        quantizer, granularity: built from the rule (None for a skipped layer).
-    """
-
-    name: str
-    kind: str
-    type: str
-    shape: tuple[int, ...]
-    rule: LayerRule
-    quantizer: Quantizer | None
-    granularity: Granularity | None
-
-    @property
-    def skip(self) -> bool:
-        return self.quantizer is None
 
 
 def _batchnorm(model: nn.Module, name: str) -> _BatchNorm:
@@ -159,58 +130,6 @@ def _bias_of(layer: nn.Module) -> torch.Tensor | None:
     return b.detach() if isinstance(b, torch.Tensor) else None
 
 
-def _label(name: str, module: nn.Module, shape: tuple[int, ...]) -> str:
-    return f"layer '{name or '<root>'}' ({type(module).__name__} {'x'.join(map(str, shape))})"
-
-
-def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
-    """Resolve and validate the rule of every quantizable layer, without changing anything.
-
-    Args:
-        model: the float model.
-        config: the rules.
-
-    Returns:
-        One :class:`LayerPlan` per quantizable layer, in registration order.
-
-    Raises:
-        ConfigError: an unknown quantizer, unsupported bits, unknown options, or a granularity that does not
-            fit a layer's weight (the message names the layer and what is allowed).
-        InputError: a layer's weight is not floating point, or holds NaN or infinite values.
-        ModelError: the model has no quantizable layer.
-    """
-    layers = find_layers(model)
-    done = [n or "<root>" for n, m in model.named_modules() if isinstance(m, QuantModule)]
-    if not layers and done:
-        raise ModelError(
-            f"{type(model).__name__} is already quantized ({len(done)} quantized layer(s): {', '.join(done[:5])}"
-            f"{', ...' if len(done) > 5 else ''}); quantize the float model instead"
-        )
-    if not layers:
-        raise ModelError(
-            f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding "
-            "or a Hugging Face Conv1D)"
-        )
-    plans = []
-    for info in layers:
-        w = oriented_weight(info.module)
-        shape = tuple(weight_of(info.module).shape)
-        label = _label(info.name, info.module, shape)
-        rule = config.rule_for(info.name)
-        if not rule.skip and math.prod(shape) == 0:  # nothing to quantize: the layer stays float, exactly
-            rule = dataclasses.replace(rule, skip=True, reason=f"empty weight (shape {list(shape)})")
-        if rule.skip:
-            plans.append(LayerPlan(info.name, info.kind, type(info.module).__name__, shape, rule, None, None))
-            continue
-        q = rule.check_layer(tuple(w.shape), label)
-        gran = rule.granularity
-        if not w.is_floating_point():
-            raise InputError(f"{label}: weight must be floating point, got {w.dtype}")
-        check_finite(w.detach(), f"{info.name}.weight" if info.name else "weight")
-        plans.append(LayerPlan(info.name, info.kind, type(info.module).__name__, shape, rule, q, gran))
-    return plans
-
-
 def _tie_key(w: torch.Tensor) -> tuple[object, ...]:
     """What makes two oriented weights the very same values: storage, offset, shape, strides, dtype."""
     return (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()), w.dtype)
@@ -231,21 +150,6 @@ def _same_rule(a: LayerRule, b: LayerRule) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keys) and dict(a.options) == dict(b.options)
 
 
-def split_sparsity(plans: list[LayerPlan], split: str) -> dict[str, float]:
-    """Per-layer expansion sparsity: each rule's budget split over the layers that share it (in registration
-    order, taken as depth), weighted by parameters (:func:`dfquant.methods.rex.layer_sparsities`)."""
-    groups: dict[float, list[LayerPlan]] = {}
-    for p in plans:
-        if not p.skip and p.rule.expand > 1 and p.rule.sparsity > 0:
-            groups.setdefault(p.rule.sparsity, []).append(p)
-    out: dict[str, float] = {}
-    for sparsity, members in groups.items():
-        sizes = [float(math.prod(p.shape)) for p in members]
-        for p, s in zip(members, layer_sparsities(len(members), sparsity, split, sizes=sizes), strict=True):
-            out[p.name] = s
-    return out
-
-
 def quantize_weight(
     p: LayerPlan, w: torch.Tensor, sparsity: float, importance: torch.Tensor | None = None
 ) -> tuple[list[QuantTerm], QTensor, SparseTerm | None]:
@@ -253,7 +157,8 @@ def quantize_weight(
     :func:`quantize_model` and the streaming workers both call.
 
     Args:
-        p: the layer's plan (:func:`plan_quantization`: its checked rule, quantizer and granularity).
+        p: the layer's plan (:func:`dfquant.pipeline.plan.plan_quantization`: its checked rule, quantizer and
+            granularity).
         w: the float weight in ``(out, in, *kernel)`` layout.
         sparsity: the fraction of output channels dropped from each expansion order ``k >= 2`` for this layer.
         importance: element weights of a plain term's error (see :func:`_input_importance`), for rules that ask
@@ -417,23 +322,7 @@ def quantize_model(
     if config.strict and (skipped or unused):
         raise ConfigError(f"strict mode: {_summary(skipped, unused)}")
 
-    already = [  # layers of a partly quantized model: kept as they are, and listed in the report
-        SkippedLayer(n, type(m).__name__, m.weight_shape, "already quantized (kept as is)")
-        for n, m in model.named_modules()
-        if isinstance(m, QuantModule)
-    ]
-    report = QuantizationReport(
-        skipped=[*skipped, *already],
-        total_params=sum(p.numel() for p in model.parameters()),
-        float_model_bytes=state_dict_bytes(model),
-    )
-    for name, m, params in find_unsupported(model):
-        first = m._parameters[params[0]]
-        shape = tuple(first.shape) if first is not None else ()
-        what = ", ".join(params)
-        report.unsupported.append(
-            SkippedLayer(name, type(m).__name__, shape, f"layer type not supported; {what} kept float")
-        )
+    report = _start_report(model, skipped)
 
     if inplace:
         target = model
@@ -451,34 +340,7 @@ def quantize_model(
     active = {p.name: p for p in plans if not p.skip}
     sparsities = split_sparsity(plans, config.sparsity_split)
 
-    # Bias-correction statistics, captured before folding turns those BatchNorms into identities.
-    input_stats: dict[str, tuple[str, str, torch.Tensor]] = {}
-    if graph is not None and config.bias_correction:
-        for layer_name, (bn_name, act) in graph.input_bn.items():
-            if layer_name in active:
-                bn = _batchnorm(target, bn_name)
-                beta = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
-                gamma = bn.weight.detach() if bn.weight is not None else None
-                check_finite(beta, f"{bn_name}.bias")
-                if gamma is not None:
-                    check_finite(gamma, f"{bn_name}.weight")
-                input_stats[layer_name] = (bn_name, act, expected_input_mean(beta, gamma, act))
-    # Per-channel input moments propagated from the BatchNorms through the traced graph: the mean of inputs
-    # derived further (a residual sum, a pooled map) for bias correction, the variance for rules that weight
-    # the weight error by it.
-    input_moments: dict[str, Moments] = {}
-    wants = any(p.quantizer is not None and p.quantizer.wants_importance for p in active.values())
-    wants = wants or any(p.rule.act_bits is not None for p in active.values())  # input ranges (REx inputs)
-    if graph is not None and graph.input_moments and (config.bias_correction or wants):
-        moments = propagate_moments(graph.moment_program, _batchnorm_affine(target, graph.moment_program))
-        for layer_name, (node, _, _) in graph.input_moments.items():
-            if layer_name in active and node in moments:
-                input_moments[layer_name] = moments[node]
-    if graph is not None and config.bias_correction:
-        for layer_name, (_, source, act) in graph.input_moments.items():
-            if layer_name in input_moments and layer_name not in input_stats:
-                input_stats[layer_name] = (source, act, input_moments[layer_name].mean)
-
+    input_stats, input_moments = input_statistics(target, graph, active, config)
     input_specs = _input_specs(target, active, graph, input_moments)
 
     # BatchNorm folding, computed first and applied at the end.
@@ -567,12 +429,87 @@ def quantize_model(
     # swapped.
     target = apply_folds(target, folded, replaced=new_modules)
     report.folded_bn.extend(FoldedBN(f.layer, f.bn) for f in folded.values())
-    names = module_names(target)  # a layer registered under several names is replaced under all of them
-    for name, qmod in new_modules.items():
-        for alias in names[id(get_module(target, name))]:
-            target = replace_module(target, alias, qmod)
+    target = swap_layers(target, new_modules)
     report.model_bytes = state_dict_bytes(target)
 
     if skipped or unused or untied:
         warnings.warn(f"quantize_model: {_summary(skipped, unused, untied)}", UserWarning, stacklevel=2)
     return target, report
+
+
+def _start_report(model: nn.Module, skipped: list[SkippedLayer]) -> QuantizationReport:
+    """The report before any layer is quantized: the layers skipped by a rule, those of a partly quantized model
+    (kept as they are), the parameters of unsupported layer types, and the float model's size."""
+    already = [
+        SkippedLayer(n, type(m).__name__, m.weight_shape, "already quantized (kept as is)")
+        for n, m in model.named_modules()
+        if isinstance(m, QuantModule)
+    ]
+    report = QuantizationReport(
+        skipped=[*skipped, *already],
+        total_params=sum(p.numel() for p in model.parameters()),
+        float_model_bytes=state_dict_bytes(model),
+    )
+    for name, m, params in find_unsupported(model):
+        first = m._parameters[params[0]]
+        shape = tuple(first.shape) if first is not None else ()
+        what = ", ".join(params)
+        report.unsupported.append(
+            SkippedLayer(name, type(m).__name__, shape, f"layer type not supported; {what} kept float")
+        )
+    return report
+
+
+def input_statistics(
+    model: nn.Module, graph: GraphInfo | None, active: Mapping[str, LayerPlan], config: QuantConfig
+) -> tuple[dict[str, tuple[str, str, torch.Tensor]], dict[str, Moments]]:
+    """The statistics stage: what the BatchNorms say about each active layer's input, read before folding turns
+    them into identities.
+
+    Returns:
+        ``(input_stats, input_moments)``: for bias correction (``config.bias_correction``), each layer's
+        ``(source BatchNorm, activation, E[x])``, from the BatchNorm right before it (``E[ReLU(BN(.))]``) or
+        from the moments propagated through the traced graph (residual sums, padding, pooling); and each layer's
+        propagated per-channel input :class:`~dfquant.methods.bn.Moments`, also used by the rules that weight
+        the error by input variance and by input quantization.
+    """
+    input_stats: dict[str, tuple[str, str, torch.Tensor]] = {}
+    input_moments: dict[str, Moments] = {}
+    target = model
+    if graph is not None and config.bias_correction:
+        for layer_name, (bn_name, act) in graph.input_bn.items():
+            if layer_name in active:
+                bn = _batchnorm(target, bn_name)
+                beta = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
+                gamma = bn.weight.detach() if bn.weight is not None else None
+                check_finite(beta, f"{bn_name}.bias")
+                if gamma is not None:
+                    check_finite(gamma, f"{bn_name}.weight")
+                input_stats[layer_name] = (bn_name, act, expected_input_mean(beta, gamma, act))
+    # Per-channel input moments propagated from the BatchNorms through the traced graph: the mean of inputs
+    # derived further (a residual sum, a pooled map) for bias correction, the variance for rules that weight
+    # the weight error by it.
+    wants = any(p.quantizer is not None and p.quantizer.wants_importance for p in active.values())
+    wants = wants or any(p.rule.act_bits is not None for p in active.values())  # input ranges (REx inputs)
+    if graph is not None and graph.input_moments and (config.bias_correction or wants):
+        moments = propagate_moments(graph.moment_program, _batchnorm_affine(target, graph.moment_program))
+        for layer_name, (node, _, _) in graph.input_moments.items():
+            if layer_name in active and node in moments:
+                input_moments[layer_name] = moments[node]
+    if graph is not None and config.bias_correction:
+        for layer_name, (_, source, act) in graph.input_moments.items():
+            if layer_name in input_moments and layer_name not in input_stats:
+                input_stats[layer_name] = (source, act, input_moments[layer_name].mean)
+
+    return input_stats, input_moments
+
+
+def swap_layers(model: nn.Module, quantized: Mapping[str, QuantModule]) -> nn.Module:
+    """The swap stage: put each quantized layer in its float layer's place, under every name the float layer is
+    registered under. Returns the model (a new root if the root itself was a quantized layer)."""
+    target = model
+    names = module_names(target)  # a layer registered under several names is replaced under all of them
+    for name, qmod in quantized.items():
+        for alias in names[id(get_module(target, name))]:
+            target = replace_module(target, alias, qmod)
+    return target

@@ -31,7 +31,7 @@ from torch import nn
 from dfquant.config import LayerRule, QuantConfig
 from dfquant.errors import ConfigError, ModelError
 from dfquant.nn.base import QUANT_MODULES, layer_kind
-from dfquant.pipeline.quantize import LayerPlan, split_sparsity
+from dfquant.pipeline.plan import LayerPlan, split_sparsity
 from dfquant.stream.shards import Checkpoint
 from dfquant.zoo.hf import build_hf, config_dict, guess_kind, import_transformers, sentence_layout
 

@@ -32,7 +32,8 @@ from dfquant.errors import DfquantError, InputError
 from dfquant.io.atomic import write_atomic
 from dfquant.nn.base import QUANT_MODULES
 from dfquant.nn.terms import DTYPES, QuantTerm
-from dfquant.pipeline.quantize import LayerPlan, quantize_weight, realized_sparsity, weight_bits_per_mac
+from dfquant.pipeline.plan import LayerPlan
+from dfquant.pipeline.quantize import quantize_weight, realized_sparsity, weight_bits_per_mac
 from dfquant.pipeline.report import LayerReport, dist_summary
 from dfquant.quantizers.base import Quantizer
 from dfquant.quantizers.granularity import Granularity
