@@ -3,8 +3,8 @@
 :func:`quantize_model` is the one orchestrator. It
 
 1. plans every layer (:func:`dfquant.pipeline.plan.plan_quantization`): resolves its rule, builds its
-   quantizer through the registry and checks the granularity against the weight's shape and the weight's values, raising before any module
-   is changed;
+   quantizer through the registry and checks the granularity against the weight's shape and the weight's
+   values, raising before any module is changed;
 2. copies the model (unless ``inplace``), finds conv->BatchNorm pairs and BatchNorm->(ReLU)->layer chains
    (:func:`dfquant.graph.trace.analyze_graph`) and captures the BatchNorm statistics bias correction needs (before
    folding erases those BatchNorms);
