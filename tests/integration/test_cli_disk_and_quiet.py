@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from dfquant.cli.main import main
+from shared_models import mlp
 
 BUILDER = """
 import torch
@@ -40,7 +40,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("disk")
     (folder / f"{MODULE}.py").write_text(BUILDER)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    model = mlp(16, 32, 32, 8)
     save_file(model.state_dict(), str(folder / "mlp.safetensors"))
     return folder
 

@@ -21,6 +21,7 @@ from dfquant.nn.layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantHFC
 from dfquant.pipeline.plan import plan_quantization
 from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers import available
+from shared_models import trained_like
 
 
 class Block(nn.Module):
@@ -81,19 +82,6 @@ class TinyText(nn.Module):
         h = self.attn(self.emb(ids))
         h = self.mix(h.transpose(1, 2)).transpose(1, 2)
         return self.out(torch.tanh(h))
-
-
-def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give BatchNorms non-trivial statistics, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.3)
-    return model.eval()
 
 
 def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from dfquant.cli.main import main
 from dfquant.errors import FileFormatError
 from dfquant.report.html import render_report, write_atomic
+from shared_models import mlp
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -109,7 +109,7 @@ def test_report_of_a_json_result_with_points_renders(artifacts: Path, tmp_path: 
     from dfquant.pipeline.quantize import quantize_model
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    model = mlp(32, 64, 64, 10)
     cfg = QuantConfig(LayerRule("lloyd-max", 3, "group:16"), rules=(PatternRule("4", quantizer="minmax", bits=4),))
     _, report = quantize_model(model, cfg)
     result = {

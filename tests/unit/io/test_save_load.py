@@ -21,6 +21,7 @@ from dfquant.io.save import save_quantized
 from dfquant.nn.base import QuantModule
 from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers import available
+from shared_models import trained_like
 
 SOURCE = {"zoo": "unit-test", "width": 8}
 
@@ -66,20 +67,10 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 11, (2, 6), generator=g), torch.randn(2, 3, 8, 8, generator=g)
 
 
-def _trained_like(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-    return model.eval()
-
-
 def _quantized(rule: LayerRule | None = None) -> tuple[nn.Module, object]:
     cfg = QuantConfig(rule or LayerRule("minmax", 4), rules=(PatternRule("re:emb|tied", skip=True, reason="tied"),))
     with pytest.warns(UserWarning, match="tied"):
-        return quantize_model(_trained_like(Mixed()), cfg)
+        return quantize_model(trained_like(Mixed()), cfg)
 
 
 RULES = [
@@ -308,7 +299,7 @@ def _without(model: nn.Module, name: str) -> nn.Module:
 
 def _small_cnn(_: object = None) -> nn.Module:
     torch.manual_seed(0)
-    return _trained_like(
+    return trained_like(
         nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1),
             nn.BatchNorm2d(16),
@@ -339,7 +330,7 @@ def test_every_registered_quantizer_round_trips(tmp_path: Path, name: str) -> No
 
 
 def test_tied_embedding_and_head_share_one_quantization(tmp_path: Path) -> None:
-    model = _trained_like(Mixed())
+    model = trained_like(Mixed())
     q, report = quantize_model(model, QuantConfig(LayerRule("minmax", 4, "group:4")))
     assert type(q.emb).__name__ == "QuantEmbedding" and q.tied.terms[0] is q.emb.terms[0]
     tied = {r.name: r.tied_to for r in report.layers}
@@ -365,7 +356,7 @@ def test_tied_embedding_and_head_share_one_quantization(tmp_path: Path) -> None:
 def test_tied_weights_with_different_rules_are_untied_with_a_warning() -> None:
     cfg = QuantConfig(LayerRule("minmax", 4), rules=(PatternRule("tied", bits=8),))
     with pytest.warns(UserWarning, match=r"tied weights no longer shared.*emb / tied"):
-        q, report = quantize_model(_trained_like(Mixed()), cfg)
+        q, report = quantize_model(trained_like(Mixed()), cfg)
     assert q.tied.terms[0] is not q.emb.terms[0] and q.tied.terms[0].bits == 8
     assert all(not r.tied_to for r in report.layers)
 
@@ -373,7 +364,7 @@ def test_tied_weights_with_different_rules_are_untied_with_a_warning() -> None:
 @pytest.mark.parametrize("sdtype", ["float16", "bfloat16"])
 def test_half_precision_scales_round_trip_bit_exact(tmp_path: Path, sdtype: str) -> None:
     q, report = quantize_model(
-        _trained_like(Mixed()),
+        trained_like(Mixed()),
         QuantConfig(LayerRule("minmax", 3, "group:4", {"grid": "uint"}, scale_dtype=sdtype)),
     )
     path = save_quantized(q, tmp_path / "m.safetensors", source=SOURCE, report=report)

@@ -15,19 +15,7 @@ from dfquant.graph.trace import analyze_graph
 from dfquant.methods.bn import MomentOp, Moments, propagate_moments
 from dfquant.pipeline.quantize import quantize_model
 from dfquant.zoo.cifar_resnet import CifarResNet
-
-
-def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.5)
-    return model.eval()
-
+from shared_models import trained_like
 
 # -- the rules -----------------------------------------------------------------------------------------------
 
@@ -148,7 +136,7 @@ class _Residual(nn.Module):
 
 def test_bias_correction_through_a_residual_sum() -> None:
     torch.manual_seed(5)
-    model = _trained_like(_Residual(), seed=5)
+    model = trained_like(_Residual(), seed=5, bias_std=0.5)
     model.bn_a.bias.data += 0.5  # positive means: a large E[x] and a large shift
     # inputs drawn from the BatchNorms' own statistics, so that their outputs are N(beta, gamma^2)
     shape = (2000, 8, 8, 8)
@@ -171,7 +159,7 @@ def test_bias_correction_through_a_residual_sum() -> None:
 
 
 def test_resnet_bias_correction_covers_residual_inputs() -> None:
-    model = _trained_like(CifarResNet(8), seed=2)
+    model = trained_like(CifarResNet(8), seed=2, bias_std=0.5)
     _, report = quantize_model(model, QuantConfig(LayerRule("minmax", 3)))
     corrected = {b.layer: (b.bn, b.activation) for b in report.bias_corrected}
     assert set(corrected) == {n for n, _ in model.named_modules() if n.endswith(("conv1", "conv2"))} - {"conv1"} | {

@@ -25,6 +25,7 @@ from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.errors import ConfigError, InputError, ModelError
 from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers import available, get_quantizer, quantizer_class
+from shared_models import mlp
 
 QUANTIZERS = available()
 GRANULARITIES = ["tensor", "channel", "group:4", "group:16"]
@@ -227,7 +228,7 @@ def test_non_float_input_is_refused(name: str, gran: str) -> None:
 
 def _net() -> nn.Module:
     torch.manual_seed(1)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return mlp(8, 16, 4)
 
 
 @pytest.mark.parametrize("name", QUANTIZERS)
@@ -257,7 +258,7 @@ def test_whole_model_bad_input(name: str) -> None:
 
 
 def test_empty_layers_are_skipped_with_a_reason() -> None:
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = mlp(8, 16, 4)
     model.add_module("unused", nn.Linear(0, 3))
     with pytest.warns(UserWarning, match=r"unused \(empty weight \(shape \[3, 0\]\)\)"):
         q, report = quantize_model(model, QuantConfig(LayerRule("minmax", 4)))

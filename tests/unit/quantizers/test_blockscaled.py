@@ -16,6 +16,7 @@ from dfquant.io.manifest import read_manifest
 from dfquant.io.save import save_quantized
 from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers.blockscaled import e8m0_scale, fake_quantize_blocks
+from shared_models import mlp
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
@@ -75,7 +76,7 @@ def test_quantize_model_save_reload_identical(rule: str, tmp_path: Path) -> None
     torch.manual_seed(0)
 
     def build(_: object = None) -> nn.Module:
-        return nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 5))
+        return mlp(40, 24, 5)
 
     net = build()
     q, _ = quantize_model(net, QuantConfig(LayerRule(rule, 4)))
