@@ -1,6 +1,7 @@
-"""The small models the tests share: a plain MLP and BatchNorm statistics "as training would leave them".
+"""The small models the tests share: a plain MLP, a residual block, and BatchNorm statistics "as training would
+leave them".
 
-Import as ``from shared_models import mlp, trained_like`` (the tests folder is on the path through its conftest).
+Import as ``from shared_models import Block, mlp, trained_like`` (the tests folder is on the path through its conftest).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -37,3 +39,18 @@ def trained_like(model: nn.Module, seed: int = 0, bias_std: float = 0.3) -> nn.M
             m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(n, generator=g) * bias_std)
     return model.eval()
+
+
+class Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus identity shortcut, then ReLU (functional activations)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + x)

@@ -21,20 +21,7 @@ from dfquant.nn.layers import QuantConv1d, QuantConv2d, QuantEmbedding, QuantHFC
 from dfquant.pipeline.plan import plan_quantization
 from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers import available
-from shared_models import trained_like
-
-
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + x)
+from shared_models import Block, trained_like
 
 
 class SmallCNN(nn.Module):

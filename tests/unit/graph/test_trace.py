@@ -15,6 +15,7 @@ from dfquant.errors import ModelError
 from dfquant.graph.modules import find_layers, find_unsupported, get_module, replace_module
 from dfquant.graph.trace import analyze_graph
 from dfquant.pipeline.report import LayerReport, QuantizationReport, SkippedLayer, dist_summary
+from shared_models import Block
 
 
 class Conv1D(nn.Module):
@@ -28,21 +29,6 @@ class Conv1D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight + self.bias
-
-
-class Block(nn.Module):
-    """conv-BN-ReLU-conv-BN plus identity shortcut, then ReLU (functional activations)."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + x)
 
 
 class Net(nn.Module):
