@@ -45,7 +45,7 @@ class LayerPlan:
         return self.quantizer is None
 
 
-def _label(name: str, module: nn.Module, shape: tuple[int, ...]) -> str:
+def layer_label(name: str, module: nn.Module, shape: tuple[int, ...]) -> str:
     return f"layer '{name or '<root>'}' ({type(module).__name__} {'x'.join(map(str, shape))})"
 
 
@@ -81,7 +81,7 @@ def plan_quantization(model: nn.Module, config: QuantConfig) -> list[LayerPlan]:
     for info in layers:
         w = oriented_weight(info.module)
         shape = tuple(weight_of(info.module).shape)
-        label = _label(info.name, info.module, shape)
+        label = layer_label(info.name, info.module, shape)
         rule = config.rule_for(info.name)
         if not rule.skip and math.prod(shape) == 0:  # nothing to quantize: the layer stays float, exactly
             rule = dataclasses.replace(rule, skip=True, reason=f"empty weight (shape {list(shape)})")

@@ -63,7 +63,7 @@ from dfquant.nn.base import QuantModule, oriented_weight
 from dfquant.nn.rex import SparseTerm
 from dfquant.nn.terms import QuantTerm
 from dfquant.pipeline.fold import apply_folds, plan_folds
-from dfquant.pipeline.plan import LayerPlan, _label, plan_quantization, split_sparsity
+from dfquant.pipeline.plan import LayerPlan, layer_label, plan_quantization, split_sparsity
 from dfquant.pipeline.report import (
     BiasCorrectionRecord,
     FoldedBN,
@@ -374,7 +374,7 @@ def quantize_model(
                 importance = _input_importance(layer, w_float, stats, p.name in input_stats)
                 qterms, qt, sparse = quantize_weight(p, w_float, sparsities.get(p.name, 0.0), importance)
             except DfquantError as e:
-                raise type(e)(f"{_label(p.name, layer, p.shape)}: {e}") from None
+                raise type(e)(f"{layer_label(p.name, layer, p.shape)}: {e}") from None
             qmod = QuantModule.from_float(layer, qterms)
             qmod.outliers = sparse
             dists[p.name] = dist_summary(qt.info.get("dist"))
