@@ -56,3 +56,12 @@ def require_module(module: str, pypi: str | None = None) -> ModuleType:
     """Import and return ``module``; skip (fail in strict mode) when its package is not installed."""
     require_package(module, pypi or module)
     return importlib.import_module(module)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device a test should run on: the CPU always, CUDA where a GPU is present (skipped elsewhere, with the
+    reason; CI has no GPU)."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    return torch.device(request.param)

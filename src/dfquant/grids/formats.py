@@ -151,9 +151,9 @@ class Grid:
             uint8 tensor (int16 for grids of more than 256 levels) of level indices, same shape as ``z``.
         """
         z = z.to(torch.float32)
-        mids = self.midpoints
+        mids = self.midpoints.to(z.device)
         if mids.numel() == 0:
-            return torch.zeros(z.shape, dtype=torch.uint8)
+            return torch.zeros(z.shape, dtype=torch.uint8, device=z.device)
         if self.kind == "int":
             # Unit-spaced levels: the index is round(z - lowest level), clamped. torch.round rounds half to even,
             # which on these grids is the same tie rule as below (even distance from the zero level, or even
@@ -171,12 +171,12 @@ class Grid:
         idx = torch.bucketize(z, mids)  # z == mids[k] -> k (the lower level)
         k = idx.clamp(max=mids.numel() - 1)
         tie = (z == mids[k]) & (idx < mids.numel())
-        idx = torch.where(tie, idx + self._tie_up[k], idx)
+        idx = torch.where(tie, idx + self._tie_up.to(z.device)[k], idx)
         return idx.to(torch.uint8)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Levels (float32) of integer ``codes``."""
-        return self.table[codes.long()]
+        return self.table.to(codes.device)[codes.long()]
 
     def round(self, z: torch.Tensor) -> torch.Tensor:
         """Saturating round-to-nearest onto the grid (``decode(encode(z))``)."""

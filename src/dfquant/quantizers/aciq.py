@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from functools import cache
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -76,6 +76,7 @@ class ACIQ(UniformRule):
     """
 
     name = "aciq"
+    runs_on_device: ClassVar[bool] = False  # its Gaussian / Laplace fits run on the CPU (numpy)
     description = "uniform (int-mr), ACIQ analytic clip of the Gaussian or Laplace fit (Banner et al. 2019)"
 
     def __init__(self, bits: int, **options: Any) -> None:

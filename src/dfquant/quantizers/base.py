@@ -54,6 +54,10 @@ class Quantizer(ABC):
     description: ClassVar[str] = ""
     #: Whether the rule can minimize an importance-weighted squared error (:meth:`fit_weighted`).
     supports_importance: ClassVar[bool] = False
+    #: Whether the rule fits, encodes and decodes on the input's device (a CUDA tensor stays on the GPU). The
+    #: others fit on the CPU, where their fits use numpy and scipy, and return CPU tensors whatever the input's
+    #: device: :meth:`quantize` moves the input there first.
+    runs_on_device: ClassVar[bool] = False
 
     def __init__(self, bits: int, **options: Any) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in self.supported_bits:
@@ -158,15 +162,16 @@ class Quantizer(ABC):
             raise InputError(f"tensor '{name}' is empty (shape {tuple(x.shape)}); nothing to quantize")
         if gran.kind != "tensor" and x.dim() == 0:
             gran = Granularity("tensor")
-        xf = x.detach().to(device="cpu", dtype=torch.float32)
+        device = x.device if self.runs_on_device else torch.device("cpu")
+        xf = x.detach().to(device=device, dtype=torch.float32)
         check_finite(xf, name)
         rows = to_rows(xf, gran)
         R, n = rows.shape
         G = gran.group_size if gran.kind == "group" else None
         glen = G if G is not None and n > G else n
         ngr = -(-n // glen)
-        scale = torch.empty(R, ngr)
-        offset = torch.empty(R, ngr)
+        scale = torch.empty(R, ngr, device=xf.device)
+        offset = torch.empty(R, ngr, device=xf.device)
         parts: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
         info: dict[str, torch.Tensor] = {}
         split = G if G is not None and n > G else None
@@ -178,9 +183,10 @@ class Quantizer(ABC):
             scale[:, g0:g1] = p.scale.reshape(R, g1 - g0)
             offset[:, g0:g1] = p.offset.reshape(R, g1 - g0)
             tab, idx = p.tables()
-            parts.append((tab.to(torch.float32), idx.reshape(R, g1 - g0), g0, g1))
+            parts.append((tab.to(device=device, dtype=torch.float32), idx.to(device).reshape(R, g1 - g0), g0, g1))
             for k, v in p.info.items():
-                info.setdefault(k, torch.empty(R, ngr))[:, g0:g1] = v.reshape(R, g1 - g0).to(torch.float32)
+                dest = info.setdefault(k, torch.empty(R, ngr, device=xf.device))
+                dest[:, g0:g1] = v.reshape(R, g1 - g0).to(torch.float32)
         scale, offset = round_params(scale, offset, sdtype, name)
         levels, table_index = merge_tables(parts, R, ngr)
         codes = self.encode(rows, scale.to(torch.float32), offset.to(torch.float32), levels, glen, table_index)
@@ -233,7 +239,7 @@ class Quantizer(ABC):
                 f"importance weights of tensor '{name}' must be a tensor of shape {tuple(x.shape)}, got "
                 f"{describe(importance)}"
             )
-        imp = importance.detach().to(device="cpu", dtype=torch.float32)
+        imp = importance.detach().to(device=x.device if self.runs_on_device else "cpu", dtype=torch.float32)
         check_finite(imp, f"{name} importance")
         if bool((imp < 0).any()):
             raise InputError(f"importance weights of tensor '{name}' must be non-negative")

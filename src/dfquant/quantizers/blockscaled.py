@@ -102,6 +102,7 @@ class _BlockFP4(Quantizer):
 
     fmt: ClassVar[str] = ""
     supported_bits: ClassVar[tuple[int, ...]] = (4,)
+    runs_on_device: ClassVar[bool] = True
 
     def __init__(self, bits: int, **options: Any) -> None:
         super().__init__(bits, **options)

@@ -62,6 +62,7 @@ class NF4(Quantizer):
     name = "nf4"
     description = "NF4 codebook (QLoRA), absmax scale per group"
     supported_bits: ClassVar[tuple[int, ...]] = (4,)
+    runs_on_device: ClassVar[bool] = True
 
     @property
     def grid(self) -> Grid:

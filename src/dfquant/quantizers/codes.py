@@ -44,11 +44,11 @@ class QParams:
         """``(tables (T, L), index (m,))`` whatever the form the levels were given in."""
         m = self.scale.shape[0]
         if self.levels.dim() == 1:
-            return self.levels[None, :], torch.zeros(m, dtype=torch.int64)
+            return self.levels[None, :], torch.zeros(m, dtype=torch.int64, device=self.scale.device)
         if self.table_index is None:
             if self.levels.shape[0] != m:
                 raise InputError(f"{self.levels.shape[0]} level tables for {m} groups need a table_index")
-            return self.levels, torch.arange(m)
+            return self.levels, torch.arange(m, device=self.scale.device)
         return self.levels, self.table_index.to(torch.int64)
 
 
@@ -84,7 +84,7 @@ def merge_tables(
     Returns shared ``(L,)`` levels and None when every group uses the same table.
     """
     tables = torch.cat([t for t, _, _, _ in parts])
-    index = torch.empty(R, ngr, dtype=torch.int64)
+    index = torch.empty(R, ngr, dtype=torch.int64, device=tables.device)
     base = 0
     for t, idx, g0, g1 in parts:
         index[:, g0:g1] = idx + base

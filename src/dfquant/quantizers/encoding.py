@@ -163,10 +163,13 @@ def encode_rows_fast(
     in cache-sized blocks instead of a binary search per value (8x faster on 4096 x 4096 values), split over
     torch's threads (:func:`dfquant.grids.distributions.run_split`). Groups whose table has no lookup rows (thresholds
     closer than ``2^-13``, more than 255 of them, or too many tables) are encoded by ``encode_rows`` itself, and
-    so is everything when a ``1 / scale`` is not finite (subnormal scales) or the inputs are not float32.
+    so is everything when a ``1 / scale`` is not finite (subnormal scales), the inputs are not float32, or they
+    are not on the CPU.
     """
     R, n = rows.shape
     ngr = scale.shape[1]
+    if rows.device.type != "cpu":  # the lookup tables serve CPU caches; elsewhere the search itself is parallel
+        return encode_rows(rows, scale, offset, levels, glen, table_index)
     inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(scale))
     if not bool(torch.isfinite(inv).all()) or rows.dtype != torch.float32 or levels.dtype != torch.float32:
         return encode_rows(rows, scale, offset, levels, glen, table_index)

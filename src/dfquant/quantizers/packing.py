@@ -41,7 +41,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     flat = codes.reshape(-1)
     n = flat.numel()
     if n == 0:
-        return torch.zeros(0, dtype=torch.uint8)
+        return torch.zeros(0, dtype=torch.uint8, device=flat.device)
     if flat.is_floating_point():
         raise InputError(f"codes must be integers, got {flat.dtype}")
     lo, hi = int(flat.min()), int(flat.max())
@@ -52,13 +52,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     # Blocks of 8 codes become `bits` bytes each, independently: pack a bounded number of blocks at a time so
     # that the int64 working copies stay small (a 131M-code tensor would otherwise need 2 GB of temporaries).
     blocks = -(-n // 8)
-    out = torch.empty(blocks * bits, dtype=torch.uint8)
-    shifts = torch.arange(8, dtype=torch.int64) * bits
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    dev = flat.device
+    out = torch.empty(blocks * bits, dtype=torch.uint8, device=dev)
+    shifts = torch.arange(8, dtype=torch.int64, device=dev) * bits
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=dev) * 8
     for b0 in range(0, blocks, _PACK_BLOCKS):
         b1 = min(blocks, b0 + _PACK_BLOCKS)
         part = flat[b0 * 8 : min(n, b1 * 8)].to(torch.int64)
-        c = torch.zeros((b1 - b0) * 8, dtype=torch.int64)
+        c = torch.zeros((b1 - b0) * 8, dtype=torch.int64, device=dev)
         c[: part.numel()] = part
         word = (c.view(-1, 8) << shifts).sum(dim=1)  # at most 64 bits; codes occupy disjoint bit ranges
         out[b0 * bits : b1 * bits] = ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)

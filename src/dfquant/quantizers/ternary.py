@@ -38,6 +38,8 @@ __all__ = ["DoReFa", "Ternary"]
 class CodeRule(Quantizer):
     """A rule that assigns codes itself (:meth:`assign`) on a fixed grid, with a least-squares scale."""
 
+    runs_on_device: ClassVar[bool] = True
+
     @property
     @abstractmethod
     def grid(self) -> Grid:
@@ -49,7 +51,7 @@ class CodeRule(Quantizer):
 
     def fit(self, x: torch.Tensor) -> QParams:
         """``alpha = <t, x> / ||t||^2`` for the assigned codes' levels ``t``; offset 0."""
-        t = self.grid.table[self.assign(x)]
+        t = self.grid.table.to(x.device)[self.assign(x)]
         den = (t * t).sum(1)
         alpha = torch.where(den > 0, (t * x).sum(1) / torch.where(den > 0, den, torch.ones_like(den)), den)
         p = QParams(scale=alpha.clamp_min(0.0), offset=torch.zeros_like(alpha), levels=self.grid.table)
@@ -68,7 +70,7 @@ class CodeRule(Quantizer):
         move the decision thresholds to the midpoints between scaled levels); the fitted parameters are not
         needed."""
         R, n = rows.shape
-        codes = torch.empty(R, n, dtype=torch.uint8)
+        codes = torch.empty(R, n, dtype=torch.uint8, device=rows.device)
         for batch, cols in group_batches(rows, glen if glen < n else None):
             codes[:, cols] = self.assign(batch.contiguous()).to(torch.uint8).reshape(R, cols.stop - cols.start)
         return codes

@@ -32,6 +32,8 @@ from dfquant.quantizers.registry import register
 class UniformRule(Quantizer):
     """Shared base of uniform rules: a grid family from :data:`dfquant.grids.formats.INT_FAMILIES`."""
 
+    runs_on_device: ClassVar[bool] = True
+
     options_allowed: ClassVar[tuple[str, ...]] = ("grid",)
     default_family: ClassVar[str] = "int-mr"
 
@@ -126,10 +128,10 @@ class MSEClip(UniformRule):
         amax = x.abs().amax(dim=1)
         coarse = int(self.options.get("coarse", 24))
         fine = int(self.options.get("fine", 16))
-        ratios = torch.linspace(1.0 / coarse, 1.0, coarse)
+        ratios = torch.linspace(1.0 / coarse, 1.0, coarse, device=x.device)
         best_r, best_err = self._search(x, amax, ratios[None, :].expand(x.shape[0], -1), importance)
         step = 1.0 / coarse
-        fine_r = best_r[:, None] + torch.linspace(-step, step, fine)[None, :]
+        fine_r = best_r[:, None] + torch.linspace(-step, step, fine, device=x.device)[None, :]
         fine_r = fine_r.clamp(min=1e-3, max=1.0)
         r2, e2 = self._search(x, amax, fine_r, importance)
         r = torch.where(e2 < best_err, r2, best_r)
@@ -139,8 +141,8 @@ class MSEClip(UniformRule):
         self, x: torch.Tensor, amax: torch.Tensor, ratios: torch.Tensor, importance: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per group, the ratio (column of ``ratios``) with the smallest (weighted) squared error, and that error."""
-        best_err = torch.full((x.shape[0],), float("inf"))
-        best_r = torch.ones(x.shape[0])
+        best_err = torch.full((x.shape[0],), float("inf"), device=x.device)
+        best_r = torch.ones(x.shape[0], device=x.device)
         top = self.sym_top
         for j in range(ratios.shape[1]):
             r = ratios[:, j]

@@ -1,0 +1,57 @@
+"""Rules on the input's device: a rule with ``runs_on_device`` fits, encodes and decodes where the tensor is (a
+CUDA tensor stays on the GPU) and gives the CPU's codes, up to exact ties (at most 1e-4 of the elements), and
+its relative MSE within 1e-6; every other rule says so and returns CPU tensors whatever the input's device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfquant.quantizers import available, get_quantizer, quantizer_class
+
+ON_DEVICE = sorted(n for n in available() if quantizer_class(n).runs_on_device)
+ON_HOST = sorted(n for n in available() if not quantizer_class(n).runs_on_device)
+GRANULARITY = {"mxfp4": "group:32", "nvfp4": "group:16"}
+
+
+def _rule(name: str):  # type: ignore[no-untyped-def]
+    bits = 4 if 4 in quantizer_class(name).supported_bits else quantizer_class(name).supported_bits[-1]
+    return get_quantizer(name, bits)
+
+
+def _rel_mse(x_hat: torch.Tensor, x: torch.Tensor) -> float:
+    x = x.to(torch.float32).cpu()
+    return float(((x_hat.to(torch.float32).cpu() - x) ** 2).sum() / (x * x).sum())
+
+
+def test_the_device_rules_are_the_expected_ones() -> None:
+    assert ON_DEVICE == ["dorefa", "minmax", "mse", "mxfp4", "nf4", "nvfp4", "ternary"]
+
+
+@pytest.mark.parametrize("name", ON_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_rule_matches_the_cpu(name: str, dtype: torch.dtype, device: torch.device) -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 256, generator=g).to(dtype)
+    w[5] = 0.25  # a constant row: decodes exactly on every device
+    gran = GRANULARITY.get(name, "group:64")
+    rule = _rule(name)
+    ref = rule.quantize(w, gran)
+    qt = rule.quantize(w.to(device), gran)
+    for t in (qt.codes, qt.scale, qt.levels):
+        assert t.device.type == device.type
+    deq = qt.dequantize()
+    assert deq.device.type == device.type and deq.dtype == dtype
+    mismatch = float((qt.codes.cpu() != ref.codes).float().mean())
+    assert mismatch <= 1e-4, f"{name}: {mismatch:.2e} of the codes differ from the CPU's"
+    assert abs(_rel_mse(deq, w) - _rel_mse(ref.dequantize(), w)) <= 1e-6
+    if name not in ("mxfp4", "nvfp4"):  # block formats round the block scale: constants are not exact there
+        assert torch.equal(deq[5].cpu().float(), torch.full((256,), 0.25))
+
+
+@pytest.mark.parametrize("name", ON_HOST)
+def test_host_rules_return_cpu_tensors(name: str, device: torch.device) -> None:
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(4))
+    qt = _rule(name).quantize(w.to(device), "group:64")
+    assert qt.codes.device.type == "cpu" and qt.scale.device.type == "cpu"
+    assert torch.equal(qt.codes, _rule(name).quantize(w, "group:64").codes)
