@@ -77,8 +77,9 @@ class QTensor:
         return sum(self.storage_bits().values()) / max(self.numel, 1)
 
     def rel_mse(self, reference: torch.Tensor) -> float:
-        """``||x_hat - x||^2 / ||x||^2`` (MSE over the mean square of ``reference``)."""
-        ref = reference.to(torch.float32)
+        """``||x_hat - x||^2 / ||x||^2`` (MSE over the mean square of ``reference``), computed where the codes
+        are (a rule that fits on the host compares against a copy of a device reference)."""
+        ref = reference.to(device=self.codes.device, dtype=torch.float32)
         den = float((ref * ref).sum())
         num = float(((self.dequantize(torch.float32) - ref) ** 2).sum())
         return num / den if den > 0 else (0.0 if num == 0 else math.inf)

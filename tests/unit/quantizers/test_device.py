@@ -4,10 +4,15 @@ its relative MSE within 1e-6; every other rule says so and returns CPU tensors w
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from dfquant.config import LayerRule, QuantConfig
+from dfquant.pipeline.quantize import quantize_model
 from dfquant.quantizers import available, get_quantizer, quantizer_class
+from shared_models import mlp
 
 ON_DEVICE = sorted(n for n in available() if quantizer_class(n).runs_on_device)
 ON_HOST = sorted(n for n in available() if not quantizer_class(n).runs_on_device)
@@ -55,3 +60,19 @@ def test_host_rules_return_cpu_tensors(name: str, device: torch.device) -> None:
     qt = _rule(name).quantize(w.to(device), "group:64")
     assert qt.codes.device.type == "cpu" and qt.scale.device.type == "cpu"
     assert torch.equal(qt.codes, _rule(name).quantize(w, "group:64").codes)
+    assert qt.rel_mse(w.to(device)) == qt.rel_mse(w)
+
+
+@pytest.mark.parametrize("name", ["minmax", "lloyd-max"])
+def test_a_model_on_the_device_quantizes_and_runs_there(name: str, device: torch.device) -> None:
+    """The pipeline on a model that sits on ``device``: a device rule (minmax) and a host rule (lloyd-max) both
+    give quantized layers on the model's device, whose outputs match the same model quantized on the CPU."""
+    torch.manual_seed(0)
+    model = mlp(32, 64, 10)
+    ref, _ = quantize_model(model, QuantConfig(LayerRule(name, 4, "group:16")))
+    q, report = quantize_model(copy.deepcopy(model).to(device), QuantConfig(LayerRule(name, 4, "group:16")))
+    assert all(p.device.type == device.type for p in q.state_dict().values())
+    x = torch.randn(8, 32)
+    out, expect = q(x.to(device)).cpu(), ref(x)
+    assert torch.allclose(out, expect, rtol=1e-4, atol=1e-5)
+    assert len(report.layers) == 2
