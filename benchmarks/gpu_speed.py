@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,29 +54,16 @@ def _timed(fn: Any, repeats: int) -> tuple[float, Any]:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1000.0)
         else:
-            import time
-
             t0 = time.perf_counter()
             out = fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
 
-def _bits(t: torch.Tensor | None, bits: int | None = None) -> int:
-    if t is None:
-        return 0
-    return t.numel() * (bits if bits is not None else t.element_size() * 8)
-
-
 def dfquant_row(name: str, w: torch.Tensor, repeats: int) -> dict[str, Any]:
     rule = get_quantizer(name, 4)
     gran = GRANULARITY.get(name, "group:64")
     seconds, qt = _timed(lambda: rule.quantize(w, gran, scale_dtype=torch.float16), repeats)
-    deq = qt.dequantize().to(torch.float32)
-    ref = w.to(torch.float32).to(deq.device)
-    stored = _bits(qt.codes, qt.bits) + _bits(qt.scale) + _bits(qt.offset) + _bits(qt.levels)
-    if qt.table_index is not None:
-        stored += _bits(qt.table_index, max(1, (int(qt.levels.shape[0]) - 1).bit_length()))
     return {
         "library": "dfquant",
         "method": name,
@@ -83,8 +71,8 @@ def dfquant_row(name: str, w: torch.Tensor, repeats: int) -> dict[str, Any]:
         "on_device": bool(quantizer_class(name).runs_on_device),
         "result_device": qt.codes.device.type,
         "seconds": seconds,
-        "rel_mse": float(((deq - ref) ** 2).sum() / (ref * ref).sum()),
-        "bits_per_weight": stored / w.numel(),
+        "rel_mse": qt.rel_mse(w),
+        "bits_per_weight": qt.bits_per_weight(),  # codes at their width, scales, offsets, levels as stored
     }
 
 
@@ -105,7 +93,7 @@ def hqq_row(w: torch.Tensor, repeats: int) -> dict[str, Any] | None:
     deq = HQQQuantizer.dequantize(wq, meta).to(torch.float32).reshape(w.shape)
     ref = w.to(torch.float32)
     groups = w.numel() // 64
-    stored = _bits(wq) + 2 * groups * 16
+    stored = wq.numel() * wq.element_size() * 8 + 2 * groups * 16  # packed codes, float16 scale and zero
     return {
         "library": "hqq",
         "method": "hqq",

@@ -178,16 +178,6 @@ def _check_optional_str(key: str) -> Callable[[object, str], str | None]:
     return check
 
 
-def _keep(check: Callable[[object, str], object]) -> Callable[[object, str], Any]:
-    """A checker that validates and keeps the value as given."""
-
-    def run(value: object, where: str) -> Any:
-        check(value, where)
-        return value
-
-    return run
-
-
 #: A rule's granularity unless it names one: one scale per output channel.
 DEFAULT_GRANULARITY = Granularity.parse("channel")
 

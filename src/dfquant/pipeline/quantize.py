@@ -475,11 +475,10 @@ def input_statistics(
     """
     input_stats: dict[str, tuple[str, str, torch.Tensor]] = {}
     input_moments: dict[str, Moments] = {}
-    target = model
     if graph is not None and config.bias_correction:
         for layer_name, (bn_name, act) in graph.input_bn.items():
             if layer_name in active:
-                bn = _batchnorm(target, bn_name)
+                bn = _batchnorm(model, bn_name)
                 beta = bn.bias.detach() if bn.bias is not None else torch.zeros(bn.num_features)
                 gamma = bn.weight.detach() if bn.weight is not None else None
                 check_finite(beta, f"{bn_name}.bias")
@@ -492,7 +491,7 @@ def input_statistics(
     wants = any(p.quantizer is not None and p.quantizer.wants_importance for p in active.values())
     wants = wants or any(p.rule.act_bits is not None for p in active.values())  # input ranges (REx inputs)
     if graph is not None and graph.input_moments and (config.bias_correction or wants):
-        moments = propagate_moments(graph.moment_program, _batchnorm_affine(target, graph.moment_program))
+        moments = propagate_moments(graph.moment_program, _batchnorm_affine(model, graph.moment_program))
         for layer_name, (node, _, _) in graph.input_moments.items():
             if layer_name in active and node in moments:
                 input_moments[layer_name] = moments[node]
@@ -507,9 +506,8 @@ def input_statistics(
 def swap_layers(model: nn.Module, quantized: Mapping[str, QuantModule]) -> nn.Module:
     """The swap stage: put each quantized layer in its float layer's place, under every name the float layer is
     registered under. Returns the model (a new root if the root itself was a quantized layer)."""
-    target = model
-    names = module_names(target)  # a layer registered under several names is replaced under all of them
+    names = module_names(model)  # a layer registered under several names is replaced under all of them
     for name, qmod in quantized.items():
-        for alias in names[id(get_module(target, name))]:
-            target = replace_module(target, alias, qmod)
-    return target
+        for alias in names[id(get_module(model, name))]:
+            model = replace_module(model, alias, qmod)
+    return model
