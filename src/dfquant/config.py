@@ -66,6 +66,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import torch
+
 from dfquant.errors import ConfigError
 from dfquant.nn.terms import term_layout
 from dfquant.quantizers.base import Quantizer
@@ -73,7 +75,40 @@ from dfquant.quantizers.granularity import Granularity
 from dfquant.quantizers.qtensor import SCALE_DTYPES
 from dfquant.quantizers.registry import get_quantizer
 
-__all__ = ["LayerRule", "PatternRule", "QuantConfig"]
+__all__ = ["DEVICES", "LayerRule", "PatternRule", "QuantConfig", "parse_device"]
+
+#: What a device setting may say (``--device`` and every ``device=`` argument).
+DEVICES = "auto, cpu, cuda or cuda:N"
+
+
+def parse_device(spec: str | torch.device | None, what: str = "device") -> torch.device:
+    """The device a setting names, checked once: ``auto`` (or None) is the first CUDA device when one is available
+    and the CPU otherwise; ``cpu``; ``cuda``; ``cuda:N``.
+
+    Args:
+        spec: the setting (a string or a :class:`torch.device`).
+        what: how the setting is called in an error (``"--device"`` on the command line).
+
+    Raises:
+        ConfigError: another name, or a CUDA device this machine does not have (naming how many it has).
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "auto"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = spec if isinstance(spec, torch.device) else torch.device(str(spec).strip().lower())
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{what} must be one of {DEVICES}, got {spec!r}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ConfigError(f"{what} must be one of {DEVICES}, got {spec!r}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = 0 if dev.index is None else dev.index
+    if index >= count:
+        have = "no CUDA device" if count == 0 else f"{count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
+        raise ConfigError(f"{what} {spec!r}: this machine has {have}; use {what} cpu or auto")
+    return torch.device("cuda", index)
+
 
 _CONFIG_KEYS = ("default", "rules", "fold_bn", "bias_correction", "strict", "sparsity_split")
 #: How a rule's expansion sparsity is split across layers (see :data:`dfquant.methods.rex.SPLIT_RULES`).

@@ -166,6 +166,11 @@ CASES = {
     ),
     "out-is-a-folder": (["quantize", "{tiny.safetensors}", B, "--out", "{OUT}"], "is a folder"),
     "unknown-model-name": (["quantize", "no-such-model", "--out", "{OUT}/q.safetensors"], "unknown model"),
+    # devices
+    "unknown-device": ([*Q, "--device", "tpu"], "--device must be one of auto, cpu, cuda or cuda:N, got 'tpu'"),
+    "device-the-machine-lacks": ([*Q, "--device", "cuda:7"], "use --device cpu or auto"),
+    "eval-unknown-device": (["eval", "{good.safetensors}", B, "--device", "gpu"], "--device must be one of"),
+    "dfmpc-on-a-named-device": ([*Q, "--method", "dfmpc", "--device", "cuda:7"], "cuda:7"),
     # options of the --method rule
     "options-not-key-value": ([*Q, "--method", "mse", "--options", "weighting"], "--options: expected KEY=VALUE"),
     "options-unknown-key": (

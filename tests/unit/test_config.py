@@ -145,3 +145,24 @@ def test_scale_dtype_in_rules() -> None:
         QuantConfig.from_dict({"default": {"scale_dtype": "half"}})
     with pytest.raises(ConfigError, match=r"rule #0.*scale_dtype"):
         QuantConfig.from_dict({"rules": [{"pattern": "a", "scale_dtype": 16}]})
+
+
+def test_parse_device_names_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from dfquant.config import parse_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_device("auto") == parse_device(None) == parse_device(" CPU ") == torch.device("cpu")
+    for bad in ("gpu", "mps", "cuda:x", "", 3):
+        with pytest.raises(ConfigError, match="must be one of auto, cpu, cuda or cuda:N"):
+            parse_device(bad, "--device")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="--device 'cuda': this machine has no CUDA device; use --device cpu"):
+        parse_device("cuda", "--device")
+    # a machine with two GPUs: auto is the first; cuda:1 exists, cuda:2 does not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_device("auto") == parse_device("cuda") == torch.device("cuda", 0)
+    assert parse_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"2 CUDA device\(s\) \(cuda:0 to cuda:1\)"):
+        parse_device("cuda:2")

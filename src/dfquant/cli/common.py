@@ -39,6 +39,15 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def add_device(p: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda[:N]`` (checked by :func:`dfquant.config.parse_device`)."""
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where to quantize and run: auto (CUDA when available, the default), cpu, cuda or cuda:N",
+    )
+
+
 def one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -286,7 +295,8 @@ def check_tasks(tasks: list[str], loaded: Any) -> None:
 
 def print_summary(result: dict[str, Any]) -> None:
     print()
-    print(f"model {result['model']}  method {result['method']}  bits {result['bits']}")
+    device = f"  device {result['device']}" if result.get("device") else ""
+    print(f"model {result['model']}  method {result['method']}  bits {result['bits']}{device}")
     bpw = result.get("bits_per_weight")
     if bpw is not None:
         print(f"bits per quantized weight (codes + scales + offsets + codebooks): {bpw:.3f}")

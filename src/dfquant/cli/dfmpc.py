@@ -13,7 +13,7 @@ import argparse
 from typing import Any
 
 from dfquant.cli.common import evaluate_tasks, parse_options, print_summary, start_quantize
-from dfquant.config import DEFAULT_GRANULARITY, LayerRule
+from dfquant.config import DEFAULT_GRANULARITY, LayerRule, parse_device
 from dfquant.errors import ConfigError
 from dfquant.graph.modules import state_dict_bytes
 from dfquant.io.save import save_quantized
@@ -95,6 +95,8 @@ def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--lambda1/--lambda2 weight the DF-MPC loss: they apply to --coefficient loss, not none")
     # the lambdas only mean something for the loss coefficients: giving them selects those
     coefficient = args.coefficient or ("loss" if lambdas else "none")
+    if parse_device(args.device, "--device").type != "cpu" and args.device != "auto":
+        raise ConfigError(f"--method dfmpc runs on the CPU: use --device cpu or auto, not {args.device!r}")
     tasks, progress, loaded = start_quantize(args)
     qmodel, report, dreport = compensate_model(
         loaded.model,
@@ -122,6 +124,7 @@ def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:
         "size_is_file": size_bytes is not None,
         "float_size_bytes": state_dict_bytes(loaded.model),
         "out": str(args.out) if args.out else None,
+        "device": "cpu",
         "eval": evals,
         "dfmpc": dreport.to_dict(),
         "layers": report.to_dict()["layers"],

@@ -9,6 +9,7 @@ from typing import Any
 from dfquant.cli.common import (
     Progress,
     add_common,
+    add_device,
     check_limit,
     check_tasks,
     evaluate_tasks,
@@ -16,6 +17,7 @@ from dfquant.cli.common import (
     print_summary,
 )
 from dfquant.cli.inspect import manifest_bits, manifest_layers, manifest_method
+from dfquant.config import parse_device
 from dfquant.graph.modules import state_dict_bytes
 from dfquant.io.load import load_quantized
 from dfquant.zoo import build_architecture, load_from_source
@@ -26,11 +28,16 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     tasks = parse_tasks(args.eval or "fidelity")
     check_limit(args.eval_limit)
     extra: dict[str, Any] = {"builder": args.builder} if args.builder else {}
+    device = parse_device(args.device, "--device")
     qmodel, manifest = load_quantized(
-        args.file, build=lambda src: build_architecture(src, **extra), cache_weight=args.cache_weights
+        args.file,
+        build=lambda src: build_architecture(src, **extra),
+        cache_weight=args.cache_weights,
+        device=device,
     )
     source = manifest.get("source", {})
     loaded = load_from_source(source, **extra)
+    loaded.model.to(device)
     check_tasks(tasks, loaded)
     progress = Progress(not (args.quiet or args.json))
     evals = evaluate_tasks(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
@@ -45,6 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         "float_size_bytes": state_dict_bytes(loaded.model),
         "eval": evals,
         "layers": layers,
+        "device": str(device),
     }
     if not args.json:
         print_summary(result)
@@ -68,5 +76,6 @@ def add_command(sub: Any) -> None:
         help="keep each dequantized weight after its first use (float speed, float memory); default: decode per "
         "forward, only the packed codes stay resident",
     )
+    add_device(p)
     add_common(p)
     p.set_defaults(func=cmd_eval)

@@ -19,6 +19,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
+from dfquant.cli.common import add_device
 from dfquant.qat.recipe import QATRun, run_qat
 
 __all__ = ["add_command", "cmd_qat"]
@@ -57,6 +58,7 @@ def add_command(sub: Any) -> None:
         "training (PTQ): tells how much of QAT's gain is plain adaptation to the training data",
     )
     p.add_argument("--threads", type=int, default=2)
+    add_device(p)
     p.add_argument("--out", required=True, help="the converted model's .safetensors file")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress output")

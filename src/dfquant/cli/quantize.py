@@ -26,6 +26,7 @@ from dfquant.cli.common import (
     DEFAULT_MODEL,
     DEFAULT_RUN_GRANULARITY,
     add_common,
+    add_device,
     build_config,
     evaluate_tasks,
     print_cost,
@@ -34,6 +35,7 @@ from dfquant.cli.common import (
 )
 from dfquant.cli.dfmpc import add_dfmpc_arguments, cmd_quantize_dfmpc
 from dfquant.cli.stream import cmd_stream, wants_stream
+from dfquant.config import parse_device
 from dfquant.graph.modules import state_dict_bytes
 from dfquant.io.save import save_quantized
 from dfquant.pipeline.quantize import quantize_model
@@ -53,8 +55,10 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         args.granularity = args.granularity or DEFAULT_RUN_GRANULARITY
         args.eval = args.eval if args.eval is not None else DEFAULT_EVALS
     config = build_config(args)
+    device = parse_device(args.device, "--device")
     tasks, progress, loaded = start_quantize(args)
-    qmodel, report = quantize_model(loaded.model, config, progress=progress.layers)
+    loaded.model.to(device)  # the float reference runs where the quantized model does
+    qmodel, report = quantize_model(loaded.model, config, progress=progress.layers, device=device)
     progress.done()
     float_bytes = state_dict_bytes(loaded.model)
     evals = evaluate_tasks(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
@@ -81,6 +85,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "expand": config.default.expand,
         "sparsity": config.default.sparsity,
         "cost": cost,
+        "device": report.device,
     }
     if not args.json:
         print(report.to_text())
@@ -157,5 +162,6 @@ def add_command(sub: Any) -> None:
     p.add_argument("--threads", type=int, help="sharded folder: threads per worker (default 1; fixes the bytes)")
 
     add_dfmpc_arguments(p)
+    add_device(p)
     add_common(p)
     p.set_defaults(func=cmd_quantize)

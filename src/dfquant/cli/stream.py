@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dfquant.cli.common import Progress, build_config
+from dfquant.config import parse_device
 from dfquant.errors import ConfigError
 from dfquant.stream import is_streamable, quantize_sharded
 
@@ -49,6 +50,7 @@ def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
         workers=args.workers or 1,
         ray_address=args.ray,
         threads=args.threads or 1,
+        device=parse_device(args.device, "--device"),
         progress=shard_done,
     )
     progress.done()

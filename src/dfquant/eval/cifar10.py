@@ -18,6 +18,7 @@ from torch import nn
 from dfquant.errors import ConfigError
 from dfquant.eval.metrics import agreement, top1_accuracy
 from dfquant.eval.registry import Progress, models_to_run, no_grad_eval, register_evaluator
+from dfquant.graph.modules import model_device
 from dfquant.zoo.assets import asset_path, missing_reason
 from dfquant.zoo.registry import LoadedModel
 
@@ -62,7 +63,7 @@ def predict(
     n = images.shape[0]
     with no_grad_eval(model):
         for i in range(0, n, BATCH):
-            preds.append(model(preprocess(images[i : i + BATCH])).argmax(-1))
+            preds.append(model(preprocess(images[i : i + BATCH]).to(model_device(model))).argmax(-1).cpu())
             if progress is not None:
                 progress(what, min(i + BATCH, n), n)
     return torch.cat(preds)

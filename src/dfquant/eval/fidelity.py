@@ -24,6 +24,7 @@ from dfquant.errors import ConfigError
 from dfquant.eval.metrics import agreement, relative_error
 from dfquant.eval.registry import Progress, no_grad_eval, register_evaluator
 from dfquant.eval.wikitext2 import lm_logits
+from dfquant.graph.modules import model_device
 from dfquant.zoo.registry import LoadedModel
 
 __all__ = ["SEED", "synthetic_inputs"]
@@ -78,7 +79,7 @@ def _outputs(model: nn.Module, kind: str, x: torch.Tensor, progress: Progress | 
     outs = []
     with no_grad_eval(model):
         for i in range(0, x.shape[0], BATCH):
-            xb = x[i : i + BATCH]
+            xb = x[i : i + BATCH].to(model_device(model))
             if kind == "causal-lm":
                 y = lm_logits(model, xb)
             elif kind == "sentence-encoder":
@@ -88,7 +89,7 @@ def _outputs(model: nn.Module, kind: str, x: torch.Tensor, progress: Progress | 
                 y = getattr(y, "last_hidden_state", y)
                 if isinstance(y, (tuple, list)):
                     y = y[0]
-            outs.append(y.float())
+            outs.append(y.float().cpu())
             if progress is not None:
                 progress(what, min(i + BATCH, x.shape[0]), x.shape[0])
     return torch.cat(outs)

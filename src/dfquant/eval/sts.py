@@ -23,6 +23,7 @@ from torch import nn
 from dfquant.errors import ConfigError, InputError
 from dfquant.eval.metrics import pearson, spearman
 from dfquant.eval.registry import Progress, models_to_run, no_grad_eval, register_evaluator
+from dfquant.graph.modules import model_device
 from dfquant.zoo.assets import asset_path, missing_reason
 from dfquant.zoo.registry import LoadedModel
 
@@ -118,7 +119,8 @@ def encode_sentences(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             enc = tokenizer([sentences[i] for i in idx], padding=True, truncation=True, return_tensors="pt")
-            emb = model(enc["input_ids"], enc["attention_mask"]).float()
+            dev = model_device(model)
+            emb = model(enc["input_ids"].to(dev), enc["attention_mask"].to(dev)).float().cpu()
             for j, i in enumerate(idx):
                 out[i] = emb[j]
             if progress is not None:

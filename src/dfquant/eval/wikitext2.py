@@ -19,6 +19,7 @@ from torch import nn
 from dfquant.errors import ConfigError, InputError
 from dfquant.eval.metrics import agreement
 from dfquant.eval.registry import Progress, models_to_run, no_grad_eval, register_evaluator
+from dfquant.graph.modules import model_device
 from dfquant.zoo.assets import asset_path, missing_reason
 from dfquant.zoo.registry import LoadedModel
 
@@ -37,6 +38,7 @@ def lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     module returning the logits tensor (or a tuple whose first item is it).
     """
     config = getattr(model, "config", None)
+    ids = ids.to(model_device(model))
     out = model(ids, use_cache=False) if hasattr(config, "use_cache") else model(ids)
     if hasattr(out, "logits"):
         out = out.logits
@@ -86,7 +88,7 @@ def perplexity(
     with no_grad_eval(model):
         for w in range(n):
             seg = ids[w * window : (w + 1) * window].unsqueeze(0)
-            logits = lm_logits(model, seg)[0, :-1].float()
+            logits = lm_logits(model, seg)[0, :-1].float().cpu()
             total += float(F.cross_entropy(logits, seg[0, 1:], reduction="sum").double())
             if keep_predictions:
                 preds.append(logits.argmax(-1))

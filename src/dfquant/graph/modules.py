@@ -109,6 +109,15 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU for a model with neither)."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
 def state_dict_bytes(model: nn.Module) -> int:
     """Bytes of the model's state dict (parameters and persistent buffers; shared tensors counted once)."""
     seen: set[tuple[int, int, tuple[int, ...]]] = set()

@@ -187,12 +187,12 @@ def lloyd_empirical(
     """
     xs = torch.sort(x.to(torch.float32), dim=1).values if sorted_x is None else sorted_x
     m, n = xs.shape
-    cs = torch.zeros(m, n + 1, dtype=torch.float64)
+    cs = torch.zeros(m, n + 1, dtype=torch.float64, device=xs.device)
     cs[:, 1:] = torch.cumsum(xs.to(torch.float64), dim=1)
     y = init_levels.to(torch.float32).clone()
     spread = (xs[:, -1] - xs[:, 0]).clamp_min(1e-30)
-    edges0 = torch.zeros(m, 1, dtype=torch.int64)
-    edgesn = torch.full((m, 1), n, dtype=torch.int64)
+    edges0 = torch.zeros(m, 1, dtype=torch.int64, device=xs.device)
+    edgesn = torch.full((m, 1), n, dtype=torch.int64, device=xs.device)
     for _ in range(iters):
         t = (y[:, :-1] + y[:, 1:]) * 0.5
         pos = torch.searchsorted(xs, t.contiguous(), right=True)  # values <= t go to the lower cell

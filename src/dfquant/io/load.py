@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfquant.config import parse_device
 from dfquant.errors import ConfigError, InputError, ModelError
 from dfquant.graph.modules import FoldedBatchNorm, get_module, module_names, replace_module
 from dfquant.io.manifest import (
@@ -66,7 +67,11 @@ def build_quant_layers(
 
 
 def load_quantized(
-    path: str | os.PathLike[str], build: Builder | None = None, *, cache_weight: bool = False
+    path: str | os.PathLike[str],
+    build: Builder | None = None,
+    *,
+    cache_weight: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a file written by :func:`save_quantized`.
 
@@ -78,6 +83,9 @@ def load_quantized(
             keeps only its packed codes, scales and tables (about 14 % of the float32 weight memory at 4 bits in
             groups of 64) and decodes the weights each forward uses; True keeps each dequantized weight after its
             first use, for float speed at the float model's memory and more.
+        device: where the model goes once loaded (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see
+            :func:`dfquant.config.parse_device`); None: the CPU. The codes, scales and tables are the file's
+            bit for bit on any device.
 
     Returns:
         ``(model, manifest)``; the model is in eval mode and computes exactly what the saved one did.
@@ -86,7 +94,9 @@ def load_quantized(
         FileFormatError: unreadable, truncated or foreign file, newer format, unknown quantizer or layer type,
             tensors that do not match the manifest, or a skeleton that does not match the file.
         ModelError: ``build`` cannot build the model named in the source.
+        ConfigError: a device this machine does not have.
     """
+    dev = None if device is None else parse_device(device)  # checked before the file is read
     p = Path(path)
     if p.is_dir():  # a sharded folder written by dfquant.stream: the same checks over its index and shards
         manifest, tensors = read_folder(p)
@@ -156,4 +166,6 @@ def load_quantized(
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise fail(p, f"loading the tensors failed: {str(e).splitlines()[0]}") from None
+    if dev is not None:
+        model = model.to(dev)
     return model.eval(), manifest

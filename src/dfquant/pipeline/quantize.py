@@ -20,7 +20,7 @@
 
 Example:
     >>> import torch
-    >>> from dfquant.config import LayerRule, QuantConfig
+    >>> from dfquant.config import LayerRule, QuantConfig, parse_device
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> qnet, report = quantize_model(net, QuantConfig(LayerRule("minmax", 4)))
     >>> [r.bits for r in report.layers]
@@ -39,11 +39,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dfquant.config import LayerRule, QuantConfig
+from dfquant.config import LayerRule, QuantConfig, parse_device
 from dfquant.errors import ConfigError, DfquantError, ModelError, check_finite
 from dfquant.graph.modules import (
     find_unsupported,
     get_module,
+    model_device,
     module_names,
     replace_module,
     state_dict_bytes,
@@ -282,6 +283,7 @@ def quantize_model(
     *,
     progress: Progress | None = None,
     inplace: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[nn.Module, QuantizationReport]:
     """Quantize every Linear/Conv1d/Conv2d/HF-Conv1D layer of ``model`` following ``config``.
 
@@ -302,20 +304,26 @@ def quantize_model(
         progress: called as ``progress(done, total, name)`` after each layer is quantized.
         inplace: change ``model`` itself instead of a deep copy (all swaps happen after every layer has been
             fitted, so an error while fitting leaves it unchanged).
+        device: where to quantize and where the result lives (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see
+            :func:`dfquant.config.parse_device`): the copy (or, with ``inplace``, the model) moves there first.
+            None: where the model's parameters are. Rules without ``runs_on_device`` fit on the CPU either way;
+            their layers then move to the model's device. The report records the device
+            (:attr:`QuantizationReport.device`).
 
     Returns:
         ``(quantized model, report)``; the model is ``model`` itself when ``inplace`` (or the new root module
         when the model is a single layer).
 
     Raises:
-        ConfigError: an invalid rule for some layer (before anything changes), or skipped layers with
-            ``config.strict``.
+        ConfigError: an invalid rule for some layer (before anything changes), skipped layers with
+            ``config.strict``, or a device this machine does not have.
         InputError: NaN/Inf weights or BatchNorm statistics, naming the layer.
         ModelError: no quantizable layer.
     """
     config = config if config is not None else QuantConfig()
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
+    dev = None if device is None else parse_device(device)
     plans = plan_quantization(model, config)
     skipped = [SkippedLayer(p.name, p.type, p.shape, p.rule.reason or "skipped by rule") for p in plans if p.skip]
     unused = [r.pattern for r in config.unused_rules(p.name for p in plans)]
@@ -334,6 +342,9 @@ def quantize_model(
                 f"cannot copy {type(model).__name__} ({type(e).__name__}: {e}); pass inplace=True to "
                 "quantize it in place"
             ) from None
+    if dev is not None:
+        target = target.to(dev)
+    report.device = str(model_device(target))
     graph = analyze_graph(target) if (config.fold_bn or config.bias_correction) else None
     if graph is not None:
         report.graph_method, report.graph_note = graph.method, graph.note

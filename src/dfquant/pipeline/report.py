@@ -120,6 +120,7 @@ class QuantizationReport:
         graph_method, graph_note: how graph facts were found (see :class:`GraphInfo`).
         total_params: parameters of the float model. float_model_bytes / model_bytes: state-dict bytes of the
             float and the quantized model.
+        device: where the model was quantized and where the quantized model lives (``cpu``, ``cuda:0``).
     """
 
     layers: list[LayerReport] = field(default_factory=list)
@@ -132,6 +133,7 @@ class QuantizationReport:
     total_params: int = 0
     float_model_bytes: int = 0
     model_bytes: int = 0
+    device: str = "cpu"
 
     def _own(self) -> list[LayerReport]:
         """The layers that hold their own terms (tied layers share another's and are counted once)."""
@@ -178,6 +180,7 @@ class QuantizationReport:
                 "folded_bn": [asdict(r) for r in self.folded_bn],
                 "bias_corrected": [asdict(r) for r in self.bias_corrected],
                 "graph": {"method": self.graph_method, "note": self.graph_note},
+                "device": self.device,
                 "totals": self.totals(),
             }
         )
@@ -236,6 +239,7 @@ class QuantizationReport:
             )
         t = self.totals()
         lines.append(f"graph: {self.graph_method}" + (f" ({self.graph_note})" if self.graph_note else ""))
+        lines.append(f"device: {self.device}")
         lines.append(
             f"total: {t['quantized_params']:,} of {t['total_params']:,} parameters quantized at "
             f"{t['bits_per_weight']:.3f} bits/weight; quantized weights {t['quantized_bytes']:,} B vs "

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dfquant.config import LayerRule, PatternRule, QuantConfig
+from dfquant.config import LayerRule, PatternRule, QuantConfig, parse_device
 from dfquant.errors import ConfigError
 from dfquant.eval.cifar10 import EXACT_FILE, JPEG_FILE, load_cifar10, predict
 from dfquant.io.save import save_quantized
@@ -64,6 +64,8 @@ class QATRun:
     checkpoint: str | None = None
     float_baseline: bool = False
     threads: int = 2
+    #: Where the model trains and is evaluated: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+    device: str = "auto"
 
 
 def run_qat(run: QATRun, progress: Callable[[str], object] | None = None) -> dict[str, Any]:
@@ -104,7 +106,9 @@ def run_qat(run: QATRun, progress: Callable[[str], object] | None = None) -> dic
         keep_float=keep,
         weight_rule=run.weight_rule,
     )
+    dev = parse_device(run.device, "--device")
     loaded = load_model(run.model)
+    loaded.model.to(dev)
     if loaded.task != run.data:
         raise ConfigError(
             f"model '{run.model}' has task '{loaded.task}', not '{run.data}'; 'qat' trains cifar10 classifiers "
@@ -163,6 +167,7 @@ def run_qat(run: QATRun, progress: Callable[[str], object] | None = None) -> dic
     float_res = evaluate(loaded.model)
     result: dict[str, Any] = {
         "model": run.model,
+        "device": str(dev),
         "data": run.data,
         "method": run.method,
         "weight_rule": cfg.weight_rule,

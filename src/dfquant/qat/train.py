@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfquant.eval.cifar10 import preprocess
+from dfquant.graph.modules import model_device
 from dfquant.io.atomic import replace_atomic
 
 __all__ = ["TRAIN_FIRST", "TrainState", "cifar_train_batches", "train_qat"]
@@ -152,6 +153,8 @@ def train_qat(
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         x, y = batches(step)
+        dev = model_device(model)
+        x, y = x.to(dev), y.to(dev)
         loss = F.cross_entropy(model(x), y) if loss_fn is None else loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -112,8 +112,8 @@ def prefix_sums(sorted_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 prefix sums of ``x`` and ``x^2`` along dim 1, each ``(m, n + 1)`` starting with 0."""
     m, n = sorted_x.shape
     xd = sorted_x.to(torch.float64, copy=True)
-    c1 = torch.zeros(m, n + 1, dtype=torch.float64)
-    c2 = torch.zeros(m, n + 1, dtype=torch.float64)
+    c1 = torch.zeros(m, n + 1, dtype=torch.float64, device=sorted_x.device)
+    c2 = torch.zeros(m, n + 1, dtype=torch.float64, device=sorted_x.device)
     torch.cumsum(xd, dim=1, out=c1[:, 1:])
     torch.cumsum(xd.square_(), dim=1, out=c2[:, 1:])
     return c1, c2
@@ -137,11 +137,11 @@ def group_sq_error(
     Returns:
         ``(m,)`` float64 sums of squared errors.
     """
-    m, n = sorted_x.shape
+    n = sorted_x.shape[1]
     c1, c2 = prefix_sums(sorted_x) if sums is None else sums
     mids = ((levels[:, :-1] + levels[:, 1:]) * 0.5).contiguous()
     pos = torch.searchsorted(sorted_x.contiguous(), mids, right=True)
-    edges = torch.cat([torch.zeros(m, 1, dtype=torch.int64), pos, torch.full((m, 1), n, dtype=torch.int64)], dim=1)
+    edges = torch.cat([torch.zeros_like(pos[:, :1]), pos, torch.full_like(pos[:, :1], n)], dim=1)
     lo, hi = edges[:, :-1], edges[:, 1:]
     s1 = c1.gather(1, hi) - c1.gather(1, lo)
     s2 = c2.gather(1, hi) - c2.gather(1, lo)

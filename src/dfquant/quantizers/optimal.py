@@ -16,9 +16,12 @@ arg-mins give the runs, whose means are the levels. Levels are then encoded by t
 reproduces the optimal runs (an optimal partition is also a nearest-neighbour partition).
 
 Cost: the run cost satisfies the quadrangle inequality, so the leftmost minimizing ``j`` is non-decreasing in
-``i`` and each level is solved by bisection over ``i`` in ``O(a log a)`` run costs per group for ``a`` atoms
-(the divide-and-conquer optimization, Galil and Park 1992; Wang and Song 2011 use it for the same program),
-for blocks of groups at once, single-threaded (small operations). Groups of up to ``max_atoms`` values
+``i`` (and, across levels, ``j_{k-1}(i) <= j_k(i)``), and each level is solved by bisection over ``i`` in
+``O(a log a)`` run costs per group for ``a`` atoms (the divide-and-conquer optimization, Galil and Park 1992;
+Wang and Song 2011 use it for the same program; Gronlund et al. 2017, "Fast exact k-means, k-medians and
+Bregman divergence clustering in 1D", find it faster in practice than the ``O(a)`` SMAWK variant). Blocks of
+groups are solved at once with a handful of tensor operations per bisection round, on the input's device:
+windows of similar lengths as one padded tensor, others as one ragged list. Groups of up to ``max_atoms`` values
 (default 4096, and at most ``2^16 / L``: 4096 up to 4 bits, 256 at 8 bits) are solved exactly, one atom per
 value. Larger groups are first cut into ``bins`` atoms (default 1024, same bound), half at equal counts and
 half at equal widths of the range, so that sparse tails keep atoms of their own; each atom keeps the count,
@@ -43,8 +46,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -59,7 +60,7 @@ from dfquant.quantizers.registry import register
 __all__ = ["WEIGHTINGS", "LloydOptimal", "optimal_levels"]
 
 #: Atoms (groups times atoms per group) solved in one block.
-BLOCK_ELEMS = 1 << 18
+BLOCK_ELEMS = 1 << 19
 #: Largest ``L * a`` (levels times atoms) solved per group: 16 levels over 4096 atoms, 256 over 256.
 WORK_PER_GROUP = 1 << 16
 
@@ -73,39 +74,36 @@ def _atoms(xs: torch.Tensor, w: torch.Tensor, max_atoms: int) -> tuple[torch.Ten
     their own); a cut falling where another already is leaves an empty atom, which costs nothing.
     """
     m, n = xs.shape
-    z = torch.zeros(m, 1, dtype=torch.float64)
+    dev = xs.device
+    z = torch.zeros(m, 1, dtype=torch.float64, device=dev)
     x64, w64 = xs.to(torch.float64), w.to(torch.float64)
     s0 = torch.cat([z, w64.cumsum(1)], 1)
     s1 = torch.cat([z, (w64 * x64).cumsum(1)], 1)
     s2 = torch.cat([z, (w64 * x64 * x64).cumsum(1)], 1)
     if n <= max_atoms:
-        return torch.arange(n + 1).expand(m, -1), s0, s1, s2
+        return torch.arange(n + 1, device=dev).expand(m, -1), s0, s1, s2
     half = max_atoms // 2
-    by_count = torch.div(torch.arange(half + 1) * n, half, rounding_mode="floor").expand(m, -1)
+    by_count = torch.div(torch.arange(half + 1, device=dev) * n, half, rounding_mode="floor").expand(m, -1)
     lo, hi = xs[:, :1], xs[:, -1:]
-    frac = torch.arange(1, max_atoms - half, dtype=torch.float32) / (max_atoms - half)
+    frac = torch.arange(1, max_atoms - half, dtype=torch.float32, device=dev) / (max_atoms - half)
     by_width = torch.searchsorted(xs.contiguous(), (lo + (hi - lo) * frac).contiguous())
     cuts = torch.sort(torch.cat([by_count, by_width], dim=1), dim=1).values
     return cuts, s0.gather(1, cuts), s1.gather(1, cuts), s2.gather(1, cuts)
 
 
-def _run_cost(
-    s: tuple[torch.Tensor, torch.Tensor, torch.Tensor], row: torch.Tensor, j: torch.Tensor, i: torch.Tensor
-) -> torch.Tensor:
-    """``C(j, i)``, the squared error of the run of atoms ``(j, i]`` about its mean, for flat index tensors
-    (``inf`` where ``j >= i``)."""
-    s0, s1, s2 = s
-    c0 = s0[row, i] - s0[row, j]
-    c1 = s1[row, i] - s1[row, j]
-    cost = ((s2[row, i] - s2[row, j]) - c1 * c1 / torch.where(c0 > 0, c0, torch.ones_like(c0))).clamp_min(0.0)
-    return torch.where(j < i, cost, torch.full_like(cost, float("inf")))
+def _first_run(s0: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """``D_1(i) = C(0, i)``: the squared error of the atoms ``(0, i]`` about their mean, ``(m, a + 1)``."""
+    c0 = s0 - s0[:, :1]
+    c1 = s1 - s1[:, :1]
+    return ((s2 - s2[:, :1]) - c1 * c1 / c0.clamp_min(1e-300)).clamp_min(0.0)
 
 
-def _schedule(a: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Positions ``1..a`` in breadth-first order of bisection, each with its nearest already-visited
-    neighbours: a list of ``(positions, left, right)`` per depth, with ``0`` and ``a + 1`` as sentinels."""
-    out = []
-    segments = [(0, a + 1)]  # open intervals (left, right) whose inner positions are not visited yet
+def _schedule(a: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Positions ``1..a`` with their nearest already-visited neighbours: a list of ``(positions, left, right)``
+    per round, with ``0`` and ``a + 1`` as sentinels. The end ``a`` comes first (it has no right bound), then
+    ``1..a-1`` in breadth-first order of bisection, so that every later window is bounded on both sides."""
+    out = [tuple(torch.tensor([v], device=device) for v in (a, 0, a + 1))]
+    segments = [(0, a)]  # open intervals (left, right) whose inner positions are not visited yet
     while segments:
         mids, lefts, rights, nxt = [], [], [], []
         for lo, hi in segments:
@@ -117,9 +115,9 @@ def _schedule(a: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
             rights.append(hi)
             nxt += [(lo, mid), (mid, hi)]
         if mids:
-            out.append((torch.tensor(mids), torch.tensor(lefts), torch.tensor(rights)))
+            out.append(tuple(torch.tensor(v, device=device) for v in (mids, lefts, rights)))
         segments = nxt
-    return out
+    return out  # type: ignore[return-value]
 
 
 def _solve_block(s0: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, levels: int) -> torch.Tensor:
@@ -129,50 +127,73 @@ def _solve_block(s0: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, levels: i
     inequality (Wang and Song 2011), so the leftmost minimizing ``j`` is non-decreasing in ``i``: each level
     is solved by bisection over ``i`` (the ``j`` of a middle end bounds those of the ends on either side),
     ``O(a log a)`` evaluations per group and level instead of ``O(a^2)`` (the divide-and-conquer
-    optimization of such recurrences, Galil and Park 1992).
+    optimization of such recurrences, Galil and Park 1992). The last level needs only ``i = a``.
+
+    Since ``S2_i`` does not depend on ``j``, a candidate is scored as
+    ``E(j) - (S1_i - S1_j)^2 / (S0_i - S0_j)`` with ``E(j) = D_{k-1}(j) - S2_j``, read from one table of
+    ``(E, S1, S0)`` rows by flat index, and ``S2_i`` is added to the minimum.
     """
     m, a1 = s0.shape
     a = a1 - 1
     k = min(levels, a)
     if k == a:  # one atom per cluster
-        return torch.arange(a1).expand(m, -1).clone()
-    sums = (s0, s1, s2)
-    rows = torch.arange(m)[:, None]
-    pos = torch.arange(a1).expand(m, -1)
-    d = _run_cost(sums, rows, torch.zeros_like(pos), pos)  # one cluster: D_1(i) = C(0, i)
-    schedule = _schedule(a)
+        return torch.arange(a1, device=s0.device).expand(m, -1).clone()
+    dev = s0.device
+    base = torch.arange(m, device=dev)[:, None] * a1
+    d = _first_run(s0, s1, s2)  # one cluster: D_1(i) = C(0, i)
+    schedule = _schedule(a, dev)
+    final = [(torch.tensor([a], device=dev), torch.tensor([0], device=dev), torch.tensor([a + 1], device=dev))]
+    s0f, s1f, s2f = s0.reshape(-1), s1.reshape(-1), s2.reshape(-1)
+    prev = torch.zeros(m, a1, dtype=torch.int64, device=dev)  # one cluster starts at atom 0
     back = []
-    for _ in range(1, k):
-        # opt[:, i] for i = 0..a + 1: sentinels 0 (left) and a (right: no bound beyond j <= i - 1)
-        opt = torch.zeros(m, a + 2, dtype=torch.int64)
+    for level in range(1, k):
+        ef = (d - s2).reshape(-1)
+        opt = torch.zeros(m, a + 2, dtype=torch.int64, device=dev)
         opt[:, a + 1] = a
         new_d = torch.full_like(d, float("inf"))
-        for mids, left, right in schedule:
+        for mids, left, right in schedule if level < k - 1 else final:
             p = mids.numel()
-            lo = opt[:, left]
+            lo = torch.maximum(opt[:, left], prev[:, mids])
             hi = torch.minimum(opt[:, right], (mids - 1).expand(m, -1))
             lo = torch.minimum(lo, hi)
-            length = (hi - lo + 1).reshape(-1)  # candidates per (row, end), flattened row-major
-            seg = torch.repeat_interleave(torch.arange(m * p), length)
-            start = torch.cumsum(length, 0) - length
-            j = lo.reshape(-1)[seg] + torch.arange(seg.numel()) - start[seg]
-            row, end = seg // p, mids[seg % p]
-            val = d[row, j] + _run_cost(sums, row, j, end)
-            best = torch.full((m * p,), float("inf"), dtype=val.dtype).scatter_reduce(
-                0, seg, val, "amin", include_self=True
-            )
-            leftmost = torch.where(val == best[seg], j, torch.full_like(j, a1))
-            arg = torch.full((m * p,), a1, dtype=torch.int64).scatter_reduce(
-                0, seg, leftmost, "amin", include_self=True
-            )
-            opt[:, mids] = torch.minimum(arg, lo.reshape(-1) + length - 1).reshape(m, p)
-            new_d[:, mids] = best.reshape(m, p)
+            length = hi - lo + 1
+            width, total = int(length.max()), int(length.sum())
+            ends = base + mids  # flat index of each end
+            if width * m * p <= 2 * total:  # windows of similar lengths: padded to one width (dense ops)
+                j = torch.minimum(lo[:, :, None] + torch.arange(width, device=dev), hi[:, :, None])
+                jf = (j + base[:, :, None]).reshape(-1)
+                c1 = s1f[ends][:, :, None] - s1f.index_select(0, jf).reshape(m, p, width)
+                c0 = s0f[ends][:, :, None] - s0f.index_select(0, jf).reshape(m, p, width)
+                c0 = c0.clamp_min(1e-300)  # 0 only where c1 is 0 too (an empty or weightless run)
+                val = ef.index_select(0, jf).reshape(m, p, width) - c1 * c1 / c0
+                best, arg = val.min(dim=2)  # the first minimum: the leftmost j
+                opt[:, mids] = j.gather(2, arg[:, :, None])[:, :, 0]
+            else:  # ragged windows, one after another
+                flat = length.reshape(-1)
+                seg = torch.repeat_interleave(torch.arange(m * p, device=dev), flat, output_size=total)
+                start = torch.cumsum(flat, 0) - flat
+                j = ((lo + base).reshape(-1) - start).index_select(0, seg) + torch.arange(total, device=dev)
+                c1 = s1f[ends].reshape(-1).index_select(0, seg) - s1f.index_select(0, j)
+                c0 = (s0f[ends].reshape(-1).index_select(0, seg) - s0f.index_select(0, j)).clamp_min(1e-300)
+                val = ef.index_select(0, j) - c1 * c1 / c0
+                best = torch.full((m * p,), float("inf"), dtype=val.dtype, device=dev).scatter_reduce(
+                    0, seg, val, "amin", include_self=True
+                )
+                leftmost = torch.where(val == best.index_select(0, seg), j, m * a1)
+                arg = torch.full((m * p,), m * a1, dtype=torch.int64, device=dev).scatter_reduce(
+                    0, seg, leftmost, "amin", include_self=True
+                )
+                opt[:, mids] = torch.minimum(arg.reshape(m, p) - base, hi)  # all-inf windows: their last j
+                best = best.reshape(m, p)
+            cost = best + s2f[ends]
+            new_d[:, mids] = torch.maximum(cost, torch.zeros_like(cost))
         d = new_d
-        back.append(opt[:, :a1])
-    bounds = torch.empty(m, k + 1, dtype=torch.int64)
+        prev = opt[:, :a1]
+        back.append(prev)
+    bounds = torch.empty(m, k + 1, dtype=torch.int64, device=dev)
     bounds[:, 0] = 0
     bounds[:, k] = a
-    i = torch.full((m, 1), a, dtype=torch.int64)
+    i = torch.full((m, 1), a, dtype=torch.int64, device=dev)
     for step in range(k - 1, 0, -1):
         i = back[step - 1].gather(1, i)
         bounds[:, step] = i[:, 0]
@@ -225,24 +246,10 @@ def optimal_levels(
         ws = w.gather(1, order)
     a = min(n, max_atoms)
     rows = max(1, BLOCK_ELEMS // (a + 1))
-    out = torch.empty(m, levels, dtype=torch.float32)
-    with _single_thread():
-        for r0 in range(0, m, rows):
-            out[r0 : r0 + rows] = _solve_rows(xs[r0 : r0 + rows], ws[r0 : r0 + rows], levels, max_atoms)
+    out = torch.empty(m, levels, dtype=torch.float32, device=x.device)
+    for r0 in range(0, m, rows):
+        out[r0 : r0 + rows] = _solve_rows(xs[r0 : r0 + rows], ws[r0 : r0 + rows], levels, max_atoms)
     return out
-
-
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch single-threaded inside the block (restored after): the program makes many small tensor
-    operations, for which intra-op threads cost more than they save, by orders of magnitude on a busy
-    machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _solve_rows(xs: torch.Tensor, ws: torch.Tensor, levels: int, max_atoms: int) -> torch.Tensor:
@@ -307,6 +314,7 @@ class LloydOptimal(Quantizer):
 
     name = "lloyd-optimal"
     description = "globally optimal per-group codebook (exact 1-D k-means by dynamic programming)"
+    runs_on_device: ClassVar[bool] = True
     options_allowed: ClassVar[tuple[str, ...]] = ("max_atoms", "bins", "iters", "weighting")
     supports_importance = True
     max_atoms: int
@@ -345,9 +353,9 @@ class LloydOptimal(Quantizer):
         if not exact and importance is None:
             sums = prefix_sums(xs)
             y = lloyd_empirical(x, y, iters=self.iters, sorted_x=xs)
-            ref = LloydEmpirical(self.bits, iters=self.iters).fit(x)
+            ref = LloydEmpirical(self.bits, iters=self.iters).fit(x.cpu())  # its fit runs on the host
             tables, index = ref.tables()
-            start = tables[index] * ref.scale[:, None] + ref.offset[:, None]
+            start = (tables[index] * ref.scale[:, None] + ref.offset[:, None]).to(x.device)
             better = group_sq_error(xs, start, sums) < group_sq_error(xs, y, sums)
             y = torch.where(better[:, None], start, y)
         lo, hi = xs[:, 0], xs[:, -1]
@@ -355,7 +363,7 @@ class LloydOptimal(Quantizer):
         scale = (hi - lo) / 2
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
         unit = torch.sort(((y - offset[:, None]) / safe).clamp(-1.0, 1.0), dim=1).values
-        unit = torch.where((scale > 0)[:, None], unit, torch.linspace(-1.0, 1.0, unit.shape[1]))
+        unit = torch.where((scale > 0)[:, None], unit, torch.linspace(-1.0, 1.0, unit.shape[1], device=x.device))
         return constant_groups(x, QParams(scale=scale, offset=offset, levels=_strictly_increasing(unit)))
 
     def expected_mse(self, dist: str, group_size: int | None = None) -> float:

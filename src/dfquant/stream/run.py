@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dfquant.config import QuantConfig
+import torch
+
+from dfquant.config import QuantConfig, parse_device
 from dfquant.errors import ConfigError, FileFormatError, InputError
 from dfquant.io.atomic import write_atomic
 from dfquant.io.manifest import FORMAT_NAME, FORMAT_VERSION, METADATA_KEY, library_version
@@ -98,6 +100,7 @@ class StreamResult:
             "peak_rss_driver_bytes": self.peak_rss_driver,
             "peak_rss_worker_bytes": self.peak_rss_worker,
             "bits_per_weight": self.report.bits_per_weight,
+            "device": self.report.device,
             "size_bytes": sum(f.stat().st_size for f in self.out.iterdir()),
             "notes": list(self.notes),
         }
@@ -194,7 +197,7 @@ def _run_ray(jobs: list[ShardJob], address: str, workers: int) -> list[Any]:
 
 
 def _manifest(
-    plan: Plan, records: dict[str, Any], layout: HFLayout | None, ckpt: Checkpoint
+    plan: Plan, records: dict[str, Any], layout: HFLayout | None, ckpt: Checkpoint, device: str
 ) -> tuple[dict[str, Any], dict[str, str], QuantizationReport]:
     layers: dict[str, Any] = {}
     reports: dict[str, dict[str, Any]] = {}
@@ -228,6 +231,7 @@ def _manifest(
         skipped=[SkippedLayer(s["name"], "Tensor", tuple(s["shape"]), s["reason"]) for s in plan.skipped],
         graph_method="none",
         graph_note="streamed from tensor names: no BatchNorm folding or bias correction",
+        device=device,
         total_params=sum(r["params"] for r in records.values()),
         float_model_bytes=sum(s.size for s in ckpt.shards),
         model_bytes=sum(r["size"] for r in records.values()),
@@ -257,6 +261,7 @@ def quantize_sharded(
     workers: int = 1,
     ray_address: str | None = None,
     threads: int = 1,
+    device: str | torch.device | None = "cpu",
     progress: Progress | None = None,
 ) -> StreamResult:
     """Quantize a sharded ``.safetensors`` checkpoint tensor by tensor into the folder ``out``.
@@ -270,6 +275,9 @@ def quantize_sharded(
         ray_address: run the shards as Ray tasks on the cluster at this address, or on a local cluster of
             ``workers`` processes when ``"local"``; the work folder must be on a path every node sees.
         threads: intra-op threads per worker (the output bytes depend on it; keep it fixed to compare runs).
+        device: where each weight is quantized (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see
+            :func:`dfquant.config.parse_device`). Shards are read and written on the host either way, one tensor
+            at a time, so the host's memory stays bounded as on the CPU.
         progress: called after each finished shard.
 
     Returns:
@@ -288,6 +296,9 @@ def quantize_sharded(
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    dev = parse_device(device)
+    if dev.type != "cpu" and (workers > 1 or ray_address):
+        raise ConfigError(f"device {dev} is driven by one process: use workers=1 without Ray (got {workers} workers)")
     src_p, out_p = Path(src), Path(out)
     ckpt = read_checkpoint(src_p)
     _check_out(out_p, src_p)
@@ -304,11 +315,12 @@ def quantize_sharded(
         "config": config.to_dict(),
         "input": ckpt.fingerprint(),
         "threads": threads,
+        "device": str(dev),  # a device's codes may differ from another's at exact ties: no mixed resume
     }
     work = _work_dir(out_p)
     done = _prepare(work, run, names)
     jobs = [
-        ShardJob(str(s.path), str(work), s.name, tuple(plan.tasks[s.name]), threads)
+        ShardJob(str(s.path), str(work), s.name, tuple(plan.tasks[s.name]), threads, str(dev))
         for s in ckpt.shards
         if s.name not in done
     ]
@@ -328,7 +340,7 @@ def quantize_sharded(
                 progress(len(done) + i + 1, len(names), job.name)
     for job, rec in zip(jobs, new, strict=True):
         records[job.name] = rec
-    manifest, weight_map, report = _manifest(plan, records, layout, ckpt)
+    manifest, weight_map, report = _manifest(plan, records, layout, ckpt, str(dev))
     try:
         text = json.dumps(manifest, allow_nan=False, separators=(",", ":"))
     except ValueError as e:

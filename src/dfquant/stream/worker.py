@@ -54,6 +54,9 @@ class ShardJob:
     name: str
     tasks: tuple[TensorTask, ...]
     threads: int = 1
+    #: Where each weight is quantized (``"cpu"``, ``"cuda:0"``): it is read on the host, copied there, and its
+    #: codes and scales come back to the host to be written.
+    device: str = "cpu"
 
 
 def marker_path(work_dir: str | Path, name: str) -> Path:
@@ -206,11 +209,11 @@ def process_shard(job: ShardJob) -> dict[str, Any]:
                 if t.is_floating_point():
                     params += t.numel()
                 if task.role == "weight":
-                    tensors, meta, rep = _quantize(task, t)
+                    tensors, meta, rep = _quantize(task, t.to(job.device))
                     layers[task.layer] = meta
                     reports.append(asdict(rep))
                     for k, v in tensors.items():
-                        writer.add(k, v)
+                        writer.add(k, v.cpu())
                     del tensors
                 elif task.role == "bias":
                     writer.add(task.out, t.to(ST_TO_TORCH[task.dtype]))

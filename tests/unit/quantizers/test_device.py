@@ -30,7 +30,7 @@ def _rel_mse(x_hat: torch.Tensor, x: torch.Tensor) -> float:
 
 
 def test_the_device_rules_are_the_expected_ones() -> None:
-    assert ON_DEVICE == ["dorefa", "minmax", "mse", "mxfp4", "nf4", "nvfp4", "ternary"]
+    assert ON_DEVICE == ["dorefa", "lloyd-optimal", "minmax", "mse", "mxfp4", "nf4", "nvfp4", "ternary"]
 
 
 @pytest.mark.parametrize("name", ON_DEVICE)
@@ -76,3 +76,33 @@ def test_a_model_on_the_device_quantizes_and_runs_there(name: str, device: torch
     out, expect = q(x.to(device)).cpu(), ref(x)
     assert torch.allclose(out, expect, rtol=1e-4, atol=1e-5)
     assert len(report.layers) == 2
+
+
+def test_device_argument_of_quantize_and_load(device: torch.device, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``quantize_model(device=)`` moves the copy there (the float model stays put) and the report says where;
+    ``load_quantized(device=)`` puts the file's bit-identical tensors there."""
+    from dfquant.io.load import load_quantized
+    from dfquant.io.save import save_quantized
+
+    torch.manual_seed(0)
+    model = mlp(32, 64, 10)
+    q, report = quantize_model(model, QuantConfig(LayerRule("minmax", 4, "group:16")), device=device)
+    assert report.device == str(torch.device(device.type, 0) if device.type == "cuda" else device)
+    assert all(t.device.type == device.type for t in q.state_dict().values())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert f"device: {report.device}" in report.to_text() and report.to_dict()["device"] == report.device
+    path = save_quantized(q, tmp_path / "m.safetensors", source={"kind": "test"}, report=report)
+    back, _ = load_quantized(path, build=lambda src: mlp(32, 64, 10), device=device)
+    for k, v in q.state_dict().items():
+        got = back.state_dict()[k]
+        assert got.device.type == device.type and torch.equal(got.cpu(), v.cpu()), k
+    x = torch.randn(4, 32)
+    assert torch.equal(back(x.to(device)).cpu(), q(x.to(device)).cpu())
+
+
+def test_a_device_the_machine_lacks_is_refused_before_any_work() -> None:
+    from dfquant.errors import ConfigError
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError, match=f"cuda:{count}"):
+        quantize_model(mlp(8, 8, 2), device=f"cuda:{count}")

@@ -170,3 +170,15 @@ def test_synthetic_laplace_is_finite_at_the_edges() -> None:
     torch.manual_seed(0)
     big = laplace_from_uniform(torch.rand(1_000_000), 1.0)
     assert float(big.std()) == pytest.approx(1.0, rel=0.01)
+
+
+def test_device_of_a_streamed_run(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The summary and report say where the weights were quantized; a GPU is driven by one process, so
+    more workers with a CUDA device are refused before any tensor is read."""
+    res = quantize_sharded(ckpt, tmp_path / "out", CFG, device="cpu")
+    assert res.summary()["device"] == "cpu" and res.report.device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="driven by one process"):
+        quantize_sharded(ckpt, tmp_path / "out2", CFG, device="cuda", workers=2)
+    assert not (tmp_path / "out2").exists()
