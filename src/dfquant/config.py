@@ -69,6 +69,7 @@ from typing import Any
 import torch
 
 from dfquant.errors import ConfigError
+from dfquant.methods.rotate import parse_rotation
 from dfquant.nn.terms import term_layout
 from dfquant.quantizers.base import Quantizer
 from dfquant.quantizers.granularity import Granularity
@@ -234,6 +235,7 @@ RULE_FIELDS: dict[str, Callable[[object, str], Any]] = {
     "outliers": _check_outliers,
     "outlier_select": _check_outlier_select,
     "residual_quantizer": _check_optional_str("residual_quantizer"),
+    "rotate": lambda v, where: parse_rotation(v, where),
 }
 _RULE_KEYS = tuple(RULE_FIELDS)
 _PATTERN_KEYS = ("pattern", *_RULE_KEYS)
@@ -283,6 +285,9 @@ class LayerRule:
         expand: residual expansion order ``K`` (1: plain quantization), see :mod:`dfquant.methods.rex`.
         sparsity: fraction of output channels dropped from each expansion order ``k >= 2`` (0: dense), a budget
             split across layers by :attr:`QuantConfig.sparsity_split`.
+        rotate: ``"none"`` or ``"hadamard[:B]"``: quantize ``W R^T`` for a random block Walsh-Hadamard ``R``
+            along the fan-in (blocks of ``B``, default 64) and decode ``Q R`` (:mod:`dfquant.methods.rotate`);
+            stored in normal form ``"hadamard:B"``.
     """
 
     quantizer: str = "minmax"
@@ -298,6 +303,7 @@ class LayerRule:
     outliers: float = 0.0
     outlier_select: str = "global"
     residual_quantizer: str | None = None
+    rotate: str = "none"
 
     def __post_init__(self) -> None:
         _normalize(self, "layer rule", skip_none=False)
@@ -389,6 +395,7 @@ class PatternRule:
     outliers: float | None = None
     outlier_select: str | None = None
     residual_quantizer: str | None = None
+    rotate: str | None = None
 
     def __post_init__(self) -> None:
         where = f"rule '{self.pattern}'"

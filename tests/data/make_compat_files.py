@@ -9,7 +9,8 @@ For each version ``V`` it writes:
 * ``format_vV_compat.safetensors``: :class:`CompatNet` quantized with one rule per layer, covering
   ``minmax`` (integer grid, per channel), ``lloyd-max`` with stacked per-group tables (Gaussian and Laplace
   groups mixed), ``nf4`` in groups, ``statq`` on the FP4 E2M1 grid, a residual expansion of order 2 (REx),
-  and a quantized token embedding, with a folded BatchNorm;
+  and a quantized token embedding, with a folded BatchNorm; from version 3, rotated layers (a convolution
+  whose fan-in 27 takes blocks 16, 8, 2 and 1, and a ``lloyd-max`` head in blocks of 8);
 * ``format_vV_compat_expected.safetensors``: fixed inputs (``ids``, ``image``) and the quantized model's
   ``output`` on them.
 
@@ -115,6 +116,9 @@ def config() -> object:
             PatternRule("lloyd", quantizer="lloyd-max", bits=3, granularity="group:8"),
             PatternRule("nf4", quantizer="nf4", bits=4, granularity="group:8", scale_dtype="bfloat16"),
             PatternRule("fp4", quantizer="statq", bits=4, options={"format": "fp4_e2m1"}),
+            # format 3: rotated layers (fan-in 27 = 16 + 8 + 2 + 1 blocks; 16 = 8 + 8)
+            PatternRule("conv", rotate="hadamard:16"),
+            PatternRule("head", quantizer="lloyd-max", bits=3, rotate="hadamard:8"),
         ),
     )
 

@@ -148,6 +148,12 @@ def add_command(sub: Any) -> None:
         help="which weights --outliers keeps: the tensor's largest (global, the default) or each output "
         "channel's largest (row; for language models at 4 bits, where the largest weights must stay exact)",
     )
+    p.add_argument(
+        "--rotate",
+        metavar="none|hadamard[:BLOCK]",
+        help="quantize W R^T for a random block Walsh-Hadamard R along each layer's fan-in (blocks of BLOCK, "
+        "default 64) and decode Q R: heavy-tailed rows become near Gaussian (default none)",
+    )
     p.add_argument("--config", help="JSON file with per-layer rules (see dfquant.config.QuantConfig)")
     p.add_argument("--eval", help="comma-separated tasks: cifar10, stsb, wikitext2, fidelity, pairs")
     p.add_argument("--eval-limit", type=int, help="evaluate on fewer items (windows, pairs, images) for a quick look")

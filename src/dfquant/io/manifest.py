@@ -3,11 +3,11 @@
 The file holds every tensor of the quantized model's state dict: for each quantized layer its terms' packed
 codes, scales, offsets, levels (and channel indices) plus its float bias, and every other tensor as it is
 (float layers, BatchNorms, embeddings left float, ...). The safetensors header metadata holds one entry,
-``"dfquant"``, a JSON manifest (:data:`FORMAT_VERSION` 2)::
+``"dfquant"``, a JSON manifest (:data:`FORMAT_VERSION` 3)::
 
     {
       "format": "dfquant",                  # always this
-      "format_version": 2,
+      "format_version": 3,
       "library_version": "0.1.0",
       "source": {"zoo": "cifar-resnet20"},  # how to build the float skeleton (the caller's dict)
       "layers": {                           # every quantized layer, by qualified name
@@ -43,16 +43,19 @@ Term ``i`` of layer ``NAME`` is stored as (``rows, groups`` from the shape and g
 and the layer's float bias as ``NAME.bias`` (``[out]``, the layer's dtype; an ``embedding`` has none). A value
 decodes as ``levels[table][code] * scale + offset`` computed in float32 (the stored scale and offset converted
 exactly); a layer's weight is the float32 sum of its terms, cast to ``dtype``. An ``embedding`` layer's weight
-is its ``(num_embeddings, embedding_dim)`` table, rows = tokens.
+is its ``(num_embeddings, embedding_dim)`` table, rows = tokens. A layer with the optional entry
+``"rotation": {"kind": "hadamard", "block": B, "seed": S}`` holds terms fitted to ``W R^T``: its weight is that
+sum times ``R`` along the flattened fan-in, computed in float32 as :class:`dfquant.methods.rotate.Rotation`
+defines it (element-wise butterflies, then the signs drawn from ``S`` by torch's CPU generator).
 
 Tied weights: layers that share quantized terms (an output head tied to the token embedding) list their terms
 in full, and their term tensors are stored once, under the first layer's keys; ``aliases`` maps the other
 layer's keys to them. Loading gives the layers the very same term modules again.
 
 Versions: 1 (dfquant 0.1.0) had float32 scales and offsets only, no ``scale_dtype`` term key and no
-``embedding`` layers. 2 adds the three (term metadata must then carry ``scale_dtype``). Files of version 1 are
-still read (their scales and offsets are float32); a version newer than :data:`FORMAT_VERSION` is refused with
-an error naming both versions.
+``embedding`` layers. 2 adds the three (term metadata must then carry ``scale_dtype``). 3 adds the optional
+layer ``rotation``. Files of versions 1 and 2 are still read (version 1's scales and offsets are float32); a
+version newer than :data:`FORMAT_VERSION` is refused with an error naming both versions.
 
 Loading (:func:`load_quantized`) reads and checks the header and the manifest first: the file's size and
 tensor offsets, the format and its version (a newer version than this library reads is refused), every
@@ -83,6 +86,7 @@ from torch import nn
 from dfquant._version import __version__
 from dfquant.errors import ConfigError, FileFormatError
 from dfquant.methods.rex_act import InputSpec
+from dfquant.methods.rotate import Rotation
 from dfquant.nn.act import ActQuant
 from dfquant.nn.base import QUANT_MODULES
 from dfquant.nn.rex import SparseTerm
@@ -90,9 +94,9 @@ from dfquant.nn.terms import DTYPES, QuantTerm
 from dfquant.quantizers.registry import quantizer_class
 
 FORMAT_NAME = "dfquant"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Versions this library reads.
-READ_VERSIONS = (1, 2)
+READ_VERSIONS = (1, 2, 3)
 METADATA_KEY = "dfquant"
 _MAX_HEADER = 100_000_000  # the safetensors limit
 
@@ -141,7 +145,9 @@ _LAYER_KEYS = {"type", "module", "weight_shape", "dtype", "bias", "terms"}
 _LAYER_OPTIONAL = {"outliers", "act"}
 #: Optional layer key (dfquant.qat): the layer's input quantizer, tensors NAME.input_quant.scale / .levels.
 _INPUT_QUANT = "input_quant"
-_LAYER_ALLOWED = _LAYER_KEYS | _LAYER_OPTIONAL | {_INPUT_QUANT}
+#: Optional layer key from format version 3 (dfquant.methods.rotate): the rotation the terms were fitted in.
+_ROTATION = "rotation"
+_LAYER_ALLOWED = _LAYER_KEYS | _LAYER_OPTIONAL | {_INPUT_QUANT, _ROTATION}
 _TERM_KEYS_V1 = {
     "quantizer",
     "bits",
@@ -155,7 +161,7 @@ _TERM_KEYS_V1 = {
     "options",
 }
 #: Term metadata keys by format version.
-_TERM_KEYS = {1: _TERM_KEYS_V1, 2: _TERM_KEYS_V1 | {"scale_dtype"}}
+_TERM_KEYS = {1: _TERM_KEYS_V1, 2: _TERM_KEYS_V1 | {"scale_dtype"}, 3: _TERM_KEYS_V1 | {"scale_dtype"}}
 
 Builder = Callable[[dict[str, Any]], nn.Module]
 
@@ -316,6 +322,15 @@ def check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str, 
         if not isinstance(layer, dict) or not _LAYER_KEYS <= set(layer) <= _LAYER_ALLOWED:
             keys = sorted(layer) if isinstance(layer, dict) else type(layer).__name__
             raise fail(path, f"{where}: metadata keys must be {sorted(_LAYER_KEYS)}, got {keys}")
+        if layer.get(_ROTATION) is not None:
+            if manifest["format_version"] < 3:
+                raise fail(
+                    path, f"{where}: a rotation needs format version 3, the file says {manifest['format_version']}"
+                )
+            try:
+                Rotation.from_meta(layer[_ROTATION])
+            except ConfigError as e:
+                raise fail(path, f"{where}: {e}") from None
         if not isinstance(layer["type"], str) or layer["type"] not in QUANT_MODULES:
             raise fail(path, f"{where}: unknown layer type {layer['type']!r}; known: {', '.join(QUANT_MODULES)}")
         if not isinstance(layer["dtype"], str) or layer["dtype"] not in DTYPES:

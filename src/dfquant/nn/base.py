@@ -18,6 +18,7 @@ from torch import nn
 
 from dfquant.errors import ConfigError, InputError
 from dfquant.methods.rex_act import InputSpec
+from dfquant.methods.rotate import Rotation
 from dfquant.nn.act import ActQuant
 from dfquant.nn.rex import SparseTerm, input_expanded_forward
 from dfquant.nn.terms import DTYPES, QuantTerm, dtype_name
@@ -117,6 +118,8 @@ class QuantModule(nn.Module):
     bias: nn.Parameter | None
     outliers: Any  # a dfquant.nn.rex.SparseTerm or None
     input_quant: ActQuant | None
+    #: The rotation the terms were fitted in (:mod:`dfquant.methods.rotate`): the weight is ``(sum of terms) R``.
+    rotation: Rotation | None
 
     def __init__(
         self,
@@ -137,6 +140,7 @@ class QuantModule(nn.Module):
         self.register_module("outliers", None)
         self.input_spec: Any = None
         self.register_module("input_quant", None)  # an ActQuant set by quantization-aware training (dfquant.qat.fake)
+        self.rotation = None
         for t in terms:
             self.add_term(t)
         if bias is not None:
@@ -187,6 +191,8 @@ class QuantModule(nn.Module):
             w = t.add_to(w)
         if self.outliers is not None:
             w = self.outliers.add_to(w)
+        if self.rotation is not None:
+            w = self.rotation.undo(w)
         return w.to(self.dtype)
 
     def dequantize_weight_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
@@ -243,6 +249,8 @@ class QuantModule(nn.Module):
             sel = (at >= 0).nonzero().reshape(-1)
             flat = w.reshape(-1).index_add(0, at[sel] * cols + src[sel] % cols, res.values().to(device)[sel])
             w = flat.view(w.shape)
+        if self.rotation is not None:  # R acts on each row alone: the rows of (sum) R are (rows of sum) R
+            w = self.rotation.undo(w)
         return w.to(self.dtype)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -325,6 +333,8 @@ class QuantModule(nn.Module):
             meta["act"] = self.input_spec.to_dict()
         if self.input_quant is not None:
             meta["input_quant"] = self.input_quant.meta()
+        if self.rotation is not None:
+            meta["rotation"] = self.rotation.meta()
         return meta
 
     @classmethod
@@ -357,6 +367,8 @@ class QuantModule(nn.Module):
                 mod.input_spec = InputSpec.from_dict(meta["act"])
         if meta.get("input_quant") is not None:
             mod.input_quant = ActQuant.from_meta(meta["input_quant"])
+        if meta.get("rotation") is not None:
+            mod.rotation = Rotation.from_meta(meta["rotation"])
         if meta["bias"] and not sub.has_bias:
             raise ConfigError(f"a {kind} layer has no bias, but the metadata say it has one")
         if meta["bias"]:

@@ -60,6 +60,7 @@ from dfquant.methods.bn import (
 from dfquant.methods.outliers import split_outliers
 from dfquant.methods.rex import expand
 from dfquant.methods.rex_act import InputSpec, choose_input_spec, pair_bits_per_mac
+from dfquant.methods.rotate import Rotation, rotation_block
 from dfquant.nn.base import QuantModule, oriented_weight
 from dfquant.nn.rex import SparseTerm
 from dfquant.nn.terms import QuantTerm
@@ -168,10 +169,16 @@ def quantize_weight(
     Returns:
         The layer's terms (one for plain quantization, ``K`` residual expansion orders otherwise), the first
         order's QTensor, and the sparse outlier residual when the rule has ``outliers``
-        (:mod:`dfquant.methods.outliers`: the bulk is fitted with the outliers clipped), else None.
+        (:mod:`dfquant.methods.outliers`: the bulk is fitted with the outliers clipped), else None. With a
+        ``rotate`` rule all of them hold ``W R^T`` (:func:`layer_rotation`); the layer built from them must carry
+        that rotation.
     """
     assert p.quantizer is not None and p.granularity is not None
     name = p.name or "<root>"
+    rotation = layer_rotation(p)
+    if rotation is not None:  # every term is fitted to W R^T; the layer decodes (sum of terms) R
+        w = rotation.apply(w)
+        importance = None  # per-input-channel weights do not survive the rotation
     if p.rule.outliers > 0:
         bulk, res = split_outliers(
             w,
@@ -200,6 +207,13 @@ def quantize_weight(
     )
     qterms = [QuantTerm.from_qtensor(t.qtensor, options=p.rule.options, channels=t.channels) for t in terms]
     return qterms, terms[0].qtensor, None
+
+
+def layer_rotation(p: LayerPlan) -> Rotation | None:
+    """The rotation of a layer by its rule's ``rotate`` (None for ``"none"``): blocks as the rule says, signs
+    seeded by the layer's name (:meth:`dfquant.methods.rotate.Rotation.for_layer`)."""
+    block = rotation_block(p.rule.rotate)
+    return None if block is None else Rotation.for_layer(block, p.name)
 
 
 def weight_bits_per_mac(qmod: QuantModule) -> float:
@@ -376,6 +390,7 @@ def quantize_model(
             shared[p.name] = owner
             qmod = QuantModule.from_float(layer, new_modules[owner].quant_terms)
             qmod.outliers = new_modules[owner].outliers
+            qmod.rotation = new_modules[owner].rotation
             dists[p.name] = dists[owner]
         else:
             if tie is not None and owner is None:
@@ -388,6 +403,7 @@ def quantize_model(
                 raise type(e)(f"{layer_label(p.name, layer, p.shape)}: {e}") from None
             qmod = QuantModule.from_float(layer, qterms)
             qmod.outliers = sparse
+            qmod.rotation = layer_rotation(p)
             dists[p.name] = dist_summary(qt.info.get("dist"))
         qmod.input_spec = input_specs.get(p.name)
         qmod = qmod.to(w_float.device)
@@ -428,6 +444,7 @@ def quantize_model(
                 act_bits=qmod.input_spec.bits if qmod.input_spec is not None else 32,
                 act=qmod.input_spec.to_dict() if qmod.input_spec is not None else None,
                 outliers=qmod.outliers.count if qmod.outliers is not None else 0,
+                rotate=p.rule.rotate,
             )
         )
         new_modules[p.name] = qmod

@@ -41,6 +41,7 @@ class LayerReport:
             static range and where it comes from), see :mod:`dfquant.methods.rex_act`; with an input
             expansion a MAC costs :func:`~dfquant.methods.rex_act.pair_bits_per_mac` bit products, reported
             as ``weight_bits_per_mac = pair bits / act_bits``. outliers: weights in the sparse outlier residual.
+        rotate: the rule's rotation (``"none"`` or ``"hadamard:B"``, :mod:`dfquant.methods.rotate`).
     """
 
     name: str
@@ -64,6 +65,7 @@ class LayerReport:
     act_bits: int = 32
     act: dict[str, Any] | None = None
     outliers: int = 0
+    rotate: str = "none"
 
 
 @dataclass
@@ -206,6 +208,7 @@ class QuantizationReport:
             if r.order > 1:
                 q += f" (K={r.order}" + (f", {r.sparsity:.0%} sparse)" if r.sparsity > 0 else ")")
             q += f" +{r.outliers} outliers" if r.outliers else ""
+            q += f" rot{r.rotate.partition(':')[2]}" if r.rotate != "none" else ""
             q += f" A{r.act_bits} {r.act['mode']}" if r.act else ""
             q += f" (tied to {r.tied_to})" if r.tied_to else ""
             shape = "x".join(str(s) for s in r.shape)

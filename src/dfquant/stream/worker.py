@@ -33,7 +33,7 @@ from dfquant.io.atomic import write_atomic
 from dfquant.nn.base import QUANT_MODULES
 from dfquant.nn.terms import DTYPES, QuantTerm
 from dfquant.pipeline.plan import LayerPlan
-from dfquant.pipeline.quantize import quantize_weight, realized_sparsity, weight_bits_per_mac
+from dfquant.pipeline.quantize import layer_rotation, quantize_weight, realized_sparsity, weight_bits_per_mac
 from dfquant.pipeline.report import LayerReport, dist_summary
 from dfquant.quantizers.base import Quantizer
 from dfquant.quantizers.granularity import Granularity
@@ -141,6 +141,7 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
         if (
             rule.expand == 1
             and rule.outliers == 0
+            and rule.rotate == "none"
             and gran.kind != "tensor"
             and gran.axis == 0
             and oriented.numel() > BLOCK_ELEMENTS
@@ -158,6 +159,7 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
     for t in terms:
         qmod.add_term(t)
     qmod.outliers = sparse
+    qmod.rotation = layer_rotation(plan)
     if blocked is not None:
         err, den = blocked[1], blocked[2]
     else:
@@ -185,6 +187,7 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
         order=rule.expand,
         sparsity=realized_sparsity(qmod, rule.expand),
         weight_bits_per_mac=weight_bits_per_mac(qmod),
+        rotate=rule.rotate,
     )
     return tensors, meta, report
 

@@ -119,12 +119,44 @@ def _ref_term(term: dict, tensors: dict[str, torch.Tensor], prefix: str) -> torc
     return out.reshape(shape)
 
 
+def _ref_undo_rotation(w: torch.Tensor, rotation: dict) -> torch.Tensor:
+    """``W R`` for ``R = H D`` (format 3): on the flattened fan-in, blocks of ``block`` then the powers of two of
+    the remainder, each by in-place butterflies ``(a, b) -> (a + b, a - b)`` in numpy float32 scaled by
+    ``1/sqrt(B)``, then times the signs drawn from the seed by torch's CPU generator."""
+    rows = w.reshape(w.shape[0], -1).numpy().astype(np.float32).copy()
+    n, block = rows.shape[1], rotation["block"]
+    sizes = [block] * (n // block)
+    rest = n % block
+    while rest:
+        sizes.append(1 << (rest.bit_length() - 1))
+        rest -= sizes[-1]
+    start = 0
+    for b in sizes:
+        x = rows[:, start : start + b]
+        h = 1
+        while h < b:
+            for i in range(0, b, 2 * h):
+                for j in range(i, i + h):
+                    a, c = x[:, j].copy(), x[:, j + h].copy()
+                    x[:, j], x[:, j + h] = a + c, a - c
+            h *= 2
+        if b > 1:
+            x *= np.float32(1.0 / np.sqrt(b))
+        start += b
+    g = torch.Generator().manual_seed(rotation["seed"])
+    signs = (torch.randint(0, 2, (n,), generator=g, dtype=torch.int64) * 2 - 1).numpy().astype(np.float32)
+    return torch.from_numpy(rows * signs).reshape(w.shape)
+
+
 def _ref_weight(layer: dict, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """``0 + term_1 + ... + term_K`` (float32, oriented), as a file defines a layer's weight."""
+    """``(0 + term_1 + ... + term_K) R`` (float32, oriented), as a file defines a layer's weight (``R`` only with
+    a ``rotation`` entry)."""
     w = torch.zeros(tuple(layer["weight_shape"]), dtype=torch.float32)
     for k, term in enumerate(layer["terms"]):
         assert term.get("channels") is None  # the kept files hold whole-tensor terms only
         w = w + _ref_term(term, tensors, f"{name}.terms.{k}.")
+    if layer.get("rotation") is not None:
+        w = _ref_undo_rotation(w, layer["rotation"])
     return w
 
 
@@ -234,6 +266,9 @@ def test_kept_file_covers_the_features_it_was_made_for() -> None:
     assert model.nf4.terms[0].scale.dtype == torch.bfloat16
     assert model.emb.terms[0].scale.dtype == torch.float16
     assert {(f["layer"], f["bn"]) for f in manifest["folded_bn"]} == {("conv", "bn")}
+    assert model.conv.rotation is not None and model.conv.rotation.blocks(27) == [16, 8, 2, 1]
+    assert model.head.rotation is not None and model.head.rotation.block == 8
+    assert manifest["layers"]["head"]["terms"][0]["quantizer"] == "lloyd-max"
 
 
 def test_format_v1_keeps_its_own_conventions() -> None:
