@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,hf,plots,distributed
+EXTRAS ?= dev,hf,plots,distributed,kernels
 # One stamp per set of extras: asking for another set (CI adds `bench`) installs it into the same environment.
 COMMA := ,
 STAMP := $(VENV)/.dfquant-installed-$(subst $(COMMA),-,$(EXTRAS))

@@ -19,6 +19,7 @@ from torch import nn
 from dfquant.errors import ConfigError, InputError
 from dfquant.methods.rex_act import InputSpec
 from dfquant.methods.rotate import Rotation
+from dfquant.nn import kernel
 from dfquant.nn.act import ActQuant
 from dfquant.nn.rex import SparseTerm, input_expanded_forward
 from dfquant.nn.terms import DTYPES, QuantTerm, dtype_name
@@ -88,6 +89,24 @@ M = TypeVar("M", bound="type[QuantModule]")
 
 #: Layer type name (as written in files) -> quantized module class. Files name types only from this table.
 QUANT_MODULES: dict[str, type[QuantModule]] = {}
+#: What :attr:`QuantModule.matmul` may say.
+MATMUL_MODES = ("auto", "decode", "kernel")
+
+
+def set_matmul(model: nn.Module, mode: str) -> int:
+    """Set how every quantized layer of ``model`` multiplies (:data:`MATMUL_MODES`); returns how many layers.
+
+    Raises:
+        ConfigError: another mode.
+    """
+    if mode not in MATMUL_MODES:
+        raise ConfigError(f"matmul must be one of {', '.join(MATMUL_MODES)}, got {mode!r}")
+    count = 0
+    for m in model.modules():
+        if isinstance(m, QuantModule):
+            m.matmul = mode
+            count += 1
+    return count
 
 
 def register_quant_module(cls: M) -> M:
@@ -120,6 +139,11 @@ class QuantModule(nn.Module):
     input_quant: ActQuant | None
     #: The rotation the terms were fitted in (:mod:`dfquant.methods.rotate`): the weight is ``(sum of terms) R``.
     rotation: Rotation | None
+    #: How the layer multiplies (one of :data:`MATMUL_MODES`): ``"auto"`` runs the fused kernel
+    #: (:mod:`dfquant.nn.kernel`) where it can (CUDA inputs, Triton installed, terms it takes) and decodes
+    #: elsewhere; ``"decode"`` always decodes the weight then multiplies; ``"kernel"`` runs the kernel or fails
+    #: naming why (also on CPU tensors under ``TRITON_INTERPRET=1``).
+    matmul: str
 
     def __init__(
         self,
@@ -141,6 +165,8 @@ class QuantModule(nn.Module):
         self.input_spec: Any = None
         self.register_module("input_quant", None)  # an ActQuant set by quantization-aware training (dfquant.qat.fake)
         self.rotation = None
+        self.matmul = "auto"
+        self._kernel_weights: dict[str, list[kernel.KernelWeight]] = {}
         for t in terms:
             self.add_term(t)
         if bias is not None:
@@ -172,6 +198,7 @@ class QuantModule(nn.Module):
         """Drop the cached dequantized weight (it is rebuilt from the terms on the next use)."""
         self._cached = None
         self.__dict__.pop("_order_cache", None)
+        self.__dict__.get("_kernel_weights", {}).clear()
 
     def dequantize_weight(self) -> torch.Tensor:
         """``sum_k term_k`` in oriented layout, summed in float32 in term order starting from zero, then cast
@@ -294,6 +321,7 @@ class QuantModule(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cached"] = None  # a deep copy or pickle never carries the cache
+        state["_kernel_weights"] = {}
         state.pop("_order_cache", None)
         return state
 
@@ -414,7 +442,48 @@ class QuantModule(nn.Module):
             x = self.input_quant(x)
         if self.input_spec is not None:
             return input_expanded_forward(self, x)
+        if self.matmul != "decode":
+            path, why = self.matmul_path(x.device)
+            if path == "kernel":
+                return self._kernel_forward(x)
+            if self.matmul == "kernel":
+                raise ConfigError(f"{self.layer_type} layer {self.weight_shape}: matmul='kernel', but {why}")
         return self._forward(x, self.quantized_weight())
+
+    def matmul_path(self, device: torch.device | str) -> tuple[str, str]:
+        """``("kernel", "")`` when a forward on ``device`` runs the fused kernel, else ``("decode", why)``."""
+        dev = torch.device(device)
+        if self.matmul == "decode":
+            return "decode", "matmul='decode'"
+        if self.layer_type not in ("linear", "hf-conv1d"):
+            return "decode", f"the kernel multiplies linear layers, not {self.layer_type}"
+        if not kernel.available():
+            return "decode", "Triton is not installed (pip install 'dfquant[kernels]')"
+        if dev.type != "cuda" and not (self.matmul == "kernel" and kernel.interpreted()):
+            return "decode", f"a {dev.type} input (the kernel runs on CUDA)"
+        if self.outliers is not None or self.input_spec is not None or self.input_quant is not None:
+            return "decode", "an outlier residual or an input quantizer"
+        if not self.quant_terms:
+            return "decode", "no terms"
+        for t in self.quant_terms:
+            why = kernel.unsupported_reason(t)
+            if why is not None:
+                return "decode", why
+        return "kernel", ""
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``sum_k lut_matmul(R x, term_k) + b``: each term multiplied from its packed codes (repacked once per
+        device), the input rotated first when the terms hold ``W R^T``."""
+        key = str(x.device)
+        kws = self._kernel_weights.get(key)
+        if kws is None:
+            kws = [kernel.pack_for_kernel(t, x.device) for t in self.quant_terms]
+            self._kernel_weights[key] = kws
+        xin = x if self.rotation is None else self.rotation.rotate_input(x).to(x.dtype)
+        y = kernel.lut_matmul(xin, kws[0])
+        for kw in kws[1:]:
+            y = y + kernel.lut_matmul(xin, kw)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -209,6 +209,10 @@ def quantize_weight(
     return qterms, terms[0].qtensor, None
 
 
+def _matmul_label(path: tuple[str, str]) -> str:
+    return path[0] if path[0] == "kernel" else f"decode: {path[1]}"
+
+
 def layer_rotation(p: LayerPlan) -> Rotation | None:
     """The rotation of a layer by its rule's ``rotate`` (None for ``"none"``): blocks as the rule says, signs
     seeded by the layer's name (:meth:`dfquant.methods.rotate.Rotation.for_layer`)."""
@@ -445,6 +449,7 @@ def quantize_model(
                 act=qmod.input_spec.to_dict() if qmod.input_spec is not None else None,
                 outliers=qmod.outliers.count if qmod.outliers is not None else 0,
                 rotate=p.rule.rotate,
+                matmul=_matmul_label(qmod.matmul_path(model_device(qmod))),
             )
         )
         new_modules[p.name] = qmod

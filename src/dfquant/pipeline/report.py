@@ -42,6 +42,8 @@ class LayerReport:
             expansion a MAC costs :func:`~dfquant.methods.rex_act.pair_bits_per_mac` bit products, reported
             as ``weight_bits_per_mac = pair bits / act_bits``. outliers: weights in the sparse outlier residual.
         rotate: the rule's rotation (``"none"`` or ``"hadamard:B"``, :mod:`dfquant.methods.rotate`).
+        matmul: how the layer multiplies on the model's device: ``"kernel"`` (the fused decode-in-matmul kernel,
+            :mod:`dfquant.nn.kernel`) or ``"decode: why"``.
     """
 
     name: str
@@ -66,6 +68,7 @@ class LayerReport:
     act: dict[str, Any] | None = None
     outliers: int = 0
     rotate: str = "none"
+    matmul: str = "decode"
 
 
 @dataclass
@@ -243,6 +246,12 @@ class QuantizationReport:
         t = self.totals()
         lines.append(f"graph: {self.graph_method}" + (f" ({self.graph_note})" if self.graph_note else ""))
         lines.append(f"device: {self.device}")
+        kernel = sum(1 for r in self.layers if r.matmul == "kernel")
+        reasons = sorted({r.matmul.partition(": ")[2] for r in self.layers if r.matmul != "kernel"})
+        lines.append(
+            f"matmul: {kernel} layer(s) in the fused kernel, {len(self.layers) - kernel} decode"
+            + (f" ({'; '.join(reasons)})" if reasons else "")
+        )
         lines.append(
             f"total: {t['quantized_params']:,} of {t['total_params']:,} parameters quantized at "
             f"{t['bits_per_weight']:.3f} bits/weight; quantized weights {t['quantized_bytes']:,} B vs "
