@@ -34,8 +34,9 @@ import torch
 from bench_common import RESULTS, provenance, write_result
 from dfquant.quantizers import get_quantizer, quantizer_class
 
-#: The rules that run on the device (``runs_on_device``); the others fit on the CPU.
-RULES = ("minmax", "mse", "nf4", "mxfp4", "nvfp4")
+#: The rules timed: those that run on the device (``runs_on_device``) and the host rules the comparison needs
+#: (their time includes the copy to the CPU and back).
+RULES = ("minmax", "mse", "nf4", "mxfp4", "nvfp4", "lloyd-optimal", "lloyd-max", "statq")
 SHAPES = ("4096x4096", "11008x4096", "4096x11008")
 GRANULARITY = {"mxfp4": "group:32", "nvfp4": "group:16"}
 

@@ -43,6 +43,8 @@ TABLES = {
     "bench_streaming": "bench_streaming",
     "fuzz_loader": "fuzz_loader",
     "readme_examples": "readme_examples",
+    "rotation_table": "rotation_table",
+    "rule_speed": "rule_speed",
 }
 
 BLOCK = re.compile(r"<!-- results:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S)

@@ -6,9 +6,9 @@ and:
 
 * CIFAR-10 ResNet-20: per output channel, every layer (first and last included); top-1 on the exact first 1017
   test images (the figure ``dfquant quantize cifar-resnet20 --eval cifar10`` prints).
-* MiniLM (all-MiniLM-L6-v2): the linear layers in groups of 64 with float16 scales (and offsets); the pooled relative weight error
-  ``sum ||W_hat - W||^2 / sum ||W||^2`` over those layers, and the data-free fidelity check's mean embedding
-  cosine against the float model (:mod:`dfquant.eval.fidelity`, 64 synthetic sentences).
+* MiniLM (all-MiniLM-L6-v2): the linear layers in groups of 64 with float16 scales (and offsets); the pooled
+  relative weight error ``sum ||W_hat - W||^2 / sum ||W||^2`` over those layers, and the data-free fidelity
+  check's mean embedding cosine against the float model (:mod:`dfquant.eval.fidelity`, 64 synthetic sentences).
 
 ``bits/w`` counts what is stored: codes, scales, offsets and fitted levels over the weights; a rotation stores
 only its block size and seed. No data is used to quantize.

@@ -8,6 +8,7 @@ from dfquant._version import __version__
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.errors import ConfigError, DfquantError, FileFormatError, InputError, ModelError
 from dfquant.grids.formats import Grid, make_grid
+from dfquant.io.hf import arrange_registration, save_hf
 from dfquant.io.load import load_quantized
 from dfquant.io.manifest import read_manifest
 from dfquant.io.save import save_quantized
@@ -39,6 +40,9 @@ __all__ = [
     "quantize_model",
     "read_manifest",
     "register",
+    "save_hf",
     "save_quantized",
     "unpack",
 ]
+
+arrange_registration()  # from_pretrained of dfquant folders (see dfquant.io.hf_quantizer)

@@ -17,6 +17,7 @@ from typing import Any
 from dfquant.config import DEFAULT_GRANULARITY, LayerRule, QuantConfig
 from dfquant.errors import ConfigError
 from dfquant.eval import available_tasks, check_task, evaluate
+from dfquant.io.hf import hf_model_of
 from dfquant.quantizers import quantizer_class
 from dfquant.quantizers.granularity import Granularity
 from dfquant.zoo import load_model
@@ -230,12 +231,16 @@ def parse_sparsity(value: float) -> float:
     return frac
 
 
-def check_out(out: Path) -> None:
-    """Refuse an output path that cannot be written, before any work is done."""
+def check_out(out: Path, fmt: str = "dfquant") -> None:
+    """Refuse an output path that cannot be written, before any work is done (``fmt="hf"``: a folder to create or
+    replace)."""
     folder = out.parent
     if not folder.is_dir():
         raise ConfigError(f"output folder '{folder}' does not exist")
-    if out.is_dir():
+    if fmt == "hf":
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--format hf writes a folder, but '{out}' is a file")
+    elif out.is_dir():
         raise ConfigError(f"output '{out}' is a folder; give a file name such as '{out / 'model.safetensors'}'")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"output folder '{folder}' is not writable")
@@ -282,10 +287,12 @@ def start_quantize(args: argparse.Namespace) -> tuple[list[str], Progress, Any]:
     tasks = parse_tasks(args.eval)
     check_limit(args.eval_limit)
     if args.out:
-        check_out(Path(args.out))
+        check_out(Path(args.out), getattr(args, "format", None) or "dfquant")
     progress = Progress(not (args.quiet or args.json))
     loaded = load_model_arg(args)
     check_tasks(tasks, loaded)
+    if getattr(args, "format", None) == "hf":
+        hf_model_of(loaded.model)  # a model without a transformers model inside fails here, before quantizing
     return tasks, progress, loaded
 
 

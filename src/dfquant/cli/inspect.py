@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from dfquant.cli.common import add_common
+from dfquant.io.hf import is_hf_folder, read_hf_config
 from dfquant.io.manifest import read_manifest
 
 
@@ -30,7 +31,7 @@ def manifest_bits(manifest: dict[str, Any]) -> int | list[int] | None:
 def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     import json
 
-    manifest = read_manifest(args.file)
+    manifest = read_hf_config(args.file)["quantization_config"] if is_hf_folder(args.file) else read_manifest(args.file)
     if not args.json:
         print(json.dumps(manifest, indent=2))
     return manifest

@@ -37,6 +37,7 @@ from dfquant.cli.dfmpc import add_dfmpc_arguments, cmd_quantize_dfmpc
 from dfquant.cli.stream import cmd_stream, wants_stream
 from dfquant.config import parse_device
 from dfquant.graph.modules import state_dict_bytes
+from dfquant.io.hf import save_hf
 from dfquant.io.save import save_quantized
 from dfquant.pipeline.quantize import quantize_model
 from dfquant.report.cost import model_cost
@@ -64,7 +65,10 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     evals = evaluate_tasks(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
     cost = model_cost(loaded, report)
     size_bytes = None
-    if args.out:  # written last: a command that fails leaves no file
+    if args.out and args.format == "hf":  # a folder that from_pretrained loads, written last and atomically
+        folder = save_hf(qmodel, args.out, tokenizer=loaded.tokenizer, source=loaded.source)
+        size_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors")
+    elif args.out:  # written last: a command that fails leaves no file
         path = save_quantized(qmodel, args.out, source=loaded.source, report=report)
         size_bytes = path.stat().st_size
     result = {
@@ -157,7 +161,14 @@ def add_command(sub: Any) -> None:
     p.add_argument("--config", help="JSON file with per-layer rules (see dfquant.config.QuantConfig)")
     p.add_argument("--eval", help="comma-separated tasks: cifar10, stsb, wikitext2, fidelity, pairs")
     p.add_argument("--eval-limit", type=int, help="evaluate on fewer items (windows, pairs, images) for a quick look")
-    p.add_argument("--out", help="write the quantized model to this .safetensors file")
+    p.add_argument("--out", help="write the quantized model to this .safetensors file (--format hf: this folder)")
+    p.add_argument(
+        "--format",
+        choices=("dfquant", "hf"),
+        default="dfquant",
+        help="--out as one dfquant .safetensors file (default), or as a Hugging Face folder that "
+        "transformers' from_pretrained loads (config.json with quantization_config, tokenizer, weights)",
+    )
     p.add_argument("--checkpoint", help="weights file for zoo models that take one (cifar-resnet*)")
     p.add_argument("--builder", help="module:callable building the architecture of a .safetensors state dict")
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm layers separate")

@@ -31,6 +31,8 @@ def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.out:
         raise ConfigError(f"streaming '{args.model}' needs --out OUTDIR (the output folder)")
+    if getattr(args, "format", "dfquant") != "dfquant":
+        raise ConfigError(f"streaming writes dfquant shards; --format {args.format} takes a model that fits in memory")
     if args.eval:
         raise ConfigError(f"streaming does not evaluate; run 'dfquant eval {args.out} --eval {args.eval}' afterwards")
     if args.workers is not None and args.workers < 1:
