@@ -17,6 +17,7 @@ from typing import Any
 from dfquant.config import DEFAULT_GRANULARITY, LayerRule, QuantConfig
 from dfquant.errors import ConfigError
 from dfquant.eval import available_tasks, check_task, evaluate
+from dfquant.io.gguf_out import gguf_template
 from dfquant.io.hf import hf_model_of
 from dfquant.quantizers import quantizer_class
 from dfquant.quantizers.granularity import Granularity
@@ -293,6 +294,8 @@ def start_quantize(args: argparse.Namespace) -> tuple[list[str], Progress, Any]:
     check_tasks(tasks, loaded)
     if getattr(args, "format", None) == "hf":
         hf_model_of(loaded.model)  # a model without a transformers model inside fails here, before quantizing
+    if getattr(args, "format", None) == "gguf":
+        gguf_template(loaded.source)  # so does a model not loaded from a GGUF file
     return tasks, progress, loaded
 
 

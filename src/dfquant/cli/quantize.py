@@ -37,6 +37,7 @@ from dfquant.cli.dfmpc import add_dfmpc_arguments, cmd_quantize_dfmpc
 from dfquant.cli.stream import cmd_stream, wants_stream
 from dfquant.config import parse_device
 from dfquant.graph.modules import state_dict_bytes
+from dfquant.io.gguf_out import save_gguf
 from dfquant.io.hf import save_hf
 from dfquant.io.save import save_quantized
 from dfquant.pipeline.quantize import quantize_model
@@ -65,7 +66,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     evals = evaluate_tasks(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
     cost = model_cost(loaded, report)
     size_bytes = None
-    if args.out and args.format == "hf":  # a folder that from_pretrained loads, written last and atomically
+    if args.out and args.format == "gguf":  # llama.cpp's format, each layer in its exact type (or refused)
+        size_bytes = save_gguf(qmodel, args.out, loaded.source, name=str(args.model)).stat().st_size
+    elif args.out and args.format == "hf":  # a folder that from_pretrained loads, written last and atomically
         folder = save_hf(qmodel, args.out, tokenizer=loaded.tokenizer, source=loaded.source)
         size_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors")
     elif args.out:  # written last: a command that fails leaves no file
@@ -164,10 +167,12 @@ def add_command(sub: Any) -> None:
     p.add_argument("--out", help="write the quantized model to this .safetensors file (--format hf: this folder)")
     p.add_argument(
         "--format",
-        choices=("dfquant", "hf"),
+        choices=("dfquant", "hf", "gguf"),
         default="dfquant",
-        help="--out as one dfquant .safetensors file (default), or as a Hugging Face folder that "
-        "transformers' from_pretrained loads (config.json with quantization_config, tokenizer, weights)",
+        help="--out as one dfquant .safetensors file (default); a Hugging Face folder that transformers' "
+        "from_pretrained loads (config.json with quantization_config, tokenizer, weights); or a GGUF file for "
+        "llama.cpp (LLaMA models loaded from GGUF; settings with an exact GGUF type only: Q4_0, Q4_1, Q5_0, Q5_1, "
+        "Q8_0, IQ4_NL in groups of 32 with float16 scales)",
     )
     p.add_argument("--checkpoint", help="weights file for zoo models that take one (cifar-resnet*)")
     p.add_argument("--builder", help="module:callable building the architecture of a .safetensors state dict")

@@ -15,7 +15,9 @@ Families (``make_grid(family, bits)``):
   ``fp8_e5m2`` (IEEE-like, max 57344), ``fp6_e3m2`` (max 28), ``fp6_e2m3`` (max 7.5), ``fp4_e2m1``
   (levels ±{0, .5, 1, 1.5, 2, 3, 4, 6}). Positive and negative zero share one level.
 * codebooks: ``nf4`` (QLoRA, Dettmers et al. 2023), ``lloyd-gaussian`` / ``lloyd-laplace`` (Lloyd-Max levels of
-  the unit-variance source, see :mod:`dfquant.grids.lloyd_max`), ``apot`` (additive powers of two, Li et al. ICLR 2020).
+  the unit-variance source, see :mod:`dfquant.grids.lloyd_max`), ``apot`` (additive powers of two, Li et al. ICLR 2020),
+  ``iq4_nl`` (llama.cpp's 4-bit non-linear table ``kvalues_iq4nl``, in its own integer units, so that a file of it
+  maps exactly onto GGUF's IQ4_NL type).
 
 Encoding is round-to-nearest and saturating (values beyond the extreme levels take the extreme level), with ties
 going to the level whose distance (in levels) from zero is even, i.e. round-half-to-even for integer and
@@ -66,8 +68,11 @@ NF4_LEVELS: tuple[float, ...] = (
     1.0,
 )
 
+#: llama.cpp's IQ4_NL levels (ggml ``kvalues_iq4nl``): a non-uniform 16-level table, denser near zero.
+IQ4_NL_LEVELS: tuple[float, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
 INT_FAMILIES = ("int", "int-sym", "int-mr", "uint")
-CODEBOOK_FAMILIES = ("nf4", "lloyd-gaussian", "lloyd-laplace", "apot")
+CODEBOOK_FAMILIES = ("nf4", "iq4_nl", "lloyd-gaussian", "lloyd-laplace", "apot")
 FAMILIES = INT_FAMILIES + tuple(MINIFLOATS) + CODEBOOK_FAMILIES
 
 
@@ -272,6 +277,10 @@ def make_grid(family: str, bits: int | None = None) -> Grid:
         if b not in (None, 4):
             raise ConfigError(f"grid 'nf4' is 4 bits wide, got bits={b}")
         return Grid("nf4", "nf4", "codebook", 4, NF4_LEVELS)
+    if fam == "iq4_nl":
+        if b not in (None, 4):
+            raise ConfigError(f"grid 'iq4_nl' is 4 bits wide, got bits={b}")
+        return Grid("iq4_nl", "iq4_nl", "codebook", 4, tuple(float(v) for v in IQ4_NL_LEVELS))
     if b is None:
         raise ConfigError(f"grid family '{fam}' needs a bit-width")
     if not 1 <= b <= 8:

