@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import require_module
-from dfquant.io.gguf_out import GGUF_TYPES, pack_blocks, exact_gguf_type
+from dfquant.io.gguf_out import GGUF_TYPES, exact_gguf_type, pack_blocks
 from dfquant.nn.terms import QuantTerm
 from dfquant.quantizers import get_quantizer
 from dfquant.quantizers.packing import unpack
