@@ -90,7 +90,7 @@ M = TypeVar("M", bound="type[QuantModule]")
 #: Layer type name (as written in files) -> quantized module class. Files name types only from this table.
 QUANT_MODULES: dict[str, type[QuantModule]] = {}
 #: What :attr:`QuantModule.matmul` may say.
-MATMUL_MODES = ("auto", "decode", "kernel")
+MATMUL_MODES = ("auto", "decode", "kernel", "int4")
 
 
 def set_matmul(model: nn.Module, mode: str) -> int:
@@ -142,7 +142,8 @@ class QuantModule(nn.Module):
     #: How the layer multiplies (one of :data:`MATMUL_MODES`): ``"auto"`` runs the fused kernel
     #: (:mod:`dfquant.nn.kernel`) where it can (CUDA inputs, Triton installed, terms it takes) and decodes
     #: elsewhere; ``"decode"`` always decodes the weight then multiplies; ``"kernel"`` runs the kernel or fails
-    #: naming why (also on CPU tensors under ``TRITON_INTERPRET=1``).
+    #: naming why (also on CPU tensors under ``TRITON_INTERPRET=1``); ``"int4"`` runs torch's int4 CPU kernel
+    #: (uniform 4-bit grids; bfloat16 inputs, see :mod:`dfquant.nn.kernel`) or fails naming why.
     matmul: str
 
     def __init__(
@@ -166,7 +167,7 @@ class QuantModule(nn.Module):
         self.register_module("input_quant", None)  # an ActQuant set by quantization-aware training (dfquant.qat.fake)
         self.rotation = None
         self.matmul = "auto"
-        self._kernel_weights: dict[str, list[kernel.KernelWeight]] = {}
+        self._kernel_weights: dict[str, list[Any]] = {}
         for t in terms:
             self.add_term(t)
         if bias is not None:
@@ -340,6 +341,17 @@ class QuantModule(nn.Module):
         extra = self.outliers.nbytes() if self.outliers is not None else 0
         return sum(t.nbytes() for t in self.quant_terms) + extra
 
+    def resident_bytes(self) -> int:
+        """Bytes the layer keeps for its weight now: the terms (:meth:`nbytes`), plus the cached decoded weight
+        and the kernels' repacked copies when present."""
+        total = self.nbytes()
+        if self._cached is not None:
+            total += self._cached.numel() * self._cached.element_size()
+        for packed in self._kernel_weights.values():
+            for w in packed:
+                total += sum(t.numel() * t.element_size() for t in vars(w).values() if isinstance(t, torch.Tensor))
+        return total
+
     # -- description ----------------------------------------------------------------------------------------
     def module_args(self) -> dict[str, Any]:
         """JSON-ready constructor arguments of the float layer (sizes, stride, padding, ...)."""
@@ -446,8 +458,10 @@ class QuantModule(nn.Module):
             path, why = self.matmul_path(x.device)
             if path == "kernel":
                 return self._kernel_forward(x)
-            if self.matmul == "kernel":
-                raise ConfigError(f"{self.layer_type} layer {self.weight_shape}: matmul='kernel', but {why}")
+            if path == "int4":
+                return self._int4_forward(x)
+            if self.matmul in ("kernel", "int4"):
+                raise ConfigError(f"{self.layer_type} layer {self.weight_shape}: matmul={self.matmul!r}, but {why}")
         return self._forward(x, self.quantized_weight())
 
     def matmul_path(self, device: torch.device | str) -> tuple[str, str]:
@@ -457,12 +471,19 @@ class QuantModule(nn.Module):
             return "decode", "matmul='decode'"
         if self.layer_type not in ("linear", "hf-conv1d"):
             return "decode", f"the kernel multiplies linear layers, not {self.layer_type}"
+        if self.outliers is not None or self.input_spec is not None or self.input_quant is not None:
+            return "decode", "an outlier residual or an input quantizer"
+        if self.matmul == "int4":
+            if dev.type != "cpu":
+                return "decode", f"a {dev.type} input (the int4 kernel runs on the CPU)"
+            if len(self.quant_terms) != 1:
+                return "decode", f"{len(self.quant_terms)} terms (the int4 kernel takes one)"
+            why_int4 = kernel.int4_cpu_reason(self.quant_terms[0])
+            return ("int4", "") if why_int4 is None else ("decode", why_int4)
         if not kernel.available():
             return "decode", "Triton is not installed (pip install 'dfquant[kernels]')"
         if dev.type != "cuda" and not (self.matmul == "kernel" and kernel.interpreted()):
             return "decode", f"a {dev.type} input (the kernel runs on CUDA)"
-        if self.outliers is not None or self.input_spec is not None or self.input_quant is not None:
-            return "decode", "an outlier residual or an input quantizer"
         if not self.quant_terms:
             return "decode", "no terms"
         for t in self.quant_terms:
@@ -470,6 +491,16 @@ class QuantModule(nn.Module):
             if why is not None:
                 return "decode", why
         return "kernel", ""
+
+    def _int4_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """torch's int4 CPU kernel on the one term (repacked once), the input rotated first when needed."""
+        packed = self._kernel_weights.get("int4")
+        if packed is None:
+            packed = [kernel.pack_int4_cpu(self.quant_terms[0])]
+            self._kernel_weights["int4"] = packed
+        xin = x if self.rotation is None else self.rotation.rotate_input(x).to(x.dtype)
+        y = kernel.int4_cpu_matmul(xin, packed[0])
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``sum_k lut_matmul(R x, term_k) + b``: each term multiplied from its packed codes (repacked once per

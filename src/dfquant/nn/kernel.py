@@ -21,6 +21,11 @@ scale (and offset), and accumulates ``x_tile @ w_tile^T`` in float32 with ``tl.d
 On a CUDA tensor it runs on the GPU. Triton's interpreter (``TRITON_INTERPRET=1``, set before Triton is
 imported) runs the same kernel on CPU tensors, which is how the tests check it on machines without a GPU.
 Triton is optional (the ``kernels`` extra): without it, :func:`available` is False and layers decode.
+
+On the CPU, uniform 4-bit terms (the ``uint4`` grid with offsets, or ``int4`` without, groups of 32 to 256) can run
+in torch's own int4 kernel instead (:func:`pack_int4_cpu`, :func:`int4_cpu_matmul`; ``matmul="int4"`` on a layer):
+it reads the packed codes, but takes its input and its scales in bfloat16, so its outputs differ from the decode
+path's by bfloat16 rounding (about 3 significant digits), which is why a layer uses it only when asked.
 """
 
 from __future__ import annotations
@@ -37,7 +42,19 @@ from dfquant.errors import ConfigError
 from dfquant.nn.terms import QuantTerm, term_layout
 from dfquant.quantizers.packing import unpack
 
-__all__ = ["KernelWeight", "available", "interpreted", "lut_matmul", "pack_for_kernel", "unsupported_reason"]
+__all__ = [
+    "INT4_CPU_GROUPS",
+    "Int4CpuWeight",
+    "KernelWeight",
+    "available",
+    "int4_cpu_matmul",
+    "int4_cpu_reason",
+    "interpreted",
+    "lut_matmul",
+    "pack_for_kernel",
+    "pack_int4_cpu",
+    "unsupported_reason",
+]
 
 
 def available() -> bool:
@@ -246,3 +263,76 @@ def describe(kw: KernelWeight) -> dict[str, Any]:
     nbytes += 0 if kw.offset is None else kw.offset.numel() * 4
     nbytes += 0 if kw.table is None else kw.table.numel() * 4
     return {"bits": kw.bits, "group": kw.group, "n": kw.n, "k": kw.k, "bytes": nbytes}
+
+
+# -- the CPU path: torch's int4 kernel for uniform 4-bit grids ---------------------------------------------------
+
+#: Group sizes torch's int4 CPU kernel takes.
+INT4_CPU_GROUPS = (32, 64, 128, 256)
+
+
+@dataclass
+class Int4CpuWeight:
+    """One term in the layout of ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (tinygemm's convention,
+    ``w = (q - 8) * scale + zero`` per group), built by :func:`pack_int4_cpu`.
+
+    Attributes:
+        packed: the packed 4-bit codes. scale_zero: bfloat16 ``(K / G, N, 2)``. group, n, k: group length, sizes.
+    """
+
+    packed: torch.Tensor
+    scale_zero: torch.Tensor
+    group: int
+    n: int
+    k: int
+
+
+def int4_cpu_reason(term: QuantTerm) -> str | None:
+    """Why ``term`` cannot run in torch's int4 CPU kernel (None when it can): 4-bit codes on the ``uint4`` grid
+    with offsets (``--options grid=uint``) or the ``int4`` grid without, in groups of 32 to 256 along the inputs."""
+    why = unsupported_reason(term)
+    if why is not None:
+        return why
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return "this torch has no int4 CPU kernel"
+    if term.bits != 4 or term.levels.dim() != 1:
+        return f"{term.bits}-bit codes with {'per-group tables' if term.levels.dim() != 1 else 'a table'}"
+    levels = [float(v) for v in term.levels.tolist()]
+    uint = levels == [float(v) for v in range(16)] and term.offset is not None
+    sint = levels == [float(v) for v in range(-8, 8)] and term.offset is None
+    if not (uint or sint):
+        return "levels other than the uint4 grid with offsets or the int4 grid without (the int4 kernel's)"
+    group = term.granularity.group_size or term.shape[1]
+    if group not in INT4_CPU_GROUPS or term.shape[1] % group:
+        return f"groups of {group} (the int4 kernel takes {', '.join(map(str, INT4_CPU_GROUPS))})"
+    return None
+
+
+def pack_int4_cpu(term: QuantTerm) -> Int4CpuWeight:
+    """``term`` in the int4 CPU kernel's layout: codes ``q`` as they are (uint4: ``w = q s + o = (q - 8) s + (o +
+    8 s)``; int4: code ``q`` is level ``q - 8``, so ``zero = 0``), scales and zeros in bfloat16 (the kernel's).
+
+    Raises:
+        ConfigError: a term the kernel does not take (see :func:`int4_cpu_reason`).
+    """
+    why = int4_cpu_reason(term)
+    if why is not None:
+        raise ConfigError(f"the int4 CPU kernel does not take {why}")
+    rows, cols, _ = term_layout(term.shape, term.granularity)
+    codes = unpack(term.packed, term.bits, term.numel).view(rows, cols).to(torch.int32).cpu()
+    group = term.granularity.group_size or cols
+    scale = term.scale.to(torch.float32).cpu()
+    zero = torch.zeros_like(scale) if term.offset is None else term.offset.to(torch.float32).cpu() + 8 * scale
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
+    scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return Int4CpuWeight(packed=packed, scale_zero=scale_zero, group=group, n=rows, k=cols)
+
+
+def int4_cpu_matmul(x: torch.Tensor, w: Int4CpuWeight) -> torch.Tensor:
+    """``x W_hat^T`` by torch's int4 CPU kernel: ``x`` rounded to bfloat16 (the kernel's input), the result in
+    ``x``'s dtype, shape ``(..., N)``."""
+    lead = x.shape[:-1]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.reshape(-1, w.k).to(torch.bfloat16), w.packed, w.group, w.scale_zero
+    )
+    return y.to(x.dtype).reshape(*lead, w.n)
