@@ -11,7 +11,7 @@ one run (median of ``--repeats`` calls after warm-up, ``--threads`` threads):
 * ``int4``: ``matmul="int4"`` (torch's int4 CPU kernel on the packed codes; bfloat16 inputs and scales).
 
 Memory is what each path keeps resident for the linear weights (float32 weights; packed codes, scales and
-offsets; plus the cache; or the int4 kernel's packed codes and bfloat16 scales), as a fraction of float. The
+offsets; plus the cache; plus the int4 kernel's repacked codes and bfloat16 scales), as a fraction of float. The
 embedding cosine of each path against the float model on the STS-B-style sentence says what the path costs in
 accuracy.
 
@@ -56,21 +56,13 @@ def timed(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def resident_bytes(model: torch.nn.Module, path: str) -> int:
-    """Bytes the linear layers keep for their weights on ``path``."""
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes the linear layers keep for their weights (:meth:`QuantModule.resident_bytes`: terms, cache, kernel
+    copies; a float layer's weight)."""
     total = 0
     for m in model.modules():
         if isinstance(m, QuantModule):
-            if path == "int4":
-                total += sum(
-                    t.numel() * t.element_size()
-                    for w in m._kernel_weights.get("int4", [])
-                    for t in (w.packed, w.scale_zero)
-                )
-            else:
-                total += m.nbytes()
-                if path == "cache" and m._cached is not None:
-                    total += m._cached.numel() * m._cached.element_size()
+            total += m.resident_bytes()
         elif isinstance(m, torch.nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
     return total
@@ -115,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.no_grad():
         ref = float_model(*inputs)
         float_s = timed(lambda: float_model(*inputs), args.repeats)
-        float_mem = resident_bytes(float_model, "float")
+        float_mem = resident_bytes(float_model)
         rows = [{"path": "float", "seconds": float_s, "vs_float": 1.0, "memory_vs_float": 1.0, "cosine": 1.0}]
         for label, mode, cache in (("decode", "decode", False), ("cache", "decode", True), ("int4", "int4", False)):
             set_matmul(model, mode)
@@ -130,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "path": label,
                     "seconds": seconds,
                     "vs_float": seconds / float_s,
-                    "memory_vs_float": resident_bytes(model, label) / float_mem,
+                    "memory_vs_float": resident_bytes(model) / float_mem,
                     "cosine": float(F.cosine_similarity(out.double(), ref.double(), dim=-1).mean()),
                 }
             )
