@@ -45,6 +45,8 @@ TABLES = {
     "readme_examples": "readme_examples",
     "rotation_table": "rotation_table",
     "rule_speed": "rule_speed",
+    "gguf_llamacpp": "gguf_llamacpp",
+    "cpu_latency": "cpu_latency",
 }
 
 BLOCK = re.compile(r"<!-- results:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S)

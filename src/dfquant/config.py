@@ -23,8 +23,15 @@ The JSON form (``QuantConfig.from_dict`` / ``from_file`` / ``to_dict``)::
       "fold_bn": true,
       "bias_correction": true,
       "strict": false,
-      "sparsity_split": "linear"
+      "sparsity_split": "linear",
+      "budget": null,
+      "budget_bits": [2, 3, 4, 5, 6, 8]
     }
+
+``budget`` (default null) is a target of stored bits per weight over the quantized layers (codes, scales,
+offsets and levels counted, as the report counts them): each layer then takes the bits from ``budget_bits``
+(and, when its rule rotates, the rotation on or off) that minimize the predicted output error
+(:mod:`dfquant.methods.allocate`); the rest of its rule stays.
 
 ``scale_dtype`` (``"float32"``, the default, ``"float16"`` or ``"bfloat16"``) is the dtype per-group scales
 and offsets are stored in: it is part of the rule because it changes both the codes (scales are rounded before
@@ -111,7 +118,9 @@ def parse_device(spec: str | torch.device | None, what: str = "device") -> torch
     return torch.device("cuda", index)
 
 
-_CONFIG_KEYS = ("default", "rules", "fold_bn", "bias_correction", "strict", "sparsity_split")
+_CONFIG_KEYS = ("default", "rules", "fold_bn", "bias_correction", "strict", "sparsity_split", "budget", "budget_bits")
+#: The bit widths a layer may take under a budget, unless the config names others.
+BUDGET_BITS = (2, 3, 4, 5, 6, 8)
 #: How a rule's expansion sparsity is split across layers (see :data:`dfquant.methods.rex.SPLIT_RULES`).
 SPARSITY_SPLITS = ("linear", "uniform")
 
@@ -467,6 +476,8 @@ class QuantConfig:
         strict: raise instead of warning when a layer is left in float.
         sparsity_split: how each rule's expansion sparsity is split across its layers: ``"linear"`` in depth
             (more kept toward the head) or ``"uniform"``.
+        budget: stored bits per weight for the data-free bit allocation (None: every layer keeps its rule's bits).
+        budget_bits: the bit widths a layer may take under ``budget``.
     """
 
     default: LayerRule = field(default_factory=LayerRule)
@@ -475,6 +486,8 @@ class QuantConfig:
     bias_correction: bool = True
     strict: bool = False
     sparsity_split: str = "linear"
+    budget: float | None = None
+    budget_bits: tuple[int, ...] = BUDGET_BITS
 
     def __post_init__(self) -> None:
         if not isinstance(self.default, LayerRule):
@@ -489,6 +502,22 @@ class QuantConfig:
             raise ConfigError(
                 f"config: 'sparsity_split' must be one of {', '.join(SPARSITY_SPLITS)}, got {self.sparsity_split!r}"
             )
+        if self.budget is not None:
+            b = self.budget
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 64:
+                raise ConfigError(f"config: 'budget' must be a number of bits per weight in (0, 64], got {b!r}")
+            object.__setattr__(self, "budget", float(b))
+        bits = self.budget_bits
+        if (
+            isinstance(bits, (str, bytes))
+            or not isinstance(bits, Iterable)
+            or not (bits := tuple(bits))
+            or not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 16 for x in bits)
+        ):
+            raise ConfigError(
+                f"config: 'budget_bits' must be a non-empty list of bit widths from 1 to 16, got {self.budget_bits!r}"
+            )
+        object.__setattr__(self, "budget_bits", tuple(sorted(set(bits))))
 
     def rule_for(self, name: str) -> LayerRule:
         """The resolved rule of the layer called ``name`` (qualified module name)."""
@@ -516,7 +545,7 @@ class QuantConfig:
         if not isinstance(raw_rules, list):
             raise ConfigError(f"config: 'rules' must be a list of objects, got {type(raw_rules).__name__}")
         rules = tuple(PatternRule.from_dict(r, f"rule #{i}") for i, r in enumerate(raw_rules))
-        flags = {k: d[k] for k in ("fold_bn", "bias_correction", "strict", "sparsity_split") if k in d}
+        flags = {k: d[k] for k in _CONFIG_KEYS[2:] if k in d}
         return cls(default=default, rules=rules, **flags)
 
     @classmethod
@@ -549,4 +578,6 @@ class QuantConfig:
             "bias_correction": self.bias_correction,
             "strict": self.strict,
             "sparsity_split": self.sparsity_split,
+            "budget": self.budget,
+            "budget_bits": list(self.budget_bits),
         }

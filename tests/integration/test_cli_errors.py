@@ -171,6 +171,13 @@ CASES = {
     "device-the-machine-lacks": ([*Q, "--device", "cuda:7"], "use --device cpu or auto"),
     "eval-unknown-device": (["eval", "{good.safetensors}", B, "--device", "gpu"], "--device must be one of"),
     "dfmpc-on-a-named-device": ([*Q, "--method", "dfmpc", "--device", "cuda:7"], "cuda:7"),
+    # bit budgets
+    "budget-zero": ([*Q, "--budget", "0"], "'budget' must be a number of bits per weight in (0, 64], got 0"),
+    "budget-bits-without-budget": ([*Q, "--budget-bits", "2,3"], "give --budget too"),
+    "budget-bits-not-numbers": ([*Q, "--budget", "3", "--budget-bits", "two"], "--budget-bits must be"),
+    "budget-bits-out-of-range": ([*Q, "--budget", "3", "--budget-bits", "0,4"], "bit widths from 1 to 16"),
+    "budget-without-synthetic-inputs": ([*Q, "--budget", "3"], "input shape"),
+    "dfmpc-with-budget": ([*Q, "--method", "dfmpc", "--budget", "3"], "not --budget"),
     # options of the --method rule
     "options-not-key-value": ([*Q, "--method", "mse", "--options", "weighting"], "--options: expected KEY=VALUE"),
     "options-unknown-key": (

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import require_package
 from dfquant.cli.main import main
@@ -52,6 +53,14 @@ def test_smollm2_gguf_is_exact(tmp_path: Path) -> None:
         types[part or t.name] = t.tensor_type.name
     assert types["attn_q"] == "Q4_1" and types["ffn_down"] == "Q4_0" and types["token_embd.weight"] == "F32"
     assert len(report.layers) == 30 * 7 + 1  # every block's projections and the (untied) head
+    # the source ties the head to token_embd: the quantized head is written as its own output.weight
+    assert types["output.weight"] == "Q4_1"
+    # a head tied to the float embedding again needs no output.weight (llama.cpp reads token_embd)
+    embed = q.get_submodule("model.embed_tokens")
+    q.lm_head = torch.nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False)
+    q.lm_head.weight = embed.weight
+    names = {t.name for t in GGUFReader(str(save_gguf(q, tmp_path / "tied.gguf", loaded.source))).tensors}
+    assert "output.weight" not in names and "token_embd.weight" in names
 
 
 def test_a_setting_without_an_exact_type_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

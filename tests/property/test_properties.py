@@ -7,11 +7,11 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dfquant.grids.formats import FAMILIES, MINIFLOATS, make_grid
+from dfquant.grids.formats import FAMILIES, FIXED_WIDTH_FAMILIES, make_grid
 from dfquant.quantizers import available, get_quantizer
 from dfquant.quantizers.packing import pack, packed_nbytes, unpack
 
-FIXED = [*MINIFLOATS, "nf4"]
+FIXED = list(FIXED_WIDTH_FAMILIES)
 SIZED = [f for f in FAMILIES if f not in FIXED and f not in ("int-sym",)]
 grid_strategy = st.one_of(
     st.sampled_from(FIXED).map(lambda f: make_grid(f)),

@@ -169,6 +169,16 @@ def build_config(args: argparse.Namespace) -> Any:
         d = cfg.to_dict()
         d["sparsity_split"] = args.sparsity_split
         cfg = QuantConfig.from_dict(d)
+    budget, budget_bits = getattr(args, "budget", None), getattr(args, "budget_bits", None)
+    if budget_bits is not None and budget is None and cfg.budget is None:
+        raise ConfigError("--budget-bits chooses among bit widths under a budget: give --budget too")
+    if budget is not None or budget_bits is not None:
+        d = cfg.to_dict()
+        if budget is not None:
+            d["budget"] = budget
+        if budget_bits is not None:
+            d["budget_bits"] = parse_bit_list(budget_bits, "--budget-bits")
+        cfg = QuantConfig.from_dict(d)
     if args.no_fold_bn or args.no_bias_correction or args.strict:
         d = cfg.to_dict()
         if args.no_fold_bn:
@@ -222,6 +232,14 @@ def rex_extras(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "rotate", None) is not None:
         out["rotate"] = args.rotate
     return out
+
+
+def parse_bit_list(text: str, flag: str) -> list[int]:
+    """``2,3,4``: a comma-separated list of bit widths (checked by the config)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated bit widths such as 2,3,4, got {text!r}") from None
 
 
 def parse_sparsity(value: float) -> float:

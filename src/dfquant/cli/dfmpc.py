@@ -62,6 +62,8 @@ def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
         ("--config", args.config),
         ("--expand", args.expand),
         ("--residual-method", args.residual_method),
+        ("--budget", args.budget),
+        ("--budget-bits", args.budget_bits),
     )
     for flag, value in flags:
         if value is not None:

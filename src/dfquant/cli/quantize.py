@@ -36,6 +36,7 @@ from dfquant.cli.common import (
 from dfquant.cli.dfmpc import add_dfmpc_arguments, cmd_quantize_dfmpc
 from dfquant.cli.stream import cmd_stream, wants_stream
 from dfquant.config import parse_device
+from dfquant.eval.fidelity import fidelity_probe
 from dfquant.graph.modules import state_dict_bytes
 from dfquant.io.gguf_out import save_gguf
 from dfquant.io.hf import save_hf
@@ -60,7 +61,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     device = parse_device(args.device, "--device")
     tasks, progress, loaded = start_quantize(args)
     loaded.model.to(device)  # the float reference runs where the quantized model does
-    qmodel, report = quantize_model(loaded.model, config, progress=progress.layers, device=device)
+    probe = fidelity_probe(loaded) if config.budget is not None else None
+    qmodel, report = quantize_model(loaded.model, config, progress=progress.layers, device=device, probe=probe)
     progress.done()
     float_bytes = state_dict_bytes(loaded.model)
     evals = evaluate_tasks(tasks, loaded, loaded.model, qmodel, progress, args.eval_limit)
@@ -160,6 +162,18 @@ def add_command(sub: Any) -> None:
         metavar="none|hadamard[:BLOCK]",
         help="quantize W R^T for a random block Walsh-Hadamard R along each layer's fan-in (blocks of BLOCK, "
         "default 64) and decode Q R: heavy-tailed rows become near Gaussian (default none)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        metavar="B",
+        help="stored bits per weight (scales counted) for the data-free bit allocation: each layer takes the bits "
+        "(and, with --rotate, the rotation on or off) that minimize the predicted output error; the plan is printed",
+    )
+    p.add_argument(
+        "--budget-bits",
+        metavar="B1,B2,...",
+        help="the bit widths a layer may take under --budget (default 2,3,4,5,6,8)",
     )
     p.add_argument("--config", help="JSON file with per-layer rules (see dfquant.config.QuantConfig)")
     p.add_argument("--eval", help="comma-separated tasks: cifar10, stsb, wikitext2, fidelity, pairs")

@@ -40,6 +40,11 @@ def cmd_stream(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
     config = build_config(args)
+    if config.budget is not None:
+        raise ConfigError(
+            "--budget measures each layer's sensitivity on the whole model's outputs: it needs the model in memory, "
+            "not a sharded folder streamed tensor by tensor"
+        )
     progress = Progress(not (args.quiet or args.json))
 
     def shard_done(done: int, total: int, name: str) -> None:

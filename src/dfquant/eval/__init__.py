@@ -7,7 +7,7 @@ Tasks: ``cifar10`` (top-1 on exact test images, agreement on a 10k JPEG copy), `
 """
 
 from dfquant.eval import cifar10, fidelity, sts, wikitext2
-from dfquant.eval.fidelity import synthetic_inputs
+from dfquant.eval.fidelity import fidelity_probe, synthetic_inputs
 from dfquant.eval.metrics import agreement, pearson, relative_error, spearman, top1_accuracy
 from dfquant.eval.registry import Progress, available_tasks, check_task, evaluate, register_evaluator
 from dfquant.eval.sts import encode_sentences, load_demo_pairs, parse_pairs, parse_sts
@@ -22,6 +22,7 @@ __all__ = [
     "encode_sentences",
     "evaluate",
     "fidelity",
+    "fidelity_probe",
     "lm_logits",
     "load_demo_pairs",
     "parse_pairs",

@@ -14,6 +14,7 @@ quantized model:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from dfquant.eval.wikitext2 import lm_logits
 from dfquant.graph.modules import model_device
 from dfquant.zoo.registry import LoadedModel
 
-__all__ = ["SEED", "synthetic_inputs"]
+__all__ = ["SEED", "fidelity_probe", "synthetic_inputs"]
 
 SEED = 0
 #: default number of synthetic inputs and tokens per text input, by model kind
@@ -93,6 +94,23 @@ def _outputs(model: nn.Module, kind: str, x: torch.Tensor, progress: Progress | 
             if progress is not None:
                 progress(what, min(i + BATCH, x.shape[0]), x.shape[0])
     return torch.cat(outs)
+
+
+def fidelity_probe(loaded: LoadedModel, count: int | None = None) -> Callable[[nn.Module], torch.Tensor]:
+    """``probe(model)``: a model's outputs (logits, embeddings) on the fidelity check's synthetic inputs of
+    ``loaded`` (:func:`synthetic_inputs`), the data-free reference of the bit allocation
+    (:func:`dfquant.pipeline.allocate.allocate_bits`).
+
+    Raises:
+        ConfigError: when the inputs cannot be generated (no input shape or vocabulary).
+    """
+    x = synthetic_inputs(loaded, count)
+    kind = loaded.kind
+
+    def probe(model: nn.Module) -> torch.Tensor:
+        return _outputs(model, kind, x, None, "probe")
+
+    return probe
 
 
 def _nearest(emb: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,8 @@ IQ4_NL_LEVELS: tuple[float, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1,
 INT_FAMILIES = ("int", "int-sym", "int-mr", "uint")
 CODEBOOK_FAMILIES = ("nf4", "iq4_nl", "lloyd-gaussian", "lloyd-laplace", "apot")
 FAMILIES = INT_FAMILIES + tuple(MINIFLOATS) + CODEBOOK_FAMILIES
+#: Families with one width of their own (``bits`` must be ``None`` or that width).
+FIXED_WIDTH_FAMILIES = (*MINIFLOATS, "nf4", "iq4_nl")
 
 
 @dataclass(frozen=True, eq=False)

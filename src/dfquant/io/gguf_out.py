@@ -23,7 +23,9 @@ naming the closest exact type and a command that produces it: nothing is convert
 The other tensors (norms, embeddings left float) are written as F32, the values dfquant holds. The file's
 metadata (architecture, hyperparameters, tokenizer) and tensor names are those of the GGUF file the model was
 loaded from (:func:`dfquant.zoo.gguf_llama.load_gguf`); Q and K rows get llama.cpp's RoPE row order back
-(:func:`dfquant.zoo.gguf_llama.permute_qk`, a row permutation, which keeps per-row codes exact).
+(:func:`dfquant.zoo.gguf_llama.permute_qk`, a row permutation, which keeps per-row codes exact). When the source
+ties the output head to ``token_embd`` (no ``output.weight``) and the model's head no longer equals the embedding
+(a quantized head, say), the head is written as its own ``output.weight``, so llama.cpp runs the head dfquant runs.
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ def save_gguf(model: nn.Module, out: str | os.PathLike[str], source: dict[str, A
         if perm_heads is not None:
             a = permute_qk(a, perm_heads)
         planned.append((t.name, np.ascontiguousarray(a), gguf.GGMLQuantizationType.F32))
+    if not any(t.name == "output.weight" for t in reader.tensors):
+        planned += _untied_head(modules, state, who)
 
     def write(tmp: str) -> None:
         w = gguf.GGUFWriter(tmp, arch)
@@ -208,6 +212,23 @@ def save_gguf(model: nn.Module, out: str | os.PathLike[str], source: dict[str, A
     dest = Path(out)
     replace_atomic(dest, write, "GGUF file")
     return dest
+
+
+def _untied_head(modules: dict[str, nn.Module], state: dict[str, torch.Tensor], who: str) -> list[Any]:
+    """``output.weight`` for a model whose source GGUF ties the head to ``token_embd``, when the head no longer
+    equals the embedding (quantized, or changed): llama.cpp then reads its own head instead of the embedding."""
+    import gguf
+
+    head = modules.get("lm_head")
+    if isinstance(head, QuantModule):
+        return [_quantized("output.weight", "lm_head.weight", head, None, who)]
+    if head is None or "lm_head.weight" not in state:
+        return []
+    w, e = state["lm_head.weight"], state.get("model.embed_tokens.weight")
+    if e is not None and w.shape == e.shape and torch.equal(w, e):
+        return []
+    a = np.ascontiguousarray(w.detach().to(torch.float32).cpu().numpy())
+    return [("output.weight", a, gguf.GGMLQuantizationType.F32)]
 
 
 def _quantized(

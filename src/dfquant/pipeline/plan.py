@@ -44,6 +44,15 @@ class LayerPlan:
     def skip(self) -> bool:
         return self.quantizer is None
 
+    @property
+    def oriented_shape(self) -> tuple[int, ...]:
+        """The weight's shape in ``(out, in, *kernel)`` layout (the HF ``Conv1D`` stores ``(in, out)``)."""
+        return (self.shape[1], self.shape[0]) if self.kind == "hf-conv1d" else self.shape
+
+    @property
+    def params(self) -> int:
+        return math.prod(self.shape)
+
 
 def layer_label(name: str, module: nn.Module, shape: tuple[int, ...]) -> str:
     return f"layer '{name or '<root>'}' ({type(module).__name__} {'x'.join(map(str, shape))})"

@@ -50,6 +50,7 @@ from dfquant.graph.modules import (
     state_dict_bytes,
 )
 from dfquant.graph.trace import GraphInfo, analyze_graph
+from dfquant.methods.allocate import Probe
 from dfquant.methods.bn import (
     MomentOp,
     Moments,
@@ -64,6 +65,7 @@ from dfquant.methods.rotate import Rotation, rotation_block
 from dfquant.nn.base import QuantModule, oriented_weight
 from dfquant.nn.rex import SparseTerm
 from dfquant.nn.terms import QuantTerm
+from dfquant.pipeline.allocate import allocate_bits, group_units
 from dfquant.pipeline.fold import apply_folds, plan_folds
 from dfquant.pipeline.plan import LayerPlan, layer_label, plan_quantization, split_sparsity
 from dfquant.pipeline.report import (
@@ -302,6 +304,7 @@ def quantize_model(
     progress: Progress | None = None,
     inplace: bool = False,
     device: str | torch.device | None = None,
+    probe: Probe | None = None,
 ) -> tuple[nn.Module, QuantizationReport]:
     """Quantize every Linear/Conv1d/Conv2d/HF-Conv1D layer of ``model`` following ``config``.
 
@@ -327,6 +330,10 @@ def quantize_model(
             None: where the model's parameters are. Rules without ``runs_on_device`` fit on the CPU either way;
             their layers then move to the model's device. The report records the device
             (:attr:`QuantizationReport.device`).
+        probe: with ``config.budget``, ``probe(model)`` gives the model's outputs on fixed synthetic inputs
+            (:func:`dfquant.eval.fidelity.fidelity_probe`), from which each layer's sensitivity is measured for
+            the bit allocation (:func:`dfquant.pipeline.allocate.allocate_bits`; the plan is in
+            :attr:`QuantizationReport.allocation`).
 
     Returns:
         ``(quantized model, report)``; the model is ``model`` itself when ``inplace`` (or the new root module
@@ -334,7 +341,8 @@ def quantize_model(
 
     Raises:
         ConfigError: an invalid rule for some layer (before anything changes), skipped layers with
-            ``config.strict``, or a device this machine does not have.
+            ``config.strict``, a device this machine does not have, or a budget without a probe or below the
+            cheapest plan.
         InputError: NaN/Inf weights or BatchNorm statistics, naming the layer.
         ModelError: no quantizable layer.
     """
@@ -342,6 +350,11 @@ def quantize_model(
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
     dev = None if device is None else parse_device(device)
+    if config.budget is not None and probe is None:
+        raise ConfigError(
+            "a bit budget needs a probe: the model's outputs on synthetic inputs "
+            "(probe=dfquant.eval.fidelity_probe(loaded))"
+        )
     plans = plan_quantization(model, config)
     skipped = [SkippedLayer(p.name, p.type, p.shape, p.rule.reason or "skipped by rule") for p in plans if p.skip]
     unused = [r.pattern for r in config.unused_rules(p.name for p in plans)]
@@ -375,18 +388,41 @@ def quantize_model(
     # BatchNorm folding, computed first and applied at the end.
     folded = plan_folds(target, graph) if graph is not None and config.fold_bn else {}
 
+    def float_weight(p: LayerPlan) -> tuple[nn.Module, torch.Tensor, torch.Tensor | None]:
+        layer = get_module(target, p.name)
+        if p.name in folded:
+            return layer, folded[p.name].weight, folded[p.name].bias
+        return layer, oriented_weight(layer).detach().contiguous(), _bias_of(layer)
+
+    if config.budget is not None:
+        assert probe is not None
+
+        def measure(v: LayerPlan) -> tuple[float, float]:
+            layer, w, _ = float_weight(v)
+            importance = _input_importance(layer, w, input_moments.get(v.name), v.name in input_stats)
+            try:
+                qterms, _, sparse = quantize_weight(v, w, sparsities.get(v.name, 0.0), importance)
+            except DfquantError as e:
+                raise type(e)(f"{layer_label(v.name, layer, v.shape)}: {e}") from None
+            qmod = QuantModule.from_float(layer, qterms)
+            qmod.outliers, qmod.rotation = sparse, layer_rotation(v)
+            ref = w.to(torch.float32)
+            den = float((ref * ref).sum())
+            err = float(((qmod.to(w.device).dequantize_weight().to(torch.float32) - ref) ** 2).sum())
+            return (err / den if den > 0 else 0.0), qmod.bits_per_weight()
+
+        def tie_of(name: str) -> tuple[object, ...] | None:
+            return None if name in folded else _tie_key(oriented_weight(get_module(target, name)))
+
+        active, report.allocation = allocate_bits(target, group_units(active, tie_of), config, probe, measure)
+
     new_modules: dict[str, QuantModule] = {}
     # Tied weights: the first layer holding a weight quantizes it; later ones with its rule share its terms.
     first_of: dict[tuple[object, ...], str] = {}
     shared: dict[str, str] = {}
     dists: dict[str, dict[str, float] | None] = {}
     for i, p in enumerate(active.values()):
-        layer = get_module(target, p.name)
-        bias: torch.Tensor | None
-        if p.name in folded:
-            w_float, bias = folded[p.name].weight, folded[p.name].bias
-        else:
-            w_float, bias = oriented_weight(layer).detach().contiguous(), _bias_of(layer)
+        layer, w_float, bias = float_weight(p)
         assert p.quantizer is not None and p.granularity is not None  # active plans are never skipped
         tie = None if p.name in folded else _tie_key(oriented_weight(layer))
         owner = first_of.get(tie) if tie is not None else None

@@ -126,6 +126,8 @@ class QuantizationReport:
         total_params: parameters of the float model. float_model_bytes / model_bytes: state-dict bytes of the
             float and the quantized model.
         device: where the model was quantized and where the quantized model lives (``cpu``, ``cuda:0``).
+        allocation: the bit allocation under ``config.budget`` (see :func:`dfquant.pipeline.allocate.allocate_bits`),
+            or None.
     """
 
     layers: list[LayerReport] = field(default_factory=list)
@@ -139,6 +141,7 @@ class QuantizationReport:
     float_model_bytes: int = 0
     model_bytes: int = 0
     device: str = "cpu"
+    allocation: dict[str, Any] | None = None
 
     def _own(self) -> list[LayerReport]:
         """The layers that hold their own terms (tied layers share another's and are counted once)."""
@@ -186,6 +189,7 @@ class QuantizationReport:
                 "bias_corrected": [asdict(r) for r in self.bias_corrected],
                 "graph": {"method": self.graph_method, "note": self.graph_note},
                 "device": self.device,
+                "allocation": self.allocation,
                 "totals": self.totals(),
             }
         )
@@ -243,6 +247,8 @@ class QuantizationReport:
                 f"bias corrected: {b.layer} (from {b.bn}, {b.activation}): |shift| = {b.shift_l2:.3e} "
                 f"(max {b.shift_max_abs:.3e}), |bias| = {b.bias_l2:.3e}"
             )
+        if self.allocation is not None:
+            lines.extend(_allocation_lines(self.allocation))
         t = self.totals()
         lines.append(f"graph: {self.graph_method}" + (f" ({self.graph_note})" if self.graph_note else ""))
         lines.append(f"device: {self.device}")
@@ -262,6 +268,29 @@ class QuantizationReport:
 
     def __str__(self) -> str:
         return self.to_text()
+
+
+def _allocation_lines(a: dict[str, Any]) -> list[str]:
+    lines = [
+        f"bit allocation: budget {a['budget']:.3f} bits/weight, plan {a['bits_per_weight']:.3f}; predicted output "
+        f"error {a['predicted_error']:.3e} (sum of sensitivity x rel.MSE; sensitivities from noise of rel.MSE "
+        f"{a['noise']:g} on synthetic inputs)"
+    ]
+    rows = [("  layer", "bits", "rotate", "sensitivity", "rel.MSE", "bits/w")]
+    for u in a["layers"]:
+        rows.append(
+            (
+                "  " + ", ".join(n or "<root>" for n in u["names"]),
+                str(u["bits"]),
+                u["rotate"],
+                f"{u['sensitivity']:.3e}",
+                f"{u['rel_mse']:.3e}",
+                f"{u['bits_per_weight']:.3f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return lines
 
 
 def _jsonable(x: Any) -> Any:
