@@ -44,6 +44,9 @@ from typing import Any
 import torch
 
 from dfquant.errors import ConfigError
+from dfquant.grids.distributions import fit_groups
+from dfquant.quantizers.granularity import Granularity
+from dfquant.quantizers.qtensor import group_batches, to_rows
 
 __all__ = ["DEFAULT_BLOCK", "KINDS", "Rotation", "parse_rotation"]
 
@@ -194,3 +197,20 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
         out = torch.stack((lo + hi, lo - hi), dim=-2).reshape(shape)
         h *= 2
     return out * (1.0 / math.sqrt(b)) if b > 1 else out
+
+
+def gaussian_ks(w: torch.Tensor, granularity: str | Granularity) -> float:
+    """The mean Kolmogorov-Smirnov statistic of a Gaussian fitted to each group of ``w`` at ``granularity`` (the
+    groups a rule fits; :func:`dfquant.grids.distributions.fit_groups`), weighted by group size: how far the
+    groups are from the Gaussian a Lloyd-Max table is made for. Compared before and after the rotation, it says
+    what the rotation did to the distribution (lower is closer to Gaussian)."""
+    gran = Granularity.parse(granularity)
+    rows = to_rows(w.detach().to(torch.float32).cpu(), gran)
+    G = gran.group_size if gran.kind == "group" else None
+    split = G if G is not None and rows.shape[1] > G else None
+    total = count = 0.0
+    for batch, _ in group_batches(rows, split):
+        ks = fit_groups(batch.contiguous(), ks="gaussian").ks_gaussian
+        total += float(ks.double().sum()) * batch.shape[1]
+        count += batch.numel()
+    return total / count if count else math.nan

@@ -33,6 +33,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from typing import cast
 
 import torch
@@ -61,7 +62,7 @@ from dfquant.methods.bn import (
 from dfquant.methods.outliers import split_outliers
 from dfquant.methods.rex import expand
 from dfquant.methods.rex_act import InputSpec, choose_input_spec, pair_bits_per_mac
-from dfquant.methods.rotate import Rotation, rotation_block
+from dfquant.methods.rotate import Rotation, gaussian_ks, rotation_block
 from dfquant.nn.base import QuantModule, oriented_weight
 from dfquant.nn.rex import SparseTerm
 from dfquant.nn.terms import QuantTerm
@@ -75,6 +76,7 @@ from dfquant.pipeline.report import (
     QuantizationReport,
     SkippedLayer,
     dist_summary,
+    predicted_rel_mse,
 )
 from dfquant.quantizers.qtensor import QTensor
 from dfquant.quantizers.registry import get_quantizer
@@ -461,6 +463,9 @@ def quantize_model(
             report.bias_corrected.append(
                 BiasCorrectionRecord(p.name, bn_name, act, float(shift.norm()), float(shift.abs().max()), bias_l2)
             )
+        ks: tuple[float | None, float | None] = (None, None)
+        if qmod.rotation is not None and p.name not in shared:
+            ks = (gaussian_ks(w_float, p.granularity), gaussian_ks(qmod.rotation.apply(w_float), p.granularity))
         report.layers.append(
             LayerReport(
                 name=p.name,
@@ -486,8 +491,12 @@ def quantize_model(
                 outliers=qmod.outliers.count if qmod.outliers is not None else 0,
                 rotate=p.rule.rotate,
                 matmul=_matmul_label(qmod.matmul_path(model_device(qmod))),
+                ks_before=ks[0],
+                ks_after=ks[1],
             )
         )
+        layer_report = report.layers[-1]
+        layer_report.predicted_rel_mse = predicted_rel_mse(asdict(layer_report))
         new_modules[p.name] = qmod
         if progress is not None:
             progress(i + 1, len(active), p.name)

@@ -11,6 +11,10 @@ from typing import Any
 
 import torch
 
+from dfquant.errors import DfquantError
+from dfquant.nn.terms import term_layout
+from dfquant.quantizers.registry import quantizer_class
+
 # ------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -44,6 +48,10 @@ class LayerReport:
         rotate: the rule's rotation (``"none"`` or ``"hadamard:B"``, :mod:`dfquant.methods.rotate`).
         matmul: how the layer multiplies on the model's device: ``"kernel"`` (the fused decode-in-matmul kernel,
             :mod:`dfquant.nn.kernel`) or ``"decode: why"``.
+        predicted_rel_mse: the error model's relative MSE for the layer (:func:`predicted_rel_mse`; of the
+            rotated weight for a rotated layer), None where the rule has no model.
+        ks_before, ks_after: for a rotated layer, the mean Gaussian KS statistic of its groups before and after
+            the rotation (:func:`dfquant.methods.rotate.gaussian_ks`), else None.
     """
 
     name: str
@@ -69,6 +77,30 @@ class LayerReport:
     outliers: int = 0
     rotate: str = "none"
     matmul: str = "decode"
+    predicted_rel_mse: float | None = None
+    ks_before: float | None = None
+    ks_after: float | None = None
+
+
+def predicted_rel_mse(layer: dict[str, Any]) -> float | None:
+    """The error model's relative MSE of a layer (a :class:`LayerReport` as a dict: ``quantizer``, ``bits``,
+    ``options``, ``shape``, ``granularity``, ``dist``, ``order``), or None where the rule has no model.
+
+    ``sum_d f_d E_d[(Q(X) - X)^2]`` over the fraction ``f_d`` of groups fitted with each unit-variance
+    distribution ``d`` (:meth:`dfquant.quantizers.base.Quantizer.expected_mse`: the tables of Lloyd 1982 / Max
+    1960, the ACIQ clip of Banner et al. 2019, depending on the rule; empirical groups counted as Gaussian), to
+    the power ``K`` for a residual expansion of order ``K`` (each order quantizes the previous residual again).
+    """
+    try:
+        q = quantizer_class(layer["quantizer"])(layer["bits"], **dict(layer.get("options") or {}))
+        _, cols, groups = term_layout(layer["shape"], layer["granularity"])
+        n = -(-cols // groups)
+        mix = layer.get("dist") or {"gaussian": 1.0}
+        pred = sum(frac * q.expected_mse(d if d != "empirical" else "gaussian", n) for d, frac in mix.items())
+        pred **= int(layer.get("order") or 1)
+    except (NotImplementedError, DfquantError, KeyError, TypeError, ValueError):
+        return None
+    return float(pred) if math.isfinite(pred) else None
 
 
 @dataclass
@@ -247,6 +279,13 @@ class QuantizationReport:
                 f"bias corrected: {b.layer} (from {b.bn}, {b.activation}): |shift| = {b.shift_l2:.3e} "
                 f"(max {b.shift_max_abs:.3e}), |bias| = {b.bias_l2:.3e}"
             )
+        for r in self.layers:
+            if r.ks_before is not None and r.ks_after is not None and not r.tied_to:
+                pred = "-" if r.predicted_rel_mse is None else f"{r.predicted_rel_mse:.3e}"
+                lines.append(
+                    f"rotated {r.name or '<root>'} ({r.rotate}): Gaussian KS of its groups {r.ks_before:.4f} -> "
+                    f"{r.ks_after:.4f}; rel.MSE predicted {pred}, measured {r.rel_mse:.3e}"
+                )
         if self.allocation is not None:
             lines.extend(_allocation_lines(self.allocation))
         t = self.totals()

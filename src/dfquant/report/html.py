@@ -39,7 +39,7 @@ from dfquant.io import load as io_load
 from dfquant.io import manifest as io
 from dfquant.io.atomic import write_atomic
 from dfquant.io.manifest import read_manifest
-from dfquant.nn.terms import term_layout
+from dfquant.pipeline.report import predicted_rel_mse
 from dfquant.quantizers import quantizer_class
 
 __all__ = ["build_page", "render_report", "write_atomic"]
@@ -89,17 +89,7 @@ def _decode_layers(path: Path, names: Sequence[str]) -> dict[str, Any]:
 
 def _predicted(layer: dict[str, Any]) -> float | None:
     """The error model's relative MSE for a report layer (None where the rule has no model)."""
-
-    try:
-        q = quantizer_class(layer["quantizer"])(layer["bits"], **dict(layer.get("options") or {}))
-        _, cols, groups = term_layout(layer["shape"], layer["granularity"])
-        n = -(-cols // groups)
-        mix = layer.get("dist") or {"gaussian": 1.0}
-        pred = sum(frac * q.expected_mse(d if d != "empirical" else "gaussian", n) for d, frac in mix.items())
-        pred **= int(layer.get("order") or 1)  # each expansion order quantizes the previous residual again
-    except (NotImplementedError, DfquantError, KeyError, TypeError, ValueError):
-        return None
-    return float(pred) if math.isfinite(pred) else None
+    return predicted_rel_mse(layer)
 
 
 def _unit_levels(layer: dict[str, Any], dist: str) -> list[float] | None:
