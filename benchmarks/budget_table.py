@@ -53,7 +53,7 @@ RULES: dict[str, tuple[str, dict[str, Any], str, str, tuple[str, ...]]] = {
 }
 BUDGETS = {
     "cifar-resnet20": (2.25, 3.0, 3.25, 4.25),
-    "minilm": (2.25, 3.25, 4.25),
+    "minilm": (3.0, 3.5, 4.25, 4.5),
     "smollm2-135m": (3.25, 4.25),
 }
 BUDGET_BITS = {"cifar-resnet20": (2, 3, 4, 5, 6, 8), "minilm": (2, 3, 4, 5, 6, 8), "smollm2-135m": (2, 3, 4, 5)}

@@ -47,6 +47,8 @@ TABLES = {
     "rule_speed": "rule_speed",
     "gguf_llamacpp": "gguf_llamacpp",
     "cpu_latency": "cpu_latency",
+    "budget_table": "budget_table",
+    "balance_table": "balance_table",
 }
 
 BLOCK = re.compile(r"<!-- results:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S)

@@ -245,6 +245,7 @@ RULE_FIELDS: dict[str, Callable[[object, str], Any]] = {
     "outlier_select": _check_outlier_select,
     "residual_quantizer": _check_optional_str("residual_quantizer"),
     "rotate": lambda v, where: parse_rotation(v, where),
+    "balance": lambda v, where: _check_flag(v, "balance", where),
 }
 _RULE_KEYS = tuple(RULE_FIELDS)
 _PATTERN_KEYS = ("pattern", *_RULE_KEYS)
@@ -297,6 +298,9 @@ class LayerRule:
         rotate: ``"none"`` or ``"hadamard[:B]"``: quantize ``W R^T`` for a random block Walsh-Hadamard ``R``
             along the fan-in (blocks of ``B``, default 64) and decode ``Q R`` (:mod:`dfquant.methods.rotate`);
             stored in normal form ``"hadamard:B"``.
+        balance: quantize ``W diag(1/c)`` for a per-fan-in-column scale ``c`` found by Sinkhorn-style row and
+            column normalization and decode ``Q diag(c)`` (:mod:`dfquant.methods.balance`; ``c`` stored in
+            float16).
     """
 
     quantizer: str = "minmax"
@@ -313,6 +317,7 @@ class LayerRule:
     outlier_select: str = "global"
     residual_quantizer: str | None = None
     rotate: str = "none"
+    balance: bool = False
 
     def __post_init__(self) -> None:
         _normalize(self, "layer rule", skip_none=False)
@@ -405,6 +410,7 @@ class PatternRule:
     outlier_select: str | None = None
     residual_quantizer: str | None = None
     rotate: str | None = None
+    balance: bool | None = None
 
     def __post_init__(self) -> None:
         where = f"rule '{self.pattern}'"

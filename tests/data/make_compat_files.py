@@ -10,7 +10,8 @@ For each version ``V`` it writes:
   ``minmax`` (integer grid, per channel), ``lloyd-max`` with stacked per-group tables (Gaussian and Laplace
   groups mixed), ``nf4`` in groups, ``statq`` on the FP4 E2M1 grid, a residual expansion of order 2 (REx),
   and a quantized token embedding, with a folded BatchNorm; from version 3, rotated layers (a convolution
-  whose fan-in 27 takes blocks 16, 8, 2 and 1, and a ``lloyd-max`` head in blocks of 8);
+  whose fan-in 27 takes blocks 16, 8, 2 and 1, and a ``lloyd-max`` head in blocks of 8); from version 4, balanced
+  layers (the ``statq`` FP4 layer, and the ``nf4`` layer also rotated);
 * ``format_vV_compat_expected.safetensors``: fixed inputs (``ids``, ``image``) and the quantized model's
   ``output`` on them.
 
@@ -119,6 +120,9 @@ def config() -> object:
             # format 3: rotated layers (fan-in 27 = 16 + 8 + 2 + 1 blocks; 16 = 8 + 8)
             PatternRule("conv", rotate="hadamard:16"),
             PatternRule("head", quantizer="lloyd-max", bits=3, rotate="hadamard:8"),
+            # format 4: balanced layers (a column scale; one also rotated)
+            PatternRule("fp4", balance=True),
+            PatternRule("nf4", balance=True, rotate="hadamard:8"),
         ),
     )
 

@@ -217,8 +217,8 @@ def parse_options(text: str, flag: str) -> dict[str, Any]:
 
 
 def rex_extras(args: argparse.Namespace) -> dict[str, Any]:
-    """``--act-bits``, ``--residual-method``, ``--outliers``, ``--outlier-select`` and ``--rotate`` as rule fields
-    (absent when not given)."""
+    """``--act-bits``, ``--residual-method``, ``--outliers``, ``--outlier-select``, ``--rotate`` and ``--balance``
+    as rule fields (absent when not given)."""
     out: dict[str, Any] = {}
     if getattr(args, "act_bits", None) is not None:
         out["act_bits"] = args.act_bits
@@ -231,6 +231,8 @@ def rex_extras(args: argparse.Namespace) -> dict[str, Any]:
         out["outlier_select"] = args.outlier_select
     if getattr(args, "rotate", None) is not None:
         out["rotate"] = args.rotate
+    if getattr(args, "balance", False):
+        out["balance"] = True
     return out
 
 

@@ -63,6 +63,8 @@ def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
         ("--expand", args.expand),
         ("--residual-method", args.residual_method),
         ("--budget", args.budget),
+        ("--rotate", args.rotate),
+        ("--balance", args.balance or None),
         ("--budget-bits", args.budget_bits),
     )
     for flag, value in flags:

@@ -164,6 +164,12 @@ def add_command(sub: Any) -> None:
         "default 64) and decode Q R: heavy-tailed rows become near Gaussian (default none)",
     )
     p.add_argument(
+        "--balance",
+        action="store_true",
+        help="quantize W diag(1/c) for a per-column scale c from Sinkhorn-style row/column normalization (SINQ) "
+        "and decode Q diag(c); c is stored in float16 (16 bits per fan-in column)",
+    )
+    p.add_argument(
         "--budget",
         type=float,
         metavar="B",

@@ -17,8 +17,8 @@ IQ4_NL    ``d * T[q]``, IQ4_NL's table T      a 16-level codebook equal to T, no
 ========  ==================================  ========================================================
 
 and every one of them needs ``group:32`` along the input dimension, float16 scales and offsets
-(``--scale-dtype float16``), one term, no rotation, outlier residual or channel subset. Anything else is refused,
-naming the closest exact type and a command that produces it: nothing is converted with a loss.
+(``--scale-dtype float16``), one term, no rotation, balance, outlier residual or channel subset. Anything else is
+refused, naming the closest exact type and a command that produces it: nothing is converted with a loss.
 
 The other tensors (norms, embeddings left float) are written as F32, the values dfquant holds. The file's
 metadata (architecture, hyperparameters, tokenizer) and tensor names are those of the GGUF file the model was
@@ -238,9 +238,11 @@ def _quantized(
 
     label = key.removesuffix(".weight")
     terms = layer.quant_terms
-    if len(terms) != 1 or layer.outliers is not None or layer.rotation is not None or layer.input_spec is not None:
+    extras = (layer.outliers, layer.rotation, layer.balance, layer.input_spec)
+    if len(terms) != 1 or any(e is not None for e in extras):
         raise ConfigError(
-            f"layer '{label}': {len(terms)} term(s), outliers, a rotation or an input expansion have no GGUF type; "
+            f"layer '{label}': {len(terms)} term(s), outliers, a rotation, a balance or an input expansion have no "
+            "GGUF type; "
             f"plain terms only: dfquant quantize {who} {_HOW['Q4_1']} --granularity group:32 --scale-dtype float16 "
             "--format gguf --out OUT.gguf"
         )

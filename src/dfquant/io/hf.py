@@ -4,7 +4,7 @@
 
 * ``config.json``: the source model's configuration plus ``quantization_config``::
 
-      {"quant_method": "dfquant", "format_version": 3, "library_version": "0.1.0",
+      {"quant_method": "dfquant", "format_version": 4, "library_version": "0.1.0",
        "layers": {"encoder.layer.0.attention.self.query": {...layer metadata of the file format...}, ...}}
 
   each layer's entry is the one of a dfquant file's manifest (:mod:`dfquant.io.manifest`: type, module

@@ -5,6 +5,7 @@ and every tensor loaded strictly. Nothing is unpickled.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,6 +54,8 @@ def build_quant_layers(
                 term.validate(mod.weight_shape)
             if mod.outliers is not None:
                 mod.outliers.validate()
+            if mod.balance is not None:
+                mod.balance.validate(math.prod(mod.weight_shape[1:]))
             if mod.input_quant is not None:
                 mod.input_quant.validate()
         except (RuntimeError, InputError) as e:

@@ -7,7 +7,7 @@ codes, scales, offsets, levels (and channel indices) plus its float bias, and ev
 
     {
       "format": "dfquant",                  # always this
-      "format_version": 3,
+      "format_version": 4,
       "library_version": "0.1.0",
       "source": {"zoo": "cifar-resnet20"},  # how to build the float skeleton (the caller's dict)
       "layers": {                           # every quantized layer, by qualified name
@@ -46,7 +46,11 @@ exactly); a layer's weight is the float32 sum of its terms, cast to ``dtype``. A
 is its ``(num_embeddings, embedding_dim)`` table, rows = tokens. A layer with the optional entry
 ``"rotation": {"kind": "hadamard", "block": B, "seed": S}`` holds terms fitted to ``W R^T``: its weight is that
 sum times ``R`` along the flattened fan-in, computed in float32 as :class:`dfquant.methods.rotate.Rotation`
-defines it (element-wise butterflies, then the signs drawn from ``S`` by torch's CPU generator).
+defines it (element-wise butterflies, then the signs drawn from ``S`` by torch's CPU generator). A layer with
+``"balance": true`` (format version 4) stores its column scale as ``NAME.balance.scale``, F16 ``[fan_in]``
+(``fan_in`` the product of ``weight_shape[1:]``), finite and positive; its weight is the sum above (rotated if
+the layer rotates) times that scale along the flattened fan-in, in float32
+(:mod:`dfquant.methods.balance`).
 
 Tied weights: layers that share quantized terms (an output head tied to the token embedding) list their terms
 in full, and their term tensors are stored once, under the first layer's keys; ``aliases`` maps the other
@@ -54,7 +58,8 @@ layer's keys to them. Loading gives the layers the very same term modules again.
 
 Versions: 1 (dfquant 0.1.0) had float32 scales and offsets only, no ``scale_dtype`` term key and no
 ``embedding`` layers. 2 adds the three (term metadata must then carry ``scale_dtype``). 3 adds the optional
-layer ``rotation``. Files of versions 1 and 2 are still read (version 1's scales and offsets are float32); a
+layer ``rotation``, 4 the optional layer ``balance``. Files of versions 1, 2 and 3 are still read (version 1's
+scales and offsets are float32); a
 version newer than :data:`FORMAT_VERSION` is refused with an error naming both versions.
 
 Loading (:func:`load_quantized`) reads and checks the header and the manifest first: the file's size and
@@ -94,9 +99,9 @@ from dfquant.nn.terms import DTYPES, QuantTerm
 from dfquant.quantizers.registry import quantizer_class
 
 FORMAT_NAME = "dfquant"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: Versions this library reads.
-READ_VERSIONS = (1, 2, 3)
+READ_VERSIONS = (1, 2, 3, 4)
 METADATA_KEY = "dfquant"
 _MAX_HEADER = 100_000_000  # the safetensors limit
 
@@ -147,7 +152,9 @@ _LAYER_OPTIONAL = {"outliers", "act"}
 _INPUT_QUANT = "input_quant"
 #: Optional layer key from format version 3 (dfquant.methods.rotate): the rotation the terms were fitted in.
 _ROTATION = "rotation"
-_LAYER_ALLOWED = _LAYER_KEYS | _LAYER_OPTIONAL | {_INPUT_QUANT, _ROTATION}
+#: Optional layer key from format version 4 (dfquant.methods.balance): ``true`` with a column scale tensor.
+_BALANCE = "balance"
+_LAYER_ALLOWED = _LAYER_KEYS | _LAYER_OPTIONAL | {_INPUT_QUANT, _ROTATION, _BALANCE}
 _TERM_KEYS_V1 = {
     "quantizer",
     "bits",
@@ -161,7 +168,7 @@ _TERM_KEYS_V1 = {
     "options",
 }
 #: Term metadata keys by format version.
-_TERM_KEYS = {1: _TERM_KEYS_V1, 2: _TERM_KEYS_V1 | {"scale_dtype"}, 3: _TERM_KEYS_V1 | {"scale_dtype"}}
+_TERM_KEYS = {1: _TERM_KEYS_V1, **{v: _TERM_KEYS_V1 | {"scale_dtype"} for v in (2, 3, 4)}}
 
 Builder = Callable[[dict[str, Any]], nn.Module]
 
@@ -331,6 +338,8 @@ def check_tensors(path: Path, header: Mapping[str, Any], manifest: Mapping[str, 
                 Rotation.from_meta(layer[_ROTATION])
             except ConfigError as e:
                 raise fail(path, f"{where}: {e}") from None
+        if _BALANCE in layer:
+            _check_balance(path, where, layer_prefix(name), layer, manifest["format_version"], entry)
         if not isinstance(layer["type"], str) or layer["type"] not in QUANT_MODULES:
             raise fail(path, f"{where}: unknown layer type {layer['type']!r}; known: {', '.join(QUANT_MODULES)}")
         if not isinstance(layer["dtype"], str) or layer["dtype"] not in DTYPES:
@@ -469,9 +478,29 @@ def _check_input_quant(path: Path, where: str, prefix: str, layer: Mapping[str, 
             raise fail(path, f"tensor '{key}' is {desc}; the input_quant metadata need F32 {shape}")
 
 
+def _check_balance(
+    path: Path, where: str, prefix: str, layer: Mapping[str, Any], version: int, entry: Callable[[str], Any]
+) -> None:
+    """The optional ``balance`` of a layer: ``true``, format version 4, and an F16 ``[fan_in]`` scale tensor."""
+    if layer[_BALANCE] is not True:
+        raise fail(path, f"{where}: 'balance' must be true when present, got {layer[_BALANCE]!r}")
+    if version < 4:
+        raise fail(path, f"{where}: a balance needs format version 4, the file says {version}")
+    ws = layer.get("weight_shape")
+    if not isinstance(ws, list) or not ws or not all(isinstance(s, int) and s > 0 for s in ws):
+        raise fail(path, f"{where}: weight_shape must be positive integers, got {ws!r}")
+    fan_in = math.prod(ws[1:])
+    key = f"{prefix}balance.scale"
+    got = entry(key)
+    if got is None or got["dtype"] != "F16" or got["shape"] != [fan_in]:
+        desc = "missing" if got is None else f"{got['dtype']} {got['shape']}"
+        raise fail(path, f"tensor '{key}' is {desc}; a balanced layer needs F16 [{fan_in}]")
+
+
 def is_own_key(rest: str) -> bool:
     return (
         rest == "bias"
+        or rest == "balance.scale"
         or (rest.startswith("terms.") and rest.count(".") == 2)
         or (rest.startswith("outliers.") and rest.count(".") == 1)
         or (rest.startswith(f"{_INPUT_QUANT}.") and rest.count(".") == 1)

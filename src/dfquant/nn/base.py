@@ -21,6 +21,7 @@ from dfquant.methods.rex_act import InputSpec
 from dfquant.methods.rotate import Rotation
 from dfquant.nn import kernel
 from dfquant.nn.act import ActQuant
+from dfquant.nn.balance import ColumnScale
 from dfquant.nn.rex import SparseTerm, input_expanded_forward
 from dfquant.nn.terms import DTYPES, QuantTerm, dtype_name
 
@@ -139,6 +140,8 @@ class QuantModule(nn.Module):
     input_quant: ActQuant | None
     #: The rotation the terms were fitted in (:mod:`dfquant.methods.rotate`): the weight is ``(sum of terms) R``.
     rotation: Rotation | None
+    #: The column scale of a balanced layer (:mod:`dfquant.methods.balance`): the weight is ``(...) diag(c)``.
+    balance: ColumnScale | None
     #: How the layer multiplies (one of :data:`MATMUL_MODES`): ``"auto"`` runs the fused kernel
     #: (:mod:`dfquant.nn.kernel`) where it can (CUDA inputs, Triton installed, terms it takes) and decodes
     #: elsewhere; ``"decode"`` always decodes the weight then multiplies; ``"kernel"`` runs the kernel or fails
@@ -166,6 +169,7 @@ class QuantModule(nn.Module):
         self.input_spec: Any = None
         self.register_module("input_quant", None)  # an ActQuant set by quantization-aware training (dfquant.qat.fake)
         self.rotation = None
+        self.register_module("balance", None)
         self.matmul = "auto"
         self._kernel_weights: dict[str, list[Any]] = {}
         for t in terms:
@@ -221,6 +225,8 @@ class QuantModule(nn.Module):
             w = self.outliers.add_to(w)
         if self.rotation is not None:
             w = self.rotation.undo(w)
+        if self.balance is not None:
+            w = self.balance.undo(w)
         return w.to(self.dtype)
 
     def dequantize_weight_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
@@ -279,6 +285,8 @@ class QuantModule(nn.Module):
             w = flat.view(w.shape)
         if self.rotation is not None:  # R acts on each row alone: the rows of (sum) R are (rows of sum) R
             w = self.rotation.undo(w)
+        if self.balance is not None:  # so does diag(c)
+            w = self.balance.undo(w)
         return w.to(self.dtype)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -330,6 +338,7 @@ class QuantModule(nn.Module):
     def storage_bits(self) -> int:
         """Bits of all terms as :meth:`QTensor.storage_bits` counts them."""
         extra = self.outliers.storage_bits() if self.outliers is not None else 0
+        extra += self.balance.storage_bits() if self.balance is not None else 0
         return sum(t.storage_bits() for t in self.quant_terms) + extra
 
     def bits_per_weight(self) -> float:
@@ -337,8 +346,9 @@ class QuantModule(nn.Module):
         return self.storage_bits() / max(math.prod(self.weight_shape), 1)
 
     def nbytes(self) -> int:
-        """Bytes the terms occupy in a file (packed codes, scales, offsets, levels, indices)."""
+        """Bytes the terms occupy in a file (packed codes, scales, offsets, levels, indices; a column scale)."""
         extra = self.outliers.nbytes() if self.outliers is not None else 0
+        extra += self.balance.nbytes() if self.balance is not None else 0
         return sum(t.nbytes() for t in self.quant_terms) + extra
 
     def resident_bytes(self) -> int:
@@ -375,6 +385,8 @@ class QuantModule(nn.Module):
             meta["input_quant"] = self.input_quant.meta()
         if self.rotation is not None:
             meta["rotation"] = self.rotation.meta()
+        if self.balance is not None:
+            meta["balance"] = True
         return meta
 
     @classmethod
@@ -409,6 +421,8 @@ class QuantModule(nn.Module):
             mod.input_quant = ActQuant.from_meta(meta["input_quant"])
         if meta.get("rotation") is not None:
             mod.rotation = Rotation.from_meta(meta["rotation"])
+        if meta.get("balance", False) is True:
+            mod.balance = ColumnScale.empty(math.prod(mod.weight_shape[1:]))
         if meta["bias"] and not sub.has_bias:
             raise ConfigError(f"a {kind} layer has no bias, but the metadata say it has one")
         if meta["bias"]:
@@ -498,23 +512,29 @@ class QuantModule(nn.Module):
         if packed is None:
             packed = [kernel.pack_int4_cpu(self.quant_terms[0])]
             self._kernel_weights["int4"] = packed
-        xin = x if self.rotation is None else self.rotation.rotate_input(x).to(x.dtype)
-        y = kernel.int4_cpu_matmul(xin, packed[0])
+        y = kernel.int4_cpu_matmul(self._transformed_input(x), packed[0])
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``sum_k lut_matmul(R x, term_k) + b``: each term multiplied from its packed codes (repacked once per
-        device), the input rotated first when the terms hold ``W R^T``."""
+        """``sum_k lut_matmul(x', term_k) + b``: each term multiplied from its packed codes (repacked once per
+        device), ``x'`` the input scaled and rotated as the terms need (:meth:`_transformed_input`)."""
         key = str(x.device)
         kws = self._kernel_weights.get(key)
         if kws is None:
             kws = [kernel.pack_for_kernel(t, x.device) for t in self.quant_terms]
             self._kernel_weights[key] = kws
-        xin = x if self.rotation is None else self.rotation.rotate_input(x).to(x.dtype)
+        xin = self._transformed_input(x)
         y = kernel.lut_matmul(xin, kws[0])
         for kw in kws[1:]:
             y = y + kernel.lut_matmul(xin, kw)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _transformed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input the terms multiply: ``x`` scaled by the column scale, then rotated (the terms hold
+        ``(W diag(1/c)) R^T``)."""
+        if self.balance is not None:
+            x = self.balance.scale_input(x)
+        return x if self.rotation is None else self.rotation.rotate_input(x).to(x.dtype)
 
     def _forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -52,6 +52,7 @@ from dfquant.graph.modules import (
 )
 from dfquant.graph.trace import GraphInfo, analyze_graph
 from dfquant.methods.allocate import Probe
+from dfquant.methods.balance import apply_balance, column_scale
 from dfquant.methods.bn import (
     MomentOp,
     Moments,
@@ -63,6 +64,7 @@ from dfquant.methods.outliers import split_outliers
 from dfquant.methods.rex import expand
 from dfquant.methods.rex_act import InputSpec, choose_input_spec, pair_bits_per_mac
 from dfquant.methods.rotate import Rotation, gaussian_ks, rotation_block
+from dfquant.nn.balance import ColumnScale
 from dfquant.nn.base import QuantModule, oriented_weight
 from dfquant.nn.rex import SparseTerm
 from dfquant.nn.terms import QuantTerm
@@ -157,7 +159,11 @@ def _same_rule(a: LayerRule, b: LayerRule) -> bool:
 
 
 def quantize_weight(
-    p: LayerPlan, w: torch.Tensor, sparsity: float, importance: torch.Tensor | None = None
+    p: LayerPlan,
+    w: torch.Tensor,
+    sparsity: float,
+    importance: torch.Tensor | None = None,
+    balance: ColumnScale | None = None,
 ) -> tuple[list[QuantTerm], QTensor, SparseTerm | None]:
     """Quantize one layer's (oriented, BatchNorm-folded) weight by its plan: the pipeline's per-layer stage, which
     :func:`quantize_model` and the streaming workers both call.
@@ -169,6 +175,8 @@ def quantize_weight(
         sparsity: the fraction of output channels dropped from each expansion order ``k >= 2`` for this layer.
         importance: element weights of a plain term's error (see :func:`_input_importance`), for rules that ask
             for them.
+        balance: the layer's column scale when its rule balances (:func:`layer_balance` of ``w``): the terms are
+            then fitted to ``W diag(1/c)`` and the layer built from them must carry it.
 
     Returns:
         The layer's terms (one for plain quantization, ``K`` residual expansion orders otherwise), the first
@@ -179,6 +187,9 @@ def quantize_weight(
     """
     assert p.quantizer is not None and p.granularity is not None
     name = p.name or "<root>"
+    if balance is not None:  # the terms are fitted to W diag(1/c); the layer decodes (...) diag(c)
+        w = apply_balance(w, balance.scale)
+        importance = None  # per-input-channel weights are for the unscaled columns
     rotation = layer_rotation(p)
     if rotation is not None:  # every term is fitted to W R^T; the layer decodes (sum of terms) R
         w = rotation.apply(w)
@@ -222,6 +233,12 @@ def layer_rotation(p: LayerPlan) -> Rotation | None:
     seeded by the layer's name (:meth:`dfquant.methods.rotate.Rotation.for_layer`)."""
     block = rotation_block(p.rule.rotate)
     return None if block is None else Rotation.for_layer(block, p.name)
+
+
+def layer_balance(p: LayerPlan, w: torch.Tensor) -> ColumnScale | None:
+    """The column scale of a layer whose rule balances (:func:`dfquant.methods.balance.column_scale` of its
+    oriented, folded weight ``w``), else None."""
+    return ColumnScale(column_scale(w)).to(w.device) if p.rule.balance else None
 
 
 def weight_bits_per_mac(qmod: QuantModule) -> float:
@@ -403,11 +420,12 @@ def quantize_model(
             layer, w, _ = float_weight(v)
             importance = _input_importance(layer, w, input_moments.get(v.name), v.name in input_stats)
             try:
-                qterms, _, sparse = quantize_weight(v, w, sparsities.get(v.name, 0.0), importance)
+                bal = layer_balance(v, w)
+                qterms, _, sparse = quantize_weight(v, w, sparsities.get(v.name, 0.0), importance, bal)
             except DfquantError as e:
                 raise type(e)(f"{layer_label(v.name, layer, v.shape)}: {e}") from None
             qmod = QuantModule.from_float(layer, qterms)
-            qmod.outliers, qmod.rotation = sparse, layer_rotation(v)
+            qmod.outliers, qmod.rotation, qmod.balance = sparse, layer_rotation(v), bal
             ref = w.to(torch.float32)
             den = float((ref * ref).sum())
             err = float(((qmod.to(w.device).dequantize_weight().to(torch.float32) - ref) ** 2).sum())
@@ -433,6 +451,7 @@ def quantize_model(
             qmod = QuantModule.from_float(layer, new_modules[owner].quant_terms)
             qmod.outliers = new_modules[owner].outliers
             qmod.rotation = new_modules[owner].rotation
+            qmod.balance = new_modules[owner].balance
             dists[p.name] = dists[owner]
         else:
             if tie is not None and owner is None:
@@ -440,12 +459,14 @@ def quantize_model(
             try:
                 stats = input_moments.get(p.name)
                 importance = _input_importance(layer, w_float, stats, p.name in input_stats)
-                qterms, qt, sparse = quantize_weight(p, w_float, sparsities.get(p.name, 0.0), importance)
+                balance = layer_balance(p, w_float)
+                qterms, qt, sparse = quantize_weight(p, w_float, sparsities.get(p.name, 0.0), importance, balance)
             except DfquantError as e:
                 raise type(e)(f"{layer_label(p.name, layer, p.shape)}: {e}") from None
             qmod = QuantModule.from_float(layer, qterms)
             qmod.outliers = sparse
             qmod.rotation = layer_rotation(p)
+            qmod.balance = balance
             dists[p.name] = dist_summary(qt.info.get("dist"))
         qmod.input_spec = input_specs.get(p.name)
         qmod = qmod.to(w_float.device)
@@ -490,6 +511,7 @@ def quantize_model(
                 act=qmod.input_spec.to_dict() if qmod.input_spec is not None else None,
                 outliers=qmod.outliers.count if qmod.outliers is not None else 0,
                 rotate=p.rule.rotate,
+                balance=p.rule.balance,
                 matmul=_matmul_label(qmod.matmul_path(model_device(qmod))),
                 ks_before=ks[0],
                 ks_after=ks[1],

@@ -33,7 +33,13 @@ from dfquant.io.atomic import write_atomic
 from dfquant.nn.base import QUANT_MODULES
 from dfquant.nn.terms import DTYPES, QuantTerm
 from dfquant.pipeline.plan import LayerPlan
-from dfquant.pipeline.quantize import layer_rotation, quantize_weight, realized_sparsity, weight_bits_per_mac
+from dfquant.pipeline.quantize import (
+    layer_balance,
+    layer_rotation,
+    quantize_weight,
+    realized_sparsity,
+    weight_bits_per_mac,
+)
 from dfquant.pipeline.report import LayerReport, dist_summary
 from dfquant.quantizers.base import Quantizer
 from dfquant.quantizers.granularity import Granularity
@@ -137,11 +143,13 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
     where = f"layer '{task.layer}' ({plan.type} {'x'.join(map(str, shape))})"
     blocked = None
     sparse = None
+    balance = None
     try:
         if (
             rule.expand == 1
             and rule.outliers == 0
             and rule.rotate == "none"
+            and not rule.balance
             and gran.kind != "tensor"
             and gran.axis == 0
             and oriented.numel() > BLOCK_ELEMENTS
@@ -151,7 +159,8 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
             qt = blocked[0]
             terms = [QuantTerm.from_qtensor(qt, options=rule.options)]
         else:
-            terms, qt, sparse = quantize_weight(plan, oriented, task.sparsity)
+            balance = layer_balance(plan, oriented)
+            terms, qt, sparse = quantize_weight(plan, oriented, task.sparsity, balance=balance)
     except DfquantError as e:
         raise type(e)(f"{where}: {e}") from None
     dtype = DTYPES[_dtype_name(task.dtype)]
@@ -160,6 +169,7 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
         qmod.add_term(t)
     qmod.outliers = sparse
     qmod.rotation = layer_rotation(plan)
+    qmod.balance = balance
     if blocked is not None:
         err, den = blocked[1], blocked[2]
     else:
@@ -188,6 +198,7 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
         sparsity=realized_sparsity(qmod, rule.expand),
         weight_bits_per_mac=weight_bits_per_mac(qmod),
         rotate=rule.rotate,
+        balance=rule.balance,
     )
     return tensors, meta, report
 

@@ -149,14 +149,17 @@ def _ref_undo_rotation(w: torch.Tensor, rotation: dict) -> torch.Tensor:
 
 
 def _ref_weight(layer: dict, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """``(0 + term_1 + ... + term_K) R`` (float32, oriented), as a file defines a layer's weight (``R`` only with
-    a ``rotation`` entry)."""
+    """``(0 + term_1 + ... + term_K) R diag(c)`` (float32, oriented), as a file defines a layer's weight (``R``
+    only with a ``rotation`` entry, ``c`` only with ``balance``)."""
     w = torch.zeros(tuple(layer["weight_shape"]), dtype=torch.float32)
     for k, term in enumerate(layer["terms"]):
         assert term.get("channels") is None  # the kept files hold whole-tensor terms only
         w = w + _ref_term(term, tensors, f"{name}.terms.{k}.")
     if layer.get("rotation") is not None:
         w = _ref_undo_rotation(w, layer["rotation"])
+    if layer.get("balance"):  # format 4: times the float16 column scale along the flattened fan-in (float32)
+        c = tensors[f"{name}.balance.scale"].numpy().astype(np.float32)
+        w = torch.from_numpy(w.reshape(w.shape[0], -1).numpy() * c).reshape(w.shape)
     return w
 
 
@@ -269,6 +272,9 @@ def test_kept_file_covers_the_features_it_was_made_for() -> None:
     assert model.conv.rotation is not None and model.conv.rotation.blocks(27) == [16, 8, 2, 1]
     assert model.head.rotation is not None and model.head.rotation.block == 8
     assert manifest["layers"]["head"]["terms"][0]["quantizer"] == "lloyd-max"
+    assert model.fp4.balance is not None and model.fp4.rotation is None
+    assert model.nf4.balance is not None and model.nf4.rotation is not None
+    assert not torch.equal(model.nf4.balance.scale, torch.ones(16, dtype=torch.float16))
 
 
 def test_format_v1_keeps_its_own_conventions() -> None:

@@ -18,6 +18,7 @@ from dfquant.cli.main import main
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.errors import FileFormatError, InputError
 from dfquant.io.hf import INDEX_FILE, is_hf_folder, load_hf, read_hf_config, save_hf
+from dfquant.io.manifest import FORMAT_VERSION
 from dfquant.nn.base import QuantModule
 from dfquant.pipeline.quantize import quantize_model
 from shared_models import mlp
@@ -51,7 +52,12 @@ def _llama() -> torch.nn.Module:
 
 CFG = QuantConfig(
     LayerRule("minmax", 4, "group:16"),
-    rules=(PatternRule("*embed*", skip=True), PatternRule("*query*", quantizer="lloyd-max", rotate="hadamard:16")),
+    rules=(
+        PatternRule("*embed*", skip=True),
+        PatternRule("*query*", quantizer="lloyd-max", rotate="hadamard:16"),
+        PatternRule("*down_proj", balance=True),  # a balanced layer (its column scale travels with the weights)
+        PatternRule("*value*", balance=True),
+    ),
 )
 IDS = torch.tensor([[3, 9, 27, 5, 1, 60], [7, 7, 2, 40, 11, 0]])
 
@@ -70,7 +76,7 @@ def test_folder_loads_with_from_pretrained_bit_identical(build, tmp_path: Path) 
     assert is_hf_folder(folder)
     config = json.loads((folder / "config.json").read_text())
     qc = config["quantization_config"]
-    assert qc["quant_method"] == "dfquant" and qc["format_version"] == 3
+    assert qc["quant_method"] == "dfquant" and qc["format_version"] == FORMAT_VERSION
     assert set(qc["layers"]) == {n for n, m in q.named_modules() if isinstance(m, QuantModule)}
     loaded = (
         transformers.AutoModel.from_pretrained(folder)

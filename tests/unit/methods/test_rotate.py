@@ -18,7 +18,7 @@ from torch import nn
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.errors import ConfigError, FileFormatError
 from dfquant.io.load import load_quantized
-from dfquant.io.manifest import METADATA_KEY
+from dfquant.io.manifest import FORMAT_VERSION, METADATA_KEY
 from dfquant.io.save import save_quantized
 from dfquant.methods.rotate import Rotation, parse_rotation
 from dfquant.pipeline.quantize import quantize_model
@@ -129,7 +129,7 @@ def test_rotated_file_reloads_bit_identical(tmp_path: Path) -> None:
     q, _ = quantize_model(model, cfg)
     path = save_quantized(q, tmp_path / "m.safetensors", source={"kind": "test"})
     back, manifest = load_quantized(path, build=lambda src: _block_model())
-    assert manifest["format_version"] == 3 and manifest["layers"]["3"]["rotation"]["block"] == 64
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["layers"]["3"]["rotation"]["block"] == 64
     for name in ("0", "3"):
         a, b = q.get_submodule(name), back.get_submodule(name)
         assert a.rotation == b.rotation

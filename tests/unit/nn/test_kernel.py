@@ -101,13 +101,17 @@ def test_pack_refuses_what_the_kernel_does_not_take() -> None:
 
 
 def test_layers_run_through_the_kernel_and_say_so() -> None:
-    """A model's linear layers (plain, rotated, a residual expansion of two terms) give the decode path's
-    outputs through the kernel; a convolution stays on the decode path and says why."""
+    """A model's linear layers (balanced, balanced and rotated, a residual expansion of two terms) give the decode
+    path's outputs through the kernel; a convolution stays on the decode path and says why."""
     torch.manual_seed(0)
     model = nn.Sequential(mlp(48, 64, 32), nn.Linear(32, 10)).eval()
     cfg = QuantConfig(
         LayerRule("minmax", 4, "group:16"),
-        rules=(PatternRule("0.2", rotate="hadamard:16"), PatternRule("1", quantizer="lloyd-max", bits=3, expand=2)),
+        rules=(
+            PatternRule("0.0", balance=True),
+            PatternRule("0.2", rotate="hadamard:16", balance=True),
+            PatternRule("1", quantizer="lloyd-max", bits=3, expand=2),
+        ),
     )
     q, report = quantize_model(model, cfg)
     assert all(r.matmul.startswith("decode: ") for r in report.layers)  # CPU model: decode, with the reason
