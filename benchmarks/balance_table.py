@@ -22,11 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import RESULTS, provenance, write_result
+from bench_common import RESULTS, pooled_rel_mse, provenance, write_result
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.eval.cifar10 import EXACT_FILE, load_cifar10, predict
 from dfquant.eval.metrics import top1_accuracy
@@ -55,16 +53,6 @@ SETTINGS: dict[str, tuple[str, str, list[tuple[str, str, dict[str, Any], int]]]]
 }
 
 
-def _pooled_rel_mse(model: torch.nn.Module, qmodel: torch.nn.Module, names: list[str]) -> float:
-    num = den = 0.0
-    for name in names:
-        w = model.get_submodule(name).weight.detach().to(torch.float32)
-        w_hat = qmodel.get_submodule(name).dequantize_weight().to(torch.float32)
-        num += float(((w_hat.reshape(w.shape) - w) ** 2).sum())
-        den += float((w * w).sum())
-    return num / den
-
-
 def run_model(name: str) -> dict[str, Any]:
     loaded = load_model(name)
     model = loaded.model.eval()
@@ -86,7 +74,7 @@ def run_model(name: str) -> dict[str, Any]:
             if data is not None:
                 cell["top1"] = round(top1_accuracy(predict(qmodel, data[0]), data[1]), 4)
             else:
-                cell["rel_mse"] = _pooled_rel_mse(model, qmodel, [r.name for r in report.layers])
+                cell["rel_mse"] = pooled_rel_mse(model, qmodel, [r.name for r in report.layers])
                 cell["cosine"] = evaluate("fidelity", loaded, model, qmodel)["quantized"]["cosine"]
             cell["seconds"] = round(time.perf_counter() - t0, 1)
             row[variant] = cell

@@ -91,6 +91,19 @@ def write_result(out: Path, name: str, result: dict[str, Any], markdown: Callabl
     write_atomic(out / f"{name}.md", markdown(result))
 
 
+def pooled_rel_mse(model: nn.Module, qmodel: nn.Module, names: Sequence[str]) -> float:
+    """Pooled relative weight MSE ``sum ||W_hat - W||^2 / sum ||W||^2`` over the layers ``names`` of ``model``
+    (float) and ``qmodel`` (dfquant's quantized layers, or a peer's model holding its decoded weights)."""
+    num = den = 0.0
+    for name in names:
+        w = model.get_submodule(name).weight.detach().to(torch.float32)
+        layer = qmodel.get_submodule(name)
+        w_hat = layer.dequantize_weight() if hasattr(layer, "dequantize_weight") else layer.weight.detach()
+        num += float(((w_hat.to(torch.float32).reshape(w.shape) - w) ** 2).sum())
+        den += float((w * w).sum())
+    return num / den
+
+
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages (what ``uptime`` prints), or [] where unknown."""
     try:

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import RESULTS, provenance, write_result
+from bench_common import RESULTS, pooled_rel_mse, provenance, write_result
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.eval.cifar10 import EXACT_FILE, load_cifar10, predict
 from dfquant.eval.fidelity import fidelity_probe
@@ -72,16 +72,6 @@ def _config(model: str, bits: int, budget: float | None) -> QuantConfig:
     )
 
 
-def _pooled_rel_mse(model: torch.nn.Module, qmodel: torch.nn.Module, names: list[str]) -> float:
-    num = den = 0.0
-    for name in names:
-        w = model.get_submodule(name).weight.detach().to(torch.float32)
-        w_hat = qmodel.get_submodule(name).dequantize_weight().to(torch.float32)
-        num += float(((w_hat.reshape(w.shape) - w) ** 2).sum())
-        den += float((w * w).sum())
-    return num / den
-
-
 def _measure(name: str, loaded: Any, qmodel: torch.nn.Module, report: Any, windows: int, data: Any) -> dict[str, Any]:
     model = loaded.model
     row: dict[str, Any] = {"bits_per_weight": round(report.bits_per_weight, 4)}
@@ -89,7 +79,7 @@ def _measure(name: str, loaded: Any, qmodel: torch.nn.Module, report: Any, windo
         x, y = data
         row["top1"] = round(top1_accuracy(predict(qmodel, x), y), 4)
     elif name == "minilm":
-        row["rel_mse"] = _pooled_rel_mse(model, qmodel, [r.name for r in report.layers])
+        row["rel_mse"] = pooled_rel_mse(model, qmodel, [r.name for r in report.layers])
         row["cosine"] = evaluate("fidelity", loaded, model, qmodel)["quantized"]["cosine"]
         row["stsb"] = evaluate("stsb", loaded, model, qmodel)["quantized"]["spearman"]
     else:

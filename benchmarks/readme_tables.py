@@ -49,6 +49,7 @@ TABLES = {
     "cpu_latency": "cpu_latency",
     "budget_table": "budget_table",
     "balance_table": "balance_table",
+    "shaped_grid": "shaped_grid",
 }
 
 BLOCK = re.compile(r"<!-- results:(?P<name>[a-z0-9_]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S)

@@ -29,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from bench_common import RESULTS, provenance, write_result
+from bench_common import RESULTS, pooled_rel_mse, provenance, write_result
 from dfquant.config import LayerRule, PatternRule, QuantConfig
 from dfquant.eval.cifar10 import EXACT_FILE, load_cifar10, predict
 from dfquant.eval.metrics import top1_accuracy
@@ -63,16 +61,6 @@ def _config(model: str, rule: str, opts: dict[str, Any], bits: int, rotate: str)
     return QuantConfig(base)
 
 
-def _pooled_rel_mse(model: torch.nn.Module, qmodel: torch.nn.Module, names: list[str]) -> float:
-    num = den = 0.0
-    for name in names:
-        w = model.get_submodule(name).weight.detach().to(torch.float32)
-        w_hat = qmodel.get_submodule(name).dequantize_weight().to(torch.float32)
-        num += float(((w_hat.reshape(w.shape) - w) ** 2).sum())
-        den += float((w * w).sum())
-    return num / den
-
-
 def run_model(name: str, rules: list[str], bits_list: list[int], rotations: list[str]) -> dict[str, Any]:
     loaded = load_model(name)
     model = loaded.model.eval()
@@ -99,7 +87,7 @@ def run_model(name: str, rules: list[str], bits_list: list[int], rotations: list
                     row["top1"] = round(top1_accuracy(predict(qmodel, x), y), 4)
                 else:
                     names = [r.name for r in report.layers]
-                    row["rel_mse"] = _pooled_rel_mse(model, qmodel, names)
+                    row["rel_mse"] = pooled_rel_mse(model, qmodel, names)
                     fid = evaluate("fidelity", loaded, model, qmodel)
                     row["cosine"] = fid["quantized"]["cosine"]
                 print(name, row, flush=True)
