@@ -11,7 +11,7 @@ For each version ``V`` it writes:
   groups mixed), ``nf4`` in groups, ``statq`` on the FP4 E2M1 grid, a residual expansion of order 2 (REx),
   and a quantized token embedding, with a folded BatchNorm; from version 3, rotated layers (a convolution
   whose fan-in 27 takes blocks 16, 8, 2 and 1, and a ``lloyd-max`` head in blocks of 8); from version 4, balanced
-  layers (the ``statq`` FP4 layer, and the ``nf4`` layer also rotated);
+  layers (the ``minmax`` REx layer, and the ``nf4`` layer also rotated);
 * ``format_vV_compat_expected.safetensors``: fixed inputs (``ids``, ``image``) and the quantized model's
   ``output`` on them.
 
@@ -83,8 +83,10 @@ def build(_source: object = None) -> CompatNet:
 def trained() -> CompatNet:
     """Deterministic float weights with some heavy-tailed rows, so that ``lloyd-max`` mixes its tables.
 
-    The global random state is forked and seeded with 0 inside (the state the format-2 files were written
-    with), so the weights do not depend on what the caller drew before.
+    The global random state is forked and seeded with 0 inside, so the weights do not depend on what the caller
+    drew before, and every draw is made in float64 (rounded to float32), so they do not depend on the CPU either.
+    Files of format versions 2 and 3 were written from float32 draws (the same seeds); only the current version's
+    file is compared with a fresh quantization.
     """
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -92,14 +94,17 @@ def trained() -> CompatNet:
 
 
 def _trained() -> CompatNet:
+    # Drawn in float64 and rounded to float32: torch's float32 normal sampler takes a vectorized path whose last
+    # bits depend on the CPU's vector kernels (ATEN_CPU_CAPABILITY), and weights must be the same everywhere.
     g = torch.Generator().manual_seed(2024)
     model = CompatNet()
+    f64 = torch.float64
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            p.copy_((torch.randn(p.shape, generator=g, dtype=f64) * 0.3).to(torch.float32))
             if name == "lloyd.weight":  # half the rows Laplace-like: the fit picks both tables
-                lap = torch.distributions.Laplace(0.0, 0.2).sample((8, 16))
-                p[8:] = lap
+                lap = torch.distributions.Laplace(torch.tensor(0.0, dtype=f64), torch.tensor(0.2, dtype=f64))
+                p[8:] = lap.sample((8, 16)).to(torch.float32)
         model.bn.running_mean.copy_(torch.randn(8, generator=g) * 0.1)
         model.bn.running_var.copy_(torch.rand(8, generator=g) + 0.5)
     return model.eval()
@@ -120,8 +125,8 @@ def config() -> object:
             # format 3: rotated layers (fan-in 27 = 16 + 8 + 2 + 1 blocks; 16 = 8 + 8)
             PatternRule("conv", rotate="hadamard:16"),
             PatternRule("head", quantizer="lloyd-max", bits=3, rotate="hadamard:8"),
-            # format 4: balanced layers (a column scale; one also rotated)
-            PatternRule("fp4", balance=True),
+            # format 4: balanced layers (a column scale; one with a residual expansion, one also rotated)
+            PatternRule("mix", balance=True),
             PatternRule("nf4", balance=True, rotate="hadamard:8"),
         ),
     )

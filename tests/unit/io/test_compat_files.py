@@ -272,7 +272,7 @@ def test_kept_file_covers_the_features_it_was_made_for() -> None:
     assert model.conv.rotation is not None and model.conv.rotation.blocks(27) == [16, 8, 2, 1]
     assert model.head.rotation is not None and model.head.rotation.block == 8
     assert manifest["layers"]["head"]["terms"][0]["quantizer"] == "lloyd-max"
-    assert model.fp4.balance is not None and model.fp4.rotation is None
+    assert model.mix.balance is not None and model.mix.rotation is None
     assert model.nf4.balance is not None and model.nf4.rotation is not None
     assert not torch.equal(model.nf4.balance.scale, torch.ones(16, dtype=torch.float16))
 
