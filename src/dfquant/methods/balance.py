@@ -84,15 +84,10 @@ def undo_balance(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (w.to(torch.float32).reshape(w.shape[0], -1) * c).reshape(w.shape)
 
 
-def balance_bits(fan_in: int) -> int:
-    """Stored bits of a column scale: float16 per fan-in column."""
-    return 16 * fan_in
-
-
 def imbalance(w: torch.Tensor) -> float:
     """``I(W)`` of the weight in ``(out, fan-in)`` layout (see the module docstring)."""
     m = w.detach().to(torch.float32).reshape(w.shape[0], -1)
     return _imbalance(m) if min(m.shape) > 1 else 1.0
 
 
-__all__ = ["ITERATIONS", "apply_balance", "balance_bits", "column_scale", "imbalance", "undo_balance"]
+__all__ = ["ITERATIONS", "apply_balance", "column_scale", "imbalance", "undo_balance"]

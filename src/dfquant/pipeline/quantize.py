@@ -189,7 +189,9 @@ def quantize_weight(
     name = p.name or "<root>"
     if balance is not None:  # the terms are fitted to W diag(1/c); the layer decodes (...) diag(c)
         w = apply_balance(w, balance.scale)
-        importance = None  # per-input-channel weights are for the unscaled columns
+        if importance is not None:  # sum a (w - c q)^2 = sum a c^2 (w / c - q)^2: the weights follow the columns
+            c2 = balance.scale.to(device=importance.device, dtype=torch.float32).square()
+            importance = (importance.reshape(importance.shape[0], -1) * c2).reshape(importance.shape)
     rotation = layer_rotation(p)
     if rotation is not None:  # every term is fitted to W R^T; the layer decodes (sum of terms) R
         w = rotation.apply(w)

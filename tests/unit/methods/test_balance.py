@@ -117,3 +117,35 @@ def test_balanced_file_reloads_bit_identical_on_every_path(tmp_path: Path) -> No
     save_file(neg, str(bad), metadata={METADATA_KEY: json.dumps(man)})
     with pytest.raises(FileFormatError, match="balance scale must be finite and positive"):
         load_quantized(bad, build=lambda src: _outlier_model())
+
+
+def test_importance_weights_follow_the_balanced_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule that weights each weight's error by its input channel's variance keeps minimizing the same loss on
+    the balanced weight: ``sum a (w - c q)^2 = sum a c^2 (w / c - q)^2``, so the pipeline hands it ``a c^2``."""
+    from dfquant.quantizers.uniform import MSEClip
+
+    seen: dict[bool, torch.Tensor] = {}
+    original = MSEClip.quantize
+    state = {"balance": False}
+
+    def spy(self, x, granularity="channel", name="tensor", **kw):  # type: ignore[no-untyped-def]
+        if name == "3" and kw.get("importance") is not None:
+            seen[state["balance"]] = kw["importance"].clone()
+        return original(self, x, granularity, name, **kw)
+
+    monkeypatch.setattr(MSEClip, "quantize", spy)
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.rand(8) * 3 + 0.1)  # uneven input variances for the second conv
+        net[1].bias.copy_(torch.randn(8))
+        net[3].weight.mul_(torch.exp(torch.randn(1, 8, 1, 1)))  # uneven columns: a scale far from one
+    for bal in (False, True):
+        state["balance"] = bal
+        rule = LayerRule("mse", 3, "channel", options={"weighting": "input-variance"}, balance=bal)
+        q, _ = quantize_model(net, QuantConfig(rule))
+    assert set(seen) == {False, True}
+    c = q.get_submodule("3").balance.scale.to(torch.float32)
+    assert not torch.allclose(c, torch.ones_like(c), atol=0.05)
+    expected = (seen[False].reshape(4, -1) * c.square()).reshape(seen[False].shape)
+    torch.testing.assert_close(seen[True], expected, rtol=1e-6, atol=0.0)
