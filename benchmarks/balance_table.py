@@ -1,11 +1,15 @@
-"""Row/column balancing (``balance=true``) against and together with the Hadamard rotation, at the bits each
+"""Row/column balancing (``balance``) against and together with the Hadamard rotation, at the bits each
 setting stores.
 
-Every model is quantized by :func:`dfquant.quantize_model` four times per rule and width: plain, balanced,
-rotated (``hadamard:64``) and both. ResNet-20: per channel, float32 scales, the command line's defaults (BatchNorm
-folding, bias correction), top-1 on the exact 1017 CIFAR-10 test images. MiniLM: the linear layers in groups of
-64 with float16 scales (embeddings float), pooled relative weight MSE and the data-free fidelity cosine. The
-column scale costs 16 bits per fan-in column, counted in the bits per weight.
+Every model is quantized by :func:`dfquant.quantize_model` once per rule, width and variant (:data:`VARIANTS`).
+ResNet-20: per channel, float32 scales, the command line's defaults (BatchNorm folding, bias correction), top-1 on
+the exact 1017 CIFAR-10 test images; its variants separate where the column scale goes
+(:mod:`dfquant.pipeline.absorb`): ``stored`` (every layer stores it), ``absorbed`` (only the layers that are the
+sole reader of a BatchNorm-ReLU output are balanced, their scale moved into that BatchNorm: no bits), ``balance``
+(``balance=true``: absorbed where possible, stored elsewhere), each also after the rotation. MiniLM: the linear
+layers in groups of 64 with float16 scales (embeddings float), pooled relative weight MSE and the data-free
+fidelity cosine; it has no BatchNorm, so its scales are stored. A stored column scale costs 16 bits per fan-in
+column, counted in the bits per weight.
 
 Usage::
 
@@ -32,11 +36,19 @@ from dfquant.eval.registry import evaluate
 from dfquant.pipeline.quantize import quantize_model
 from dfquant.zoo import load_model
 
-VARIANTS = {
-    "plain": (False, "none"),
-    "balance": (True, "none"),
-    "rotate": (False, "hadamard:64"),
-    "both": (True, "hadamard:64"),
+ROT = "hadamard:64"
+#: model -> variant -> (balance, rotate)
+VARIANTS: dict[str, dict[str, tuple[bool | str, str]]] = {
+    "cifar-resnet20": {
+        "plain": (False, "none"),
+        "stored": ("stored", "none"),
+        "absorbed": ("absorbed", "none"),
+        "balance": (True, "none"),
+        "rotate": (False, ROT),
+        "rotate+absorbed": ("absorbed", ROT),
+        "rotate+balance": (True, ROT),
+    },
+    "minilm": {"plain": (False, "none"), "balance": (True, "none"), "rotate": (False, ROT), "both": (True, ROT)},
 }
 #: model -> (granularity, scale dtype, [(label, rule, options, bits)])
 SETTINGS: dict[str, tuple[str, str, list[tuple[str, str, dict[str, Any], int]]]] = {
@@ -64,13 +76,15 @@ def run_model(name: str) -> dict[str, Any]:
     skip = (PatternRule("*embeddings*", skip=True),) if name == "minilm" else ()
     for label, rule, opts, bits in settings:
         row: dict[str, Any] = {"rule": label, "bits": bits}
-        for variant, (bal, rot) in VARIANTS.items():
+        for variant, (bal, rot) in VARIANTS[name].items():
             t0 = time.perf_counter()
             cfg = QuantConfig(
                 LayerRule(rule, bits, gran, options=opts, scale_dtype=sdtype, balance=bal, rotate=rot), rules=skip
             )
             qmodel, report = quantize_model(model, cfg)
             cell: dict[str, Any] = {"bits_per_weight": round(report.bits_per_weight, 4)}
+            cell["absorbed"] = sum(1 for r in report.layers if r.balance_absorbed)
+            cell["stored"] = sum(1 for r in report.layers if r.balance)
             if data is not None:
                 cell["top1"] = round(top1_accuracy(predict(qmodel, data[0]), data[1]), 4)
             else:
@@ -90,15 +104,22 @@ def markdown(result: dict[str, Any]) -> str:
         what = "top-1 %" if top1 else "rel. weight MSE / fidelity cosine"
         head = f"**{name}** ({m['granularity']}, {m['scale_dtype']} scales; {what} (bits per weight))"
         lines += [head + (f", float {m['float_top1']:.2f}" if top1 else "") + ".", ""]
-        lines += ["| rule | bits | " + " | ".join(VARIANTS) + " |", "| --- | ---: |" + " ---: |" * len(VARIANTS)]
+        variants = VARIANTS[name]
+        lines += ["| rule | bits | " + " | ".join(variants) + " |", "| --- | ---: |" + " ---: |" * len(variants)]
         for r in m["rows"]:
             cells = []
-            for v in VARIANTS:
+            for v in variants:
                 c = r[v]
                 val = f"{c['top1']:.2f}" if top1 else f"{c['rel_mse']:.5f} / {c['cosine']:.4f}"
                 cells.append(f"{val} ({c['bits_per_weight']:.3f})")
             lines.append(f"| {r['rule']} | {r['bits']} | " + " | ".join(cells) + " |")
-        lines.append("")
+        first = m["rows"][0]
+        counts = ", ".join(
+            f"{v} {first[v]['absorbed']} absorbed / {first[v]['stored']} stored"
+            for v in variants
+            if first[v]["absorbed"] or first[v]["stored"]
+        )
+        lines += ["", f"Column scales per variant (layers): {counts}.", ""]
     return "\n".join(lines)
 
 

@@ -71,7 +71,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -210,6 +210,18 @@ def _check_flag(value: object, key: str, where: str) -> bool:
     return value
 
 
+#: The string values of a rule's ``balance`` (besides true and false): see :class:`LayerRule`.
+BALANCE_MODES = ("absorbed", "stored")
+
+
+def _check_balance(value: object, where: str) -> bool | str:
+    if isinstance(value, bool) or value in BALANCE_MODES:
+        return cast("bool | str", value)
+    raise ConfigError(
+        f"{where}: 'balance' must be true, false, {' or '.join(repr(m) for m in BALANCE_MODES)}, got {value!r}"
+    )
+
+
 def _check_reason(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: 'reason' must be a string, got {value!r}")
@@ -245,7 +257,7 @@ RULE_FIELDS: dict[str, Callable[[object, str], Any]] = {
     "outlier_select": _check_outlier_select,
     "residual_quantizer": _check_optional_str("residual_quantizer"),
     "rotate": lambda v, where: parse_rotation(v, where),
-    "balance": lambda v, where: _check_flag(v, "balance", where),
+    "balance": _check_balance,
 }
 _RULE_KEYS = tuple(RULE_FIELDS)
 _PATTERN_KEYS = ("pattern", *_RULE_KEYS)
@@ -299,8 +311,11 @@ class LayerRule:
             along the fan-in (blocks of ``B``, default 64) and decode ``Q R`` (:mod:`dfquant.methods.rotate`);
             stored in normal form ``"hadamard:B"``.
         balance: quantize ``W diag(1/c)`` for a per-fan-in-column scale ``c`` found by Sinkhorn-style row and
-            column normalization and decode ``Q diag(c)`` (:mod:`dfquant.methods.balance`; ``c`` stored in
-            float16).
+            column normalization and decode ``Q diag(c)`` (:mod:`dfquant.methods.balance`). ``True``: where the
+            layer is the only reader of a BatchNorm (and ReLU) output, a per-input-channel ``c`` moves into that
+            BatchNorm (:mod:`dfquant.pipeline.absorb`, nothing stored), elsewhere ``c`` is stored in float16 with
+            the layer. ``"absorbed"``: only the layers whose scale can move are balanced (no bits spent).
+            ``"stored"``: every layer stores its scale. ``False``: none.
     """
 
     quantizer: str = "minmax"
@@ -317,7 +332,7 @@ class LayerRule:
     outlier_select: str = "global"
     residual_quantizer: str | None = None
     rotate: str = "none"
-    balance: bool = False
+    balance: bool | str = False
 
     def __post_init__(self) -> None:
         _normalize(self, "layer rule", skip_none=False)
@@ -410,7 +425,7 @@ class PatternRule:
     outlier_select: str | None = None
     residual_quantizer: str | None = None
     rotate: str | None = None
-    balance: bool | None = None
+    balance: bool | str | None = None
 
     def __post_init__(self) -> None:
         where = f"rule '{self.pattern}'"

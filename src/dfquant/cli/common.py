@@ -231,8 +231,9 @@ def rex_extras(args: argparse.Namespace) -> dict[str, Any]:
         out["outlier_select"] = args.outlier_select
     if getattr(args, "rotate", None) is not None:
         out["rotate"] = args.rotate
-    if getattr(args, "balance", False):
-        out["balance"] = True
+    balance = getattr(args, "balance", None)
+    if balance:
+        out["balance"] = True if balance == "true" else balance
     return out
 
 

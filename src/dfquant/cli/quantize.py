@@ -165,9 +165,14 @@ def add_command(sub: Any) -> None:
     )
     p.add_argument(
         "--balance",
-        action="store_true",
+        nargs="?",
+        const="true",
+        choices=("true", "absorbed", "stored"),
+        metavar="absorbed|stored",
         help="quantize W diag(1/c) for a per-column scale c from Sinkhorn-style row/column normalization (SINQ) "
-        "and decode Q diag(c); c is stored in float16 (16 bits per fan-in column)",
+        "and decode Q diag(c). Where a layer is the only reader of a BatchNorm (and ReLU) output, c moves into "
+        "that BatchNorm (no bits); elsewhere it is stored in float16 (16 bits per fan-in column). 'absorbed': "
+        "balance only the layers whose c can move; 'stored': store every c",
     )
     p.add_argument(
         "--budget",

@@ -44,6 +44,10 @@ class GraphInfo:
         input_moments: layer name -> ``(value, source, activation)``: the program's value that is the layer's
             input, the BatchNorms and propagated tensors it sums (e.g. ``"layer1.1.bn2 + layer1.0.relu2"``),
             and the ops after the sum (``"relu"``, ``"relu, mean"``, ``"none"``).
+        sole_input_bn: the layers of ``input_bn`` that are the only reader of their BatchNorm's output: every node
+            from the BatchNorm to the layer (the BatchNorm, the ReLU, dropout or identity modules) has one user
+            (fx only). A per-input-channel scale of such a layer can move into the BatchNorm's affine parameters
+            (:mod:`dfquant.pipeline.absorb`).
     """
 
     method: str
@@ -52,6 +56,7 @@ class GraphInfo:
     input_bn: dict[str, tuple[str, str]] = field(default_factory=dict)
     moment_program: list[MomentOp] = field(default_factory=list)
     input_moments: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    sole_input_bn: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 class LeafTracer(fx.Tracer):
@@ -121,14 +126,19 @@ def _analyze_fx(model: nn.Module) -> GraphInfo:
                 info.bn_pairs.append((str(src.target), str(node.target)))
         elif layer_kind(mod) is not None and isinstance(src, fx.Node):
             cur: Any = src
+            path = [cur]  # the nodes from the layer's input back to the BatchNorm
             while isinstance(single_module_call(cur), TRANSPARENT_TYPES) and cur.args:
                 cur = cur.args[0]
+                path.append(cur)
             act = "none"
             if isinstance(cur, fx.Node) and is_relu(cur, modules) and cur.args:
                 act, cur = "relu", cur.args[0]
+                path.append(cur)
             bn = single_module_call(cur)
             if isinstance(bn, BATCHNORM_TYPES) and _bn_fits(mod, bn, "in"):
                 info.input_bn[str(node.target)] = (str(cur.target), act)
+                if all(isinstance(n, fx.Node) and len(n.users) == 1 for n in path):
+                    info.sole_input_bn[str(node.target)] = (str(cur.target), act)
     info.moment_program, info.input_moments = _moment_program(graph, modules, calls)
     return info
 

@@ -35,10 +35,48 @@ ITERATIONS = 16
 _FLOOR = 1e-6
 
 
+def _spreads(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column and row spreads of ``m`` (``(rows, cols)``, or ``(rows, cols, taps)``: a column is then every
+    tap of one input channel, a row every column and tap of one output channel)."""
+    if m.dim() == 2:
+        return m.std(dim=0, correction=0), m.std(dim=1, correction=0)
+    return m.std(dim=(0, 2), correction=0), m.std(dim=(1, 2), correction=0)
+
+
 def _imbalance(w: torch.Tensor) -> float:
-    s = torch.cat([w.std(dim=0, correction=0), w.std(dim=1, correction=0)])
+    s = torch.cat(_spreads(w))
     s = s[s > 0]
     return float(s.max() / s.min()) if s.numel() else 1.0
+
+
+def _sinkhorn(m: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The column factor (float32, one per column, geometric mean one) of the Sinkhorn iterate of least
+    imbalance of ``m`` (``(rows, cols)`` or ``(rows, cols, taps)``, see :func:`_spreads`); ones for all-zero
+    columns."""
+    cshape = (1, m.shape[1]) + (1,) * (m.dim() - 2)
+    rshape = (m.shape[0],) + (1,) * (m.dim() - 1)
+    floor = _FLOOR * float(m.pow(2).mean().sqrt()) or _FLOOR
+    r = torch.ones(rshape)
+    c = torch.ones(cshape)
+    best_c, best = c.clone(), math.inf
+    for _ in range(iterations):
+        c = c * _spreads(m / (r * c))[0].reshape(cshape).clamp_min(floor)
+        r = r * _spreads(m / (r * c))[1].reshape(rshape).clamp_min(floor)
+        c = c / torch.exp(torch.log(c).mean())  # geometric mean one: the row factor keeps the overall scale
+        score = _imbalance(m / (r * c))
+        if score < best:
+            best, best_c = score, c.clone()
+    out = best_c.reshape(-1)
+    zero = m.abs().amax(dim=(0, *range(2, m.dim()))) == 0
+    out[zero] = 1.0
+    return out
+
+
+def _as_matrix(w: torch.Tensor) -> torch.Tensor:
+    m = w.detach().to(torch.float32).reshape(w.shape[0], -1).cpu()
+    if not torch.isfinite(m).all():
+        raise InputError("balance: the weight holds NaN or infinite values")
+    return m
 
 
 def column_scale(w: torch.Tensor, iterations: int = ITERATIONS) -> torch.Tensor:
@@ -49,27 +87,28 @@ def column_scale(w: torch.Tensor, iterations: int = ITERATIONS) -> torch.Tensor:
     Raises:
         InputError: a weight with NaN or infinite values.
     """
-    m = w.detach().to(torch.float32).reshape(w.shape[0], -1).cpu()
-    if not torch.isfinite(m).all():
-        raise InputError("balance: the weight holds NaN or infinite values")
+    m = _as_matrix(w)
     rows, cols = m.shape
     if rows < 2 or cols < 2:
         return torch.ones(cols, dtype=torch.float16)
-    floor = _FLOOR * float(m.pow(2).mean().sqrt()) or _FLOOR
-    r = torch.ones(rows, 1)
-    c = torch.ones(1, cols)
-    best_c, best = c.clone(), math.inf
-    for _ in range(iterations):
-        c = c * (m / (r * c)).std(dim=0, correction=0, keepdim=True).clamp_min(floor)
-        r = r * (m / (r * c)).std(dim=1, correction=0, keepdim=True).clamp_min(floor)
-        c = c / torch.exp(torch.log(c).mean())  # geometric mean one: the row factor keeps the overall scale
-        score = _imbalance(m / (r * c))
-        if score < best:
-            best, best_c = score, c.clone()
-    zero = m.abs().amax(dim=0) == 0
-    out = best_c.reshape(-1)
-    out[zero] = 1.0
-    return out.clamp(2.0**-14, 65504.0).to(torch.float16)
+    return _sinkhorn(m, iterations).clamp(2.0**-14, 65504.0).to(torch.float16)
+
+
+def channel_scale(w: torch.Tensor, iterations: int = ITERATIONS) -> torch.Tensor:
+    """A column scale shared by every kernel tap of one input channel: ``c`` (float32, one per input channel,
+    geometric mean about one) of the weight ``w`` (``(out, in, *kernel)``), from the same Sinkhorn iteration with
+    an input channel's spread taken over all its taps. This is the scale that can move into the layer before
+    (:mod:`dfquant.pipeline.absorb`: a per-channel factor of a BatchNorm's output, which ReLU passes on since
+    ``relu(c z) = c relu(z)`` for ``c > 0``); for a linear layer it is :func:`column_scale` before float16
+    rounding. Values are kept in ``[2^-14, 2^14]``.
+
+    Raises:
+        InputError: a weight with NaN or infinite values.
+    """
+    m = _as_matrix(w).reshape(w.shape[0], w.shape[1] if w.dim() > 1 else 1, -1)
+    if m.shape[0] < 2 or m.shape[1] < 2:
+        return torch.ones(m.shape[1])
+    return _sinkhorn(m, iterations).clamp(2.0**-14, 2.0**14)
 
 
 def apply_balance(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -90,4 +129,19 @@ def imbalance(w: torch.Tensor) -> float:
     return _imbalance(m) if min(m.shape) > 1 else 1.0
 
 
-__all__ = ["ITERATIONS", "apply_balance", "column_scale", "imbalance", "undo_balance"]
+def channel_imbalance(w: torch.Tensor) -> float:
+    """``I(W)`` with an input channel's spread over all its kernel taps (the measure :func:`channel_scale`
+    lowers), of the weight ``(out, in, *kernel)``."""
+    m = w.detach().to(torch.float32).reshape(w.shape[0], w.shape[1] if w.dim() > 1 else 1, -1)
+    return _imbalance(m) if min(m.shape[:2]) > 1 else 1.0
+
+
+__all__ = [
+    "ITERATIONS",
+    "apply_balance",
+    "channel_imbalance",
+    "channel_scale",
+    "column_scale",
+    "imbalance",
+    "undo_balance",
+]

@@ -68,6 +68,7 @@ from dfquant.nn.balance import ColumnScale
 from dfquant.nn.base import QuantModule, oriented_weight
 from dfquant.nn.rex import SparseTerm
 from dfquant.nn.terms import QuantTerm
+from dfquant.pipeline.absorb import Absorbed, absorb_column_scales, restore
 from dfquant.pipeline.allocate import allocate_bits, group_units
 from dfquant.pipeline.fold import apply_folds, plan_folds
 from dfquant.pipeline.plan import LayerPlan, layer_label, plan_quantization, split_sparsity
@@ -238,9 +239,10 @@ def layer_rotation(p: LayerPlan) -> Rotation | None:
 
 
 def layer_balance(p: LayerPlan, w: torch.Tensor) -> ColumnScale | None:
-    """The column scale of a layer whose rule balances (:func:`dfquant.methods.balance.column_scale` of its
-    oriented, folded weight ``w``), else None."""
-    return ColumnScale(column_scale(w)).to(w.device) if p.rule.balance else None
+    """The stored column scale of a layer whose rule balances (:func:`dfquant.methods.balance.column_scale` of
+    its oriented, folded weight ``w``), else None; ``balance="absorbed"`` stores none (the layers whose scale can
+    move into a BatchNorm are balanced by :mod:`dfquant.pipeline.absorb` before this stage)."""
+    return ColumnScale(column_scale(w)).to(w.device) if p.rule.balance in (True, "stored") else None
 
 
 def weight_bits_per_mac(qmod: QuantModule) -> float:
@@ -376,6 +378,26 @@ def quantize_model(
             "a bit budget needs a probe: the model's outputs on synthetic inputs "
             "(probe=dfquant.eval.fidelity_probe(loaded))"
         )
+    absorbed: dict[str, Absorbed] = {}
+    try:
+        return _quantize(model, config, progress, inplace, dev, probe, absorbed)
+    except BaseException:
+        if inplace:  # the fit failed: the BatchNorms and weights the absorption changed get their values back
+            restore(model, absorbed)
+        raise
+
+
+def _quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    progress: Progress | None,
+    inplace: bool,
+    dev: torch.device | None,
+    probe: Probe | None,
+    absorbed: dict[str, Absorbed],
+) -> tuple[nn.Module, QuantizationReport]:
+    """:func:`quantize_model` after its checks; ``absorbed`` is filled by the absorption stage as it changes the
+    model (so that a failure can undo it)."""
     plans = plan_quantization(model, config)
     skipped = [SkippedLayer(p.name, p.type, p.shape, p.rule.reason or "skipped by rule") for p in plans if p.skip]
     unused = [r.pattern for r in config.unused_rules(p.name for p in plans)]
@@ -397,10 +419,14 @@ def quantize_model(
     if dev is not None:
         target = target.to(dev)
     report.device = str(model_device(target))
-    graph = analyze_graph(target) if (config.fold_bn or config.bias_correction) else None
+    active = {p.name: p for p in plans if not p.skip}
+    balanced = any(p.rule.balance for p in active.values())
+    graph = analyze_graph(target) if (config.fold_bn or config.bias_correction or balanced) else None
     if graph is not None:
         report.graph_method, report.graph_note = graph.method, graph.note
-    active = {p.name: p for p in plans if not p.skip}
+    if balanced:  # column scales into the BatchNorms before their layers, where the graph allows it
+        folds = plan_folds(target, graph) if graph is not None and config.fold_bn else None
+        absorbed.update(absorb_column_scales(target, graph, active, folds))
     sparsities = split_sparsity(plans, config.sparsity_split)
 
     input_stats, input_moments = input_statistics(target, graph, active, config)
@@ -422,7 +448,7 @@ def quantize_model(
             layer, w, _ = float_weight(v)
             importance = _input_importance(layer, w, input_moments.get(v.name), v.name in input_stats)
             try:
-                bal = layer_balance(v, w)
+                bal = None if v.name in absorbed else layer_balance(v, w)
                 qterms, _, sparse = quantize_weight(v, w, sparsities.get(v.name, 0.0), importance, bal)
             except DfquantError as e:
                 raise type(e)(f"{layer_label(v.name, layer, v.shape)}: {e}") from None
@@ -461,7 +487,7 @@ def quantize_model(
             try:
                 stats = input_moments.get(p.name)
                 importance = _input_importance(layer, w_float, stats, p.name in input_stats)
-                balance = layer_balance(p, w_float)
+                balance = None if p.name in absorbed else layer_balance(p, w_float)
                 qterms, qt, sparse = quantize_weight(p, w_float, sparsities.get(p.name, 0.0), importance, balance)
             except DfquantError as e:
                 raise type(e)(f"{layer_label(p.name, layer, p.shape)}: {e}") from None
@@ -513,7 +539,8 @@ def quantize_model(
                 act=qmod.input_spec.to_dict() if qmod.input_spec is not None else None,
                 outliers=qmod.outliers.count if qmod.outliers is not None else 0,
                 rotate=p.rule.rotate,
-                balance=p.rule.balance,
+                balance=qmod.balance is not None,
+                balance_absorbed=absorbed[p.name].bn if p.name in absorbed else "",
                 matmul=_matmul_label(qmod.matmul_path(model_device(qmod))),
                 ks_before=ks[0],
                 ks_after=ks[1],

@@ -46,7 +46,8 @@ class LayerReport:
             expansion a MAC costs :func:`~dfquant.methods.rex_act.pair_bits_per_mac` bit products, reported
             as ``weight_bits_per_mac = pair bits / act_bits``. outliers: weights in the sparse outlier residual.
         rotate: the rule's rotation (``"none"`` or ``"hadamard:B"``, :mod:`dfquant.methods.rotate`).
-        balance: whether the layer stores a column scale (:mod:`dfquant.methods.balance`).
+        balance: whether the layer stores a column scale (:mod:`dfquant.methods.balance`). balance_absorbed: the
+            BatchNorm that took the layer's column scale instead (:mod:`dfquant.pipeline.absorb`), or ``""``.
         matmul: how the layer multiplies on the model's device: ``"kernel"`` (the fused decode-in-matmul kernel,
             :mod:`dfquant.nn.kernel`) or ``"decode: why"``.
         predicted_rel_mse: the error model's relative MSE for the layer (:func:`predicted_rel_mse`; of the
@@ -78,6 +79,7 @@ class LayerReport:
     outliers: int = 0
     rotate: str = "none"
     balance: bool = False
+    balance_absorbed: str = ""
     matmul: str = "decode"
     predicted_rel_mse: float | None = None
     ks_before: float | None = None
@@ -250,7 +252,7 @@ class QuantizationReport:
                 q += f" (K={r.order}" + (f", {r.sparsity:.0%} sparse)" if r.sparsity > 0 else ")")
             q += f" +{r.outliers} outliers" if r.outliers else ""
             q += f" rot{r.rotate.partition(':')[2]}" if r.rotate != "none" else ""
-            q += " bal" if r.balance else ""
+            q += f" bal>{r.balance_absorbed}" if r.balance_absorbed else " bal" if r.balance else ""
             q += f" A{r.act_bits} {r.act['mode']}" if r.act else ""
             q += f" (tied to {r.tied_to})" if r.tied_to else ""
             shape = "x".join(str(s) for s in r.shape)

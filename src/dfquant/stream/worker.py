@@ -149,7 +149,7 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
             rule.expand == 1
             and rule.outliers == 0
             and rule.rotate == "none"
-            and not rule.balance
+            and rule.balance in (False, "absorbed")  # streaming has no graph: "absorbed" balances nothing
             and gran.kind != "tensor"
             and gran.axis == 0
             and oriented.numel() > BLOCK_ELEMENTS
@@ -198,7 +198,7 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
         sparsity=realized_sparsity(qmod, rule.expand),
         weight_bits_per_mac=weight_bits_per_mac(qmod),
         rotate=rule.rotate,
-        balance=rule.balance,
+        balance=balance is not None,
     )
     return tensors, meta, report
 

@@ -105,6 +105,8 @@ def test_fx_pairs_and_chains() -> None:
         "block.conv2": ("block.bn1", "relu"),
         "pw": ("dwbn", "relu"),
     }
+    # block.conv1 shares its input with the block's shortcut: only conv2 and pw read their BatchNorm alone
+    assert info.sole_input_bn == {"block.conv2": ("block.bn1", "relu"), "pw": ("dwbn", "relu")}
 
 
 def test_module_order_fallback() -> None:
@@ -112,6 +114,7 @@ def test_module_order_fallback() -> None:
     assert info.method == "module-order" and "torch.fx" in info.note
     assert info.bn_pairs == [("conv1", "bn1")]
     assert info.input_bn == {"conv2": ("bn1", "relu")}
+    assert info.sole_input_bn == {}  # registration order cannot show a second reader
 
 
 def test_no_batchnorm() -> None:
