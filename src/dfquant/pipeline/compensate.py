@@ -259,6 +259,10 @@ def compensate_model(
             raise ConfigError(f"DF-MPC: the {what} rule must be a LayerRule, got {type(r).__name__}")
         if r.skip or r.expand != 1:
             raise ConfigError(f"DF-MPC: the {what} rule must quantize plainly (no skip, expand 1)")
+        if r.rotate != "none" or r.balance is not False:  # the compensation solves for the layers' own weights
+            raise ConfigError(
+                f"DF-MPC: the {what} rule must not rotate or balance (got rotate={r.rotate!r}, balance={r.balance!r})"
+            )
     if stats not in STAT_RULES:
         raise ConfigError(f"DF-MPC: BatchNorm statistics rule must be one of {', '.join(STAT_RULES)}, got '{stats}'")
     if coefficient not in COEFFICIENT_RULES:

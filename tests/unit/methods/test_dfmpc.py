@@ -278,6 +278,10 @@ def test_bad_input_raises_named_errors() -> None:
         compensate_model(model, low=LayerRule("ternary", 2, "tensor"))
     with pytest.raises(ConfigError, match="'ternary' supports bits in \\{2\\}, got 3"):
         compensate_model(model, low=LayerRule("ternary", 3))
+    with pytest.raises(ConfigError, match="the high rule must not rotate or balance .*balance='absorbed'"):
+        compensate_model(model, high=LayerRule("minmax", 6, balance="absorbed"))
+    with pytest.raises(ConfigError, match="the low rule must not rotate or balance .*rotate='hadamard:64'"):
+        compensate_model(model, low=LayerRule("ternary", 2, rotate="hadamard"))
     with pytest.raises(ModelError, match="found no layer pair in Sequential"):
         compensate_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
 
