@@ -10,22 +10,26 @@ tensors (codes, scales, offsets), as the report counts them.
   defaults); CIFAR-10 top-1 on the exact 1017 test images.
 * ``minilm``: ``statq`` ``format=uint`` in groups of 64, float16 scales and offsets, embeddings float; the data-free
   fidelity check's embedding cosine, STS-B test Spearman x 100 and the pooled relative weight MSE.
-* ``smollm2-135m``: ``statq`` (int grid) in groups of 64, float16 scales, embeddings and the tied head float, bits
-  from ``2,3,4,5`` only (each candidate is a whole quantization of the layer); WikiText-2
-  perplexity on ``--windows`` windows of 1024 tokens, next to HQQ 4-bit and 3-bit and bitsandbytes NF4 in groups
-  of 64 on the same layers (their dequantized weights; :mod:`peers`). Its float weights come from a 4-bit GGUF.
+* ``smollm2-135m``: ``mse`` with ``grid=lloyd-gaussian`` (the Gaussian Lloyd-Max table with a searched scale per
+  group, no offset) in groups of 64, float16 scales, embeddings and the tied head float, bits from ``2,3,4,5``
+  only (each candidate is a whole quantization of the layer); WikiText-2 perplexity on ``--windows`` windows of
+  1024 tokens, next to HQQ 4-bit and 3-bit and bitsandbytes NF4 in groups of 64 on the same layers (their
+  dequantized weights; :mod:`peers`). Its float weights come from a 4-bit GGUF.
 
 Usage::
 
     python benchmarks/budget_table.py [--models cifar-resnet20,minilm,smollm2-135m] [--windows 32]
         [--out benchmarks/results]
 
-Writes ``budget_table.json`` (command, versions, machine, date) and ``budget_table.md`` into ``--out``.
+Writes ``budget_table.json`` (command, versions, machine, date) and ``budget_table.md`` into ``--out``. A run of
+some of the models keeps the other models' entries of an existing ``budget_table.json``, each with the command and
+date of the run that produced it (``run``; the table names it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -49,7 +53,7 @@ ROTATE = "hadamard:64"
 RULES: dict[str, tuple[str, dict[str, Any], str, str, tuple[str, ...]]] = {
     "cifar-resnet20": ("statq", {}, "channel", "float32", ()),
     "minilm": ("statq", {"format": "uint"}, "group:64", "float16", ("*embeddings*",)),
-    "smollm2-135m": ("statq", {}, "group:64", "float16", ("*embed*", "lm_head")),
+    "smollm2-135m": ("mse", {"grid": "lloyd-gaussian"}, "group:64", "float16", ("*embed*", "lm_head")),
 }
 BUDGETS = {
     "cifar-resnet20": (2.25, 3.0, 3.25, 4.25),
@@ -176,9 +180,11 @@ def markdown(result: dict[str, Any]) -> str:
         cols = metric[name]
         opts = "".join(f" {k}={v}" for k, v in m["options"].items())
         float_txt = "".join(f", float {k} {v:.4g}" for k, v in m.get("float", {}).items())
+        run = m.get("run", {})
+        ran = f" Run: `{run['command']}` ({run['date']})." if run and run.get("date") != result["date"] else ""
         lines += [
             f"**{name}**: `{m['rule']}`{opts}, {m['granularity']}, {m['scale_dtype']} scales, rotate {m['rotate']}"
-            f"{float_txt}.",
+            f"{float_txt}.{ran}",
             "",
             "| setting | bits/w | " + " | ".join(cols) + " | plan (layers per bits; rotated) |",
             "| --- | ---: | " + " | ".join("---:" for _ in cols) + " | --- |",
@@ -207,9 +213,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result: dict[str, Any] = {**provenance(__file__, argv), "windows": args.windows, "models": {}}
-    for name in args.models.split(","):
-        result["models"][name] = run_model(name, args.windows)
+    run = provenance(__file__, argv)
+    result: dict[str, Any] = {**run, "windows": args.windows, "models": {}}
+    kept = Path(args.out) / "budget_table.json"
+    names = args.models.split(",")
+    if kept.exists() and set(names) != set(RULES):  # a partial run keeps the other models' rows, and their runs
+        old = json.loads(kept.read_text())
+        for name, entry in old.get("models", {}).items():
+            if name not in names and name in RULES:
+                entry.setdefault("run", {k: old[k] for k in ("command", "date") if k in old})
+                entry["run"].setdefault("windows", old.get("windows"))
+                result["models"][name] = entry
+    for name in names:
+        entry = run_model(name, args.windows)
+        entry["run"] = {"command": run["command"], "date": run["date"], "windows": args.windows}
+        result["models"][name] = entry
+        result["models"] = {n: result["models"][n] for n in RULES if n in result["models"]}
         write_result(Path(args.out), "budget_table", result, markdown)
     return result
 

@@ -6,8 +6,9 @@ the default; ``c=loss``: the paper's closed-form coefficients), bias correction 
 4-level 2-bit low rules (``mse`` on the mid-rise grid; ``lloyd-optimal``, the exact 4-level per-channel
 codebook, plain and with each weight's error weighted by its input channel's variance from the previous
 BatchNorm, ``+iv``); MP3/6 (``mse`` and ``dorefa`` 3-bit low layers) likewise; plain W4 per channel
-(``minmax`` and ``mse``) at a similar size. Columns: top-1 on the 1017 exact test images, top-1 agreement with
-the float model on the 10,000-image JPEG copy (for the float model, the no-compensation rows and the
+(``minmax`` and ``mse``) at a similar size; the ``+rot`` rows rotate every layer, low and high
+(``rotate=hadamard:64``: :mod:`dfquant.methods.rotate`). Columns: top-1 on the 1017 exact test images, top-1
+agreement with the float model on the 10,000-image JPEG copy (for the float model, the no-compensation rows and the
 ``projection`` / ``projection-noise`` rows with ``c=none`` of MP2/6 ternary, MP2/6 lloyd-optimal+iv and MP3/6
 mse, and W4 minmax: a 10,000-image pass costs about a minute on one thread), the file size in bytes and the
 bits per quantized weight.
@@ -26,6 +27,7 @@ Writes ``dfmpc_table.json`` (with its command, versions, machine and date) and `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ from dfquant.pipeline.quantize import quantize_model
 from dfquant.zoo import load_model
 
 HIGH = LayerRule("minmax", 6)
+ROT = "hadamard:64"
 LOWS = {
     "MP2/6 ternary": LayerRule("ternary", 2),
     "MP2/6 mse-4lvl": LayerRule("mse", 2),
@@ -50,6 +53,10 @@ LOWS = {
     "MP2/6 lloyd-optimal+iv": LayerRule("lloyd-optimal", 2, options={"weighting": "input-variance"}),
     "MP3/6 mse": LayerRule("mse", 3),
     "MP3/6 dorefa": LayerRule("dorefa", 3),
+    # every layer rotated (rotate=hadamard:64, low and high rules alike)
+    "MP2/6 ternary+rot": LayerRule("ternary", 2, rotate=ROT),
+    "MP2/6 lloyd-optimal+iv+rot": LayerRule("lloyd-optimal", 2, options={"weighting": "input-variance"}, rotate=ROT),
+    "MP3/6 mse+rot": LayerRule("mse", 3, rotate=ROT),
 }
 PLAIN = {"W4 minmax": LayerRule("minmax", 4), "W4 mse": LayerRule("mse", 4)}
 STATS = ("float", "projection", "projection-noise", "moments")
@@ -85,9 +92,10 @@ def run(depth: int, agreement: bool, lows: dict[str, LayerRule] = LOWS) -> list[
     rows[0]["bits_per_weight"] = 32.0
     low_layers = [p.low for p in find_compensation_pairs(model)]
     for label, low in lows.items():
+        high = dataclasses.replace(HIGH, rotate=low.rotate)  # a rotated low rule rotates the high layers too
         for bc in (True, False):
             tag = "BC on" if bc else "BC off"
-            q, rep = quantize_model(model, dfmpc_config(low_layers, low, HIGH, bias_correction=bc))
+            q, rep = quantize_model(model, dfmpc_config(low_layers, low, high, bias_correction=bc))
             key = label in ("MP2/6 ternary", "MP2/6 lloyd-optimal+iv", "MP3/6 mse") and bc
             rows.append(_row(f"{label}, no compensation, {tag}", q, loaded, data, rep, agree=key))
             for stats in STATS:
@@ -95,7 +103,7 @@ def run(depth: int, agreement: bool, lows: dict[str, LayerRule] = LOWS) -> list[
                     if stats == "float" and coef == "none":
                         continue  # float statistics and c = 1: the no-compensation row
                     q, rep, drep = compensate_model(
-                        model, low=low, high=HIGH, stats=stats, bias_correction=bc, coefficient=coef
+                        model, low=low, high=high, stats=stats, bias_correction=bc, coefficient=coef
                     )
                     agree = key and coef == "none" and stats in ("projection", "projection-noise")
                     row = _row(f"{label}, DF-MPC {stats} c={coef}, {tag}", q, loaded, data, rep, agree=agree)

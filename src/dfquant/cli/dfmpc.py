@@ -63,7 +63,6 @@ def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
         ("--expand", args.expand),
         ("--residual-method", args.residual_method),
         ("--budget", args.budget),
-        ("--rotate", args.rotate),
         ("--balance", args.balance or None),
         ("--budget-bits", args.budget_bits),
     )
@@ -84,8 +83,9 @@ def _rules(args: argparse.Namespace) -> tuple[Any, Any]:
         raise ConfigError("--method dfmpc: give the low layers' rule options with --low-options, not --options")
 
     options = parse_options(args.low_options, "--low-options") if args.low_options else {}
-    low = LayerRule(low_q, low_bits, gran, scale_dtype=sdt, options=options)
-    return low, LayerRule(high_q, high_bits, gran, scale_dtype=sdt)
+    rotate = args.rotate or "none"  # both rules: every layer, low and high, rotated alike
+    low = LayerRule(low_q, low_bits, gran, scale_dtype=sdt, options=options, rotate=rotate)
+    return low, LayerRule(high_q, high_bits, gran, scale_dtype=sdt, rotate=rotate)
 
 
 def cmd_quantize_dfmpc(args: argparse.Namespace) -> dict[str, Any]:

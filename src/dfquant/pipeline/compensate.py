@@ -24,6 +24,11 @@ deviation. For the bias:
   then realizes exactly: the folded bias is again ``c y_hat``. Bias correction thus chooses the mean
   (the DFQ shift), the rule the deviation.
 
+With a rotation (``rotate`` in the low or high rule, :mod:`dfquant.methods.rotate`) the low layer's ``W_hat`` is
+``Q(W R^T) R``, with the rotation the pipeline will use for that layer (seeded by its name). The rotation acts on
+the fan-in and the folding on the rows, so they commute: the folded filter still quantizes to
+``c gamma / sigma_hat * W_hat``. Balancing is refused (it would move scales into the BatchNorms DF-MPC rewrites).
+
 The result is an ordinary quantized model: mixed precision is per-layer rules, the file format is unchanged.
 """
 
@@ -46,6 +51,7 @@ from dfquant.graph.pairs import find_compensation_pairs
 from dfquant.graph.trace import analyze_graph
 from dfquant.methods.bn import expected_output_shift, propagate_moments, relu_gaussian_moments
 from dfquant.methods.dfmpc import COEFFICIENT_RULES, STAT_RULES, compensate_layer
+from dfquant.methods.rotate import Rotation, rotation_block
 from dfquant.nn.base import QuantModule, oriented_weight
 from dfquant.pipeline.quantize import Progress, quantize_model
 from dfquant.pipeline.report import QuantizationReport
@@ -134,11 +140,13 @@ class DfmpcReport:
 
 
 def _rule_text(rule: dict[str, Any]) -> str:
-    return f"{rule['quantizer']} {rule['bits']}-bit {rule['granularity']}"
+    rot = f" rotate {rule['rotate']}" if "rotate" in rule else ""
+    return f"{rule['quantizer']} {rule['bits']}-bit {rule['granularity']}{rot}"
 
 
 def _rule_dict(rule: LayerRule) -> dict[str, Any]:
-    return {"quantizer": rule.quantizer, "bits": rule.bits, "granularity": str(rule.granularity)}
+    out = {"quantizer": rule.quantizer, "bits": rule.bits, "granularity": str(rule.granularity)}
+    return out if rule.rotate == "none" else {**out, "rotate": rule.rotate}
 
 
 def dfmpc_config(
@@ -154,6 +162,7 @@ def dfmpc_config(
             granularity=low.granularity,
             options=dict(low.options),
             scale_dtype=low.scale_dtype,
+            rotate=low.rotate,
         )
         for name in low_layers
     )
@@ -259,10 +268,8 @@ def compensate_model(
             raise ConfigError(f"DF-MPC: the {what} rule must be a LayerRule, got {type(r).__name__}")
         if r.skip or r.expand != 1:
             raise ConfigError(f"DF-MPC: the {what} rule must quantize plainly (no skip, expand 1)")
-        if r.rotate != "none" or r.balance is not False:  # the compensation solves for the layers' own weights
-            raise ConfigError(
-                f"DF-MPC: the {what} rule must not rotate or balance (got rotate={r.rotate!r}, balance={r.balance!r})"
-            )
+        if r.balance is not False:  # a balance would move scales into the BatchNorms DF-MPC rewrites
+            raise ConfigError(f"DF-MPC: the {what} rule must not balance (got balance={r.balance!r})")
     if stats not in STAT_RULES:
         raise ConfigError(f"DF-MPC: BatchNorm statistics rule must be one of {', '.join(STAT_RULES)}, got '{stats}'")
     if coefficient not in COEFFICIENT_RULES:
@@ -271,6 +278,7 @@ def compensate_model(
         )
     _check_low_granularity(low)
     quantizer = get_quantizer(low.quantizer, low.bits, **dict(low.options))
+    block = rotation_block(low.rotate)
     pairs = find_compensation_pairs(model)
     if not pairs:
         raise ModelError(
@@ -293,9 +301,12 @@ def compensate_model(
         bn_rm, bn_rv = _stats(bn, p.bn)
         w = oriented_weight(layer).detach().to(torch.float32)
         try:
-            w_hat = quantizer.quantize(w, low.granularity, name=p.low, scale_dtype=low.scale_dtype).dequantize(
+            rotation = None if block is None else Rotation.for_layer(block, p.low)
+            fitted = w if rotation is None else rotation.apply(w)  # the pipeline fits W R^T and decodes Q R
+            w_hat = quantizer.quantize(fitted, low.granularity, name=p.low, scale_dtype=low.scale_dtype).dequantize(
                 torch.float32
             )
+            w_hat = w_hat if rotation is None else rotation.undo(w_hat)
         except DfquantError as e:
             raise type(e)(f"DF-MPC low layer '{p.low}': {e}") from None
         groups = int(cast(nn.Conv2d, layer).groups) if hasattr(layer, "groups") else 1
