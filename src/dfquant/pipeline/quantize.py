@@ -6,8 +6,9 @@
    quantizer through the registry and checks the granularity against the weight's shape and the weight's
    values, raising before any module is changed;
 2. copies the model (unless ``inplace``), finds conv->BatchNorm pairs and BatchNorm->(ReLU)->layer chains
-   (:func:`dfquant.graph.trace.analyze_graph`) and captures the BatchNorm statistics bias correction needs (before
-   folding erases those BatchNorms);
+   (:func:`dfquant.graph.trace.analyze_graph`), moves the column scale of each balanced layer that alone reads a
+   BatchNorm output into that BatchNorm (:mod:`dfquant.pipeline.absorb`), and captures the BatchNorm statistics
+   bias correction needs (before folding erases those BatchNorms);
 3. folds each BatchNorm into the layer before it (:mod:`dfquant.pipeline.fold`);
 4. quantizes each layer into a quantized module holding one term (or ``K`` terms for a rule with
    ``expand = K``: the residual expansion of :mod:`dfquant.methods.rex`, group-sparse when the rule has a
