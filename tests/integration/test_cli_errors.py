@@ -178,6 +178,9 @@ CASES = {
     "budget-bits-out-of-range": ([*Q, "--budget", "3", "--budget-bits", "0,4"], "bit widths from 1 to 16"),
     "budget-without-synthetic-inputs": ([*Q, "--budget", "3"], "input shape"),
     "dfmpc-with-budget": ([*Q, "--method", "dfmpc", "--budget", "3"], "not --budget"),
+    # balancing
+    "balance-unknown-mode": ([*Q, "--balance", "always"], "argument --balance: invalid choice: 'always'"),
+    "dfmpc-with-balance": ([*Q, "--method", "dfmpc", "--balance"], "not --balance"),
     # options of the --method rule
     "options-not-key-value": ([*Q, "--method", "mse", "--options", "weighting"], "--options: expected KEY=VALUE"),
     "options-unknown-key": (

@@ -137,3 +137,21 @@ def test_resnet20_absorbed_balance_is_free_and_helps(resnet20: dict[str, object]
         assert not any(r.balance for r in report.layers)
     assert bits["absorbed"] == bits[False]
     assert top1["absorbed"] >= top1[False] + 1.0, f"absorbed {top1['absorbed']:.2f} % vs plain {top1[False]:.2f} %"
+
+
+def test_balance_on_the_command_line(resnet20: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
+    """``--balance`` (absorbed where the graph allows, stored elsewhere) and ``--balance absorbed`` after the
+    model's name: the report marks the absorbed layers ``bal>BATCHNORM`` and the JSON names the BatchNorm."""
+    import json
+
+    from dfquant.cli.main import main
+
+    base = ["quantize", "cifar-resnet20", "--method", "statq", "--bits", "3"]
+    assert main([*base, "--balance"]) == 0
+    text = capsys.readouterr().out
+    assert "bal>layer1.0.bn1" in text and text.count(" bal ") + text.count(" bal\n") > 0
+    assert main([*base, "--balance", "absorbed", "--json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["report"]["layers"]
+    absorbed = {r["name"]: r["balance_absorbed"] for r in layers if r["balance_absorbed"]}
+    assert absorbed["layer3.2.conv2"] == "layer3.2.bn1" and len(absorbed) == 9
+    assert not any(r["balance"] for r in layers)
