@@ -338,6 +338,17 @@ class LayerRule:
         _normalize(self, "layer rule", skip_none=False)
         self.check()
 
+    @property
+    def stores_balance(self) -> bool:
+        """Whether a balanced layer whose scale cannot move into a BatchNorm stores it (``True``, ``"stored"``)."""
+        return self.balance is True or self.balance == "stored"
+
+    @property
+    def moves_balance(self) -> bool:
+        """Whether the layer's scale moves into the BatchNorm before it where the graph allows (``True``,
+        ``"absorbed"``; :mod:`dfquant.pipeline.absorb`)."""
+        return self.balance is True or self.balance == "absorbed"
+
     def check(self) -> None:
         """The checks that tie fields together (each field alone is checked by :data:`RULE_FIELDS`).
 

@@ -81,6 +81,14 @@ class Rotation:
         and a run repeats."""
         return cls(block=block, seed=zlib.crc32(layer.encode("utf-8")))
 
+    @classmethod
+    def for_rule(cls, spec: str, layer: str) -> Rotation | None:
+        """The rotation a rule's ``rotate`` spec (normal form ``"none"`` or ``"hadamard:B"``) gives layer
+        ``layer`` (:meth:`for_layer`), or None for ``"none"``: the one place a layer's rotation is derived, so that
+        every stage (quantization, DF-MPC's low-layer fit) uses the same signs."""
+        block = rotation_block(spec)
+        return None if block is None else cls.for_layer(block, layer)
+
     def blocks(self, n: int) -> list[int]:
         """Block sizes along a dimension of ``n``: ``n // block`` blocks of ``block``, then the powers of two of
         the remainder, largest first."""

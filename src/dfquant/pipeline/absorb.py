@@ -24,7 +24,7 @@ that :func:`restore` can undo it (an ``inplace`` quantization that fails leaves 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +66,7 @@ def _absorbable(model: nn.Module, name: str, bn_name: str) -> bool:
 def absorb_column_scales(
     model: nn.Module,
     graph: GraphInfo | None,
-    plans: Mapping[str, LayerPlan] | Sequence[LayerPlan],
+    plans: Mapping[str, LayerPlan],
     folds: Mapping[str, Fold] | None = None,
 ) -> dict[str, Absorbed]:
     """Move the column scale of each balanced layer that the graph allows into the BatchNorm before it, in place
@@ -87,9 +87,8 @@ def absorb_column_scales(
     out: dict[str, Absorbed] = {}
     if graph is None:
         return out
-    items = plans.values() if isinstance(plans, Mapping) else plans
-    for p in items:
-        if p.rule.balance not in (True, "absorbed") or p.skip or p.name not in graph.sole_input_bn:
+    for p in plans.values():
+        if not p.rule.moves_balance or p.skip or p.name not in graph.sole_input_bn:
             continue
         bn_name, act = graph.sole_input_bn[p.name]
         if not _absorbable(model, p.name, bn_name):

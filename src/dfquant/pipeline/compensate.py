@@ -51,7 +51,7 @@ from dfquant.graph.pairs import find_compensation_pairs
 from dfquant.graph.trace import analyze_graph
 from dfquant.methods.bn import expected_output_shift, propagate_moments, relu_gaussian_moments
 from dfquant.methods.dfmpc import COEFFICIENT_RULES, STAT_RULES, compensate_layer
-from dfquant.methods.rotate import Rotation, rotation_block
+from dfquant.methods.rotate import Rotation
 from dfquant.nn.base import QuantModule, oriented_weight
 from dfquant.pipeline.quantize import Progress, quantize_model
 from dfquant.pipeline.report import QuantizationReport
@@ -278,7 +278,6 @@ def compensate_model(
         )
     _check_low_granularity(low)
     quantizer = get_quantizer(low.quantizer, low.bits, **dict(low.options))
-    block = rotation_block(low.rotate)
     pairs = find_compensation_pairs(model)
     if not pairs:
         raise ModelError(
@@ -301,7 +300,7 @@ def compensate_model(
         bn_rm, bn_rv = _stats(bn, p.bn)
         w = oriented_weight(layer).detach().to(torch.float32)
         try:
-            rotation = None if block is None else Rotation.for_layer(block, p.low)
+            rotation = Rotation.for_rule(low.rotate, p.low)
             fitted = w if rotation is None else rotation.apply(w)  # the pipeline fits W R^T and decodes Q R
             w_hat = quantizer.quantize(fitted, low.granularity, name=p.low, scale_dtype=low.scale_dtype).dequantize(
                 torch.float32

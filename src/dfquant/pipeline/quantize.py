@@ -64,7 +64,7 @@ from dfquant.methods.bn import (
 from dfquant.methods.outliers import split_outliers
 from dfquant.methods.rex import expand
 from dfquant.methods.rex_act import InputSpec, choose_input_spec, pair_bits_per_mac
-from dfquant.methods.rotate import Rotation, gaussian_ks, rotation_block
+from dfquant.methods.rotate import Rotation, gaussian_ks
 from dfquant.nn.balance import ColumnScale
 from dfquant.nn.base import QuantModule, oriented_weight
 from dfquant.nn.rex import SparseTerm
@@ -235,15 +235,14 @@ def _matmul_label(path: tuple[str, str]) -> str:
 def layer_rotation(p: LayerPlan) -> Rotation | None:
     """The rotation of a layer by its rule's ``rotate`` (None for ``"none"``): blocks as the rule says, signs
     seeded by the layer's name (:meth:`dfquant.methods.rotate.Rotation.for_layer`)."""
-    block = rotation_block(p.rule.rotate)
-    return None if block is None else Rotation.for_layer(block, p.name)
+    return Rotation.for_rule(p.rule.rotate, p.name)
 
 
 def layer_balance(p: LayerPlan, w: torch.Tensor) -> ColumnScale | None:
     """The stored column scale of a layer whose rule balances (:func:`dfquant.methods.balance.column_scale` of
     its oriented, folded weight ``w``), else None; ``balance="absorbed"`` stores none (the layers whose scale can
     move into a BatchNorm are balanced by :mod:`dfquant.pipeline.absorb` before this stage)."""
-    return ColumnScale(column_scale(w)).to(w.device) if p.rule.balance in (True, "stored") else None
+    return ColumnScale(column_scale(w)).to(w.device) if p.rule.stores_balance else None
 
 
 def weight_bits_per_mac(qmod: QuantModule) -> float:
@@ -421,7 +420,7 @@ def _quantize(
         target = target.to(dev)
     report.device = str(model_device(target))
     active = {p.name: p for p in plans if not p.skip}
-    balanced = any(p.rule.balance for p in active.values())
+    balanced = any(p.rule.moves_balance for p in active.values())
     graph = analyze_graph(target) if (config.fold_bn or config.bias_correction or balanced) else None
     if graph is not None:
         report.graph_method, report.graph_note = graph.method, graph.note

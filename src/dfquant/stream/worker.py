@@ -149,7 +149,7 @@ def _quantize(task: TensorTask, w: torch.Tensor) -> tuple[dict[str, torch.Tensor
             rule.expand == 1
             and rule.outliers == 0
             and rule.rotate == "none"
-            and rule.balance in (False, "absorbed")  # streaming has no graph: "absorbed" balances nothing
+            and not rule.stores_balance  # streaming has no graph: "absorbed" balances nothing
             and gran.kind != "tensor"
             and gran.axis == 0
             and oriented.numel() > BLOCK_ELEMENTS
